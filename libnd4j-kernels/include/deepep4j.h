@@ -1,0 +1,220 @@
+/*
+ * deepep4j.h — the whole surface of the deepep4j native engine.
+ *
+ * Expert-parallel dispatch and combine for Mixture-of-Experts models.
+ * One rank = one EP buffer. Ranks are threads of one process or separate processes; the same calls serve both.
+ *
+ * Life of a group of R ranks (every call below marked "collective" must be made by all R ranks):
+ *   1. deepep4j_buffer_create(rank, R, &config, &buf)      allocate this rank's receive region
+ *   2. deepep4j_buffer_export(buf, blob, ...)              small handle blob describing that region
+ *      ... the caller exchanges the R blobs by any means (in memory, a socket, a file) ...
+ *   3. deepep4j_buffer_connect(buf, blobs, lens)           collective: map every peer's region, check configs agree
+ *   4. per step:
+ *        deepep4j_get_dispatch_layout(...)                 local: tokens per rank / expert, token-in-rank mask
+ *        deepep4j_notify_dispatch(...)  -> handle, M       collective: exchange counts, validate on every rank
+ *        (caller allocates recv buffers of M rows)
+ *        deepep4j_dispatch(buf, handle, ...)               collective: move token rows to the ranks that own their experts
+ *        (local experts run on the M received rows)
+ *        deepep4j_combine(buf, handle, ...)                collective: send rows back, reduce per original token in fp32
+ *      backward reuses the handle ("cached mode"): grad of dispatch = combine, grad of combine = dispatch.
+ *   5. deepep4j_handle_destroy / deepep4j_buffer_destroy
+ *
+ * Semantics (shared by every backend; the CPU backend is the reference):
+ *   inputs per rank: x[N,H], topk_idx[N,K] int64 (-1 = no expert), topk_weights[N,K] fp32; E experts, rank r owns
+ *   experts [r*E/R, (r+1)*E/R).
+ *   dispatch output: rows grouped by source rank (0..R-1), inside a source in source-token order; a token is received
+ *   once by each rank that owns at least one of its experts. recv_topk_idx holds local expert ids (expert - r*E/R) or -1
+ *   where the expert lives elsewhere (or was -1); recv_topk_weights carries the weights unchanged (0 where idx is -1).
+ *   combine: out[n] = sum over the ranks r that token n visited of s(r,n) * y_r[m(r,n)], accumulated in fp32, where
+ *   s = 1 unweighted, or, when recv_topk_weights is given, s = sum of recv_topk_weights[m,k] over k with a local expert.
+ *
+ * Threading: calls on one buffer are not re-entrant; different buffers (ranks) may be driven from different threads.
+ * Errors: every call returns a deepep4j_status; deepep4j_last_error() (thread-local) names the argument, value and rule.
+ *   Validation errors of a collective call are exchanged so every rank of the step returns the same error; outputs are
+ *   untouched when a call fails. Every wait honours config.timeout_ms and ends in DEEPEP4J_ERR_TIMEOUT.
+ */
+#ifndef DEEPEP4J_H
+#define DEEPEP4J_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define DEEPEP4J_API __declspec(dllexport)
+#else
+#define DEEPEP4J_API __attribute__((visibility("default")))
+#endif
+
+/* ---------------------------------------------------------------- status and errors */
+typedef enum deepep4j_status {
+  DEEPEP4J_OK = 0,
+  DEEPEP4J_ERR_INVALID_ARGUMENT = 1, /* a bad value: the message names argument, value and rule */
+  DEEPEP4J_ERR_PEER_MISMATCH = 2,    /* ranks disagree on config, shapes or dtypes */
+  DEEPEP4J_ERR_PEER_ERROR = 3,       /* another rank of this step reported an error (its message is included) */
+  DEEPEP4J_ERR_TIMEOUT = 4,          /* a peer never arrived or died mid-step */
+  DEEPEP4J_ERR_OUT_OF_MEMORY = 5,    /* allocation failed; the message advises a smaller buffer */
+  DEEPEP4J_ERR_UNAVAILABLE = 6,      /* the requested device/backend cannot run here (no CUDA, no NCCL, ...) */
+  DEEPEP4J_ERR_STATE = 7,            /* call made in the wrong state (not connected, handle of another buffer, ...) */
+  DEEPEP4J_ERR_INTERNAL = 8          /* CUDA/OS failure; the message carries the underlying error */
+} deepep4j_status;
+
+/* Last error message of the calling thread ("" if none). Valid until the next deepep4j call on this thread. */
+DEEPEP4J_API const char* deepep4j_last_error(void);
+/* Name of a status code, e.g. "DEEPEP4J_ERR_TIMEOUT". */
+DEEPEP4J_API const char* deepep4j_status_name(int status);
+/* Library version, e.g. "0.1.0". */
+DEEPEP4J_API const char* deepep4j_version(void);
+/* 1 if this build contains the CUDA backend and at least one CUDA device is visible, else 0. */
+DEEPEP4J_API int deepep4j_cuda_available(void);
+/* Number of visible CUDA devices (0 without the CUDA backend). */
+DEEPEP4J_API int deepep4j_cuda_device_count(void);
+
+/* ---------------------------------------------------------------- enums */
+typedef enum deepep4j_dtype {
+  DEEPEP4J_FLOAT32 = 0,
+  DEEPEP4J_BFLOAT16 = 1,
+  DEEPEP4J_FLOAT16 = 2,
+  DEEPEP4J_FP8_E4M3 = 3 /* dispatch only; comes with fp32 scales [N, H/128] */
+} deepep4j_dtype;
+
+typedef enum deepep4j_device {
+  DEEPEP4J_DEVICE_CPU = 0, /* pointers are host memory; ranks are threads or processes */
+  DEEPEP4J_DEVICE_CUDA = 1 /* pointers are device memory of config.device_id */
+} deepep4j_device;
+
+typedef enum deepep4j_backend {
+  DEEPEP4J_BACKEND_DEEPEP = 0,  /* ring buffers in peer memory (NVLink on GPU, shared memory on CPU) */
+  DEEPEP4J_BACKEND_ALLTOALL = 1 /* NCCL all-to-all (CUDA only); never chosen silently */
+} deepep4j_backend;
+
+/* ---------------------------------------------------------------- configuration */
+typedef struct deepep4j_config {
+  int64_t buffer_bytes;              /* this rank's receive region; split into R*channels rings */
+  int32_t num_sms;                   /* even, >= 2; channels = num_sms/2 (a sender and a receiver each) */
+  int32_t max_send_tokens_per_chunk; /* >= 1; a sender publishes at most this many tokens at a time */
+  int32_t ring_tokens;               /* slots per (channel, peer) ring; >= max_send_tokens_per_chunk */
+  int32_t timeout_ms;                /* > 0; every wait gives up after this long */
+  int32_t device;                    /* deepep4j_device */
+  int32_t device_id;                 /* CUDA ordinal for DEVICE_CUDA; ignored on CPU */
+  int32_t backend;                   /* deepep4j_backend */
+  int32_t num_threads;               /* CPU copy threads per rank; 0 = automatic */
+  int32_t max_hidden_bytes;          /* largest token row (H * element size) the buffer must carry; 0 = checked at
+                                        dispatch time instead of at creation */
+} deepep4j_config;
+
+/* Fills defaults: 256 MiB buffer, 20 SMs, chunk 16 tokens, ring 128 tokens, 60 s timeout, CPU device 0, deepep, auto
+   threads, max_hidden_bytes 0. */
+DEEPEP4J_API void deepep4j_config_init(deepep4j_config* config);
+
+/* Smallest buffer_bytes that carries one chunk per ring for rows of `hidden` elements of `dtype` with K <= 32 top-k
+   entries on `num_ranks` ranks under `config` (its num_sms / ring_tokens / max_send_tokens_per_chunk). Ring depth is
+   what makes transfers fast: pass a config with the ring_tokens you want and use the result as buffer_bytes. */
+DEEPEP4J_API int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks,
+                                           const deepep4j_config* config, int64_t* out_bytes);
+
+/* ---------------------------------------------------------------- buffer and peer memory */
+typedef struct deepep4j_buffer deepep4j_buffer;
+typedef struct deepep4j_handle deepep4j_handle;
+
+/* Maximum size of an exported blob, in bytes. */
+#define DEEPEP4J_MAX_BLOB_BYTES 512
+/* Largest supported top-k (K). */
+#define DEEPEP4J_MAX_TOPK 32
+/* Largest supported number of ranks. */
+#define DEEPEP4J_MAX_RANKS 64
+/* fp8 scales cover this many channels each; H must be a multiple of it for fp8. */
+#define DEEPEP4J_FP8_BLOCK 128
+
+/* Allocates this rank's region (POSIX shared memory on CPU, device memory on CUDA). Fails with INVALID_ARGUMENT for a
+   bad config (message names the field), OUT_OF_MEMORY when the region cannot be had, UNAVAILABLE when the device or
+   backend cannot run (no silent fallback from deepep to alltoall or back). */
+DEEPEP4J_API int deepep4j_buffer_create(int32_t rank, int32_t num_ranks, const deepep4j_config* config,
+                                        deepep4j_buffer** out);
+
+/* Writes this rank's blob (at most DEEPEP4J_MAX_BLOB_BYTES) to blob and its length to *len. */
+DEEPEP4J_API int deepep4j_buffer_export(deepep4j_buffer* buf, void* blob, size_t capacity, size_t* len);
+
+/* Collective. blobs[i] / lens[i] is rank i's exported blob (blobs[rank] may be this rank's own). Maps every peer's region
+   (same process: direct pointers / CUDA peer access; other process: shm_open / CUDA IPC) and checks that all ranks
+   agree on the config; a mismatch is PEER_MISMATCH on every rank. Waits at most timeout_ms for every peer. */
+DEEPEP4J_API int deepep4j_buffer_connect(deepep4j_buffer* buf, const void* const* blobs, const size_t* lens);
+
+/* Frees the region and unmaps peers. Safe on NULL. Handles of this buffer must be destroyed first. */
+DEEPEP4J_API int deepep4j_buffer_destroy(deepep4j_buffer* buf);
+
+DEEPEP4J_API int deepep4j_buffer_rank(const deepep4j_buffer* buf);
+DEEPEP4J_API int deepep4j_buffer_num_ranks(const deepep4j_buffer* buf);
+/* Copies the buffer's effective config (after defaults) to *out. */
+DEEPEP4J_API int deepep4j_buffer_config(const deepep4j_buffer* buf, deepep4j_config* out);
+
+/* ---------------------------------------------------------------- layout (local) */
+/* topk_idx[N,K] int64 in [-1, E). Outputs (any may be NULL): num_tokens_per_rank[R] int32, num_tokens_per_expert[E]
+   int32, is_token_in_rank[N,R] uint8 (1 if any of the token's experts lives on that rank). A token counts once per
+   rank. On CUDA all pointers are device memory and the work is queued on `stream` (cudaStream_t, NULL = default). */
+DEEPEP4J_API int deepep4j_get_dispatch_layout(deepep4j_buffer* buf, const int64_t* topk_idx, int64_t num_tokens,
+                                              int32_t num_topk, int32_t num_experts, int32_t* num_tokens_per_rank,
+                                              int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank, void* stream);
+
+/* ---------------------------------------------------------------- dispatch */
+/* Collective. Validates the step on every rank (N >= 0, 1 <= K <= DEEPEP4J_MAX_TOPK, topk_idx in [-1,E), E % R == 0,
+   H > 0 and H * element size a multiple of 16 bytes (rows move as 16-byte vectors), H % 128 == 0 for fp8, dtype
+   supported by the backend), exchanges the per-rank counts, checks all ranks agree on
+   (H, K, E, dtype) and creates a handle that holds the routing. *num_recv_tokens = M, the rows this rank will receive;
+   num_recv_tokens_per_expert (may be NULL) gets [E/R] int32 host counts, one per local expert (a token counts once for
+   each of its top-k entries on that expert). topk_idx is host memory on CPU, device memory on CUDA; the counts come back
+   to the host (this call synchronises `stream`). */
+DEEPEP4J_API int deepep4j_notify_dispatch(deepep4j_buffer* buf, const int64_t* topk_idx, int64_t num_tokens,
+                                          int32_t num_topk, int32_t num_experts, int64_t hidden, int32_t dtype,
+                                          deepep4j_handle** out_handle, int64_t* num_recv_tokens,
+                                          int32_t* num_recv_tokens_per_expert, void* stream);
+
+typedef struct deepep4j_dispatch_args {
+  const void* x;                  /* [N,H] of the handle's dtype */
+  const float* x_scales;          /* [N,H/128] fp32, fp8 only (else NULL) */
+  const float* topk_weights;      /* [N,K] fp32 or NULL */
+  void* recv_x;                   /* [M,H] */
+  float* recv_x_scales;           /* [M,H/128], fp8 only */
+  int64_t* recv_topk_idx;         /* [M,K] local expert ids or -1; may be NULL */
+  float* recv_topk_weights;       /* [M,K]; may be NULL (must be NULL when topk_weights is NULL) */
+  int64_t* recv_src_token;        /* [M] source token index on the source rank; may be NULL */
+  int32_t* recv_src_rank;         /* [M] source rank; may be NULL */
+} deepep4j_dispatch_args;
+
+/* Collective. Moves the rows described by `handle`. Called with the handle of an earlier notify_dispatch+dispatch on
+   new data of the same shape it is "cached mode" (no count exchange): that is the backward of combine. The handle's
+   dtype may be overridden by `dtype` (-1 = the handle's) so backward can carry another precision. */
+DEEPEP4J_API int deepep4j_dispatch(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
+                                   const deepep4j_dispatch_args* args, void* stream);
+
+/* ---------------------------------------------------------------- combine */
+typedef struct deepep4j_combine_args {
+  const void* y;                         /* [M,H] rows to send back, in the dispatch's receive order */
+  const float* recv_topk_weights;        /* [M,K] or NULL: weighted combine (see semantics above) */
+  const float* y_topk_weights;           /* [M,K] or NULL: values to return per (token, k); entries with a
+                                            non-local expert must be 0 */
+  void* out;                             /* [N,H], same dtype as y */
+  float* out_topk_weights;               /* [N,K] or NULL: sum over ranks of y_topk_weights */
+} deepep4j_combine_args;
+
+/* Collective. dtype of y/out (FLOAT32, BFLOAT16 or FLOAT16). This is also the backward of dispatch. */
+DEEPEP4J_API int deepep4j_combine(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
+                                  const deepep4j_combine_args* args, void* stream);
+
+/* ---------------------------------------------------------------- handle */
+DEEPEP4J_API int64_t deepep4j_handle_num_tokens(const deepep4j_handle* h);      /* N */
+DEEPEP4J_API int64_t deepep4j_handle_num_recv_tokens(const deepep4j_handle* h); /* M */
+DEEPEP4J_API int32_t deepep4j_handle_num_topk(const deepep4j_handle* h);        /* K */
+DEEPEP4J_API int64_t deepep4j_handle_hidden(const deepep4j_handle* h);          /* H */
+DEEPEP4J_API int32_t deepep4j_handle_num_experts(const deepep4j_handle* h);     /* E */
+/* Rows received from each source rank, [R] int32 host. */
+DEEPEP4J_API int deepep4j_handle_recv_counts_per_rank(const deepep4j_handle* h, int32_t* out);
+DEEPEP4J_API int deepep4j_handle_destroy(deepep4j_handle* h);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DEEPEP4J_H */

@@ -1,0 +1,74 @@
+// backend.h — the internal seam between the C API (src/api.cpp) and the device backends.
+//
+// api.cpp owns argument checking that needs no peer (config fields, pointers, N/K/E/H rules, dtype) and the
+// thread-local error; a Backend owns memory, peers, collectives and the data path. Each method returns a
+// deepep4j_status and, on failure, has already called set_error(...) with a message naming argument, value and rule.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "deepep4j.h"
+
+struct deepep4j_handle;
+
+namespace deepep4j {
+
+// Sets the calling thread's last error and returns `status` (printf-style message).
+int set_error(int status, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+// Clears the calling thread's last error and returns DEEPEP4J_OK.
+int ok();
+
+// Bytes per element of a dtype (fp8 = 1); 0 for an unknown dtype.
+size_t dtype_size(int32_t dtype);
+const char* dtype_name(int32_t dtype);
+
+// Routing state of one dispatch: the C API's opaque deepep4j_handle (defined below the namespace).
+using Handle = ::deepep4j_handle;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual int export_blob(void* blob, size_t capacity, size_t* len) = 0;
+  virtual int connect(const void* const* blobs, const size_t* lens) = 0;
+  virtual int get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,
+                                  int32_t* per_expert, uint8_t* in_rank, void* stream) = 0;
+  virtual int notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype,
+                              Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert, void* stream) = 0;
+  virtual int dispatch(Handle* h, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) = 0;
+  virtual int combine(Handle* h, int32_t dtype, const deepep4j_combine_args* a, void* stream) = 0;
+};
+
+// Factories. The CUDA one lives in src/cuda/ (or src/cuda_unavailable.cpp when the library is built without CUDA,
+// where it returns DEEPEP4J_ERR_UNAVAILABLE with a message saying the build has no CUDA backend).
+int make_cpu_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out);
+int make_cuda_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out);
+int cuda_device_count();  // 0 without CUDA
+
+}  // namespace deepep4j
+
+// The opaque buffer of the C API.
+struct deepep4j_buffer {
+  int32_t rank = 0;
+  int32_t num_ranks = 0;
+  deepep4j_config config{};
+  bool connected = false;
+  std::unique_ptr<deepep4j::Backend> backend;
+};
+
+// Routing state of one dispatch, shared by dispatch, combine and their cached (backward) re-use.
+// Each backend subclasses it with what it keeps (host or device arrays).
+struct deepep4j_handle {
+  virtual ~deepep4j_handle() = default;
+  const deepep4j_buffer* owner = nullptr;  // the buffer that created it (checked on use)
+  int64_t num_tokens = 0;                   // N
+  int64_t num_recv_tokens = 0;              // M
+  int32_t num_topk = 0;                     // K
+  int32_t num_experts = 0;                  // E
+  int64_t hidden = 0;                       // H
+  int32_t dtype = 0;                        // dtype of the notify call
+  int32_t num_ranks = 0;
+  int32_t recv_counts_per_rank[DEEPEP4J_MAX_RANKS] = {};
+};
+

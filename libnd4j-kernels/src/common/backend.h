@@ -19,6 +19,7 @@ namespace deepep4j {
 int set_error(int status, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 // Clears the calling thread's last error and returns DEEPEP4J_OK.
 int ok();
+const char* last_error();
 
 // Bytes per element of a dtype (fp8 = 1); 0 for an unknown dtype.
 size_t dtype_size(int32_t dtype);

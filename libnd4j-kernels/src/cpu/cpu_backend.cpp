@@ -1,0 +1,793 @@
+// cpu_backend.cpp — the reference backend: ranks are threads or processes sharing POSIX shared memory.
+//
+// Every collective step starts with an exchange through the control areas (each rank writes its verdict, shapes and
+// counts into every peer's region and waits for all peers'), so a bad argument on one rank becomes the same error on
+// every rank before any data moves. Data then flows through per-(source, channel) rings in the receiver's region:
+// senders copy rows in and publish the tail (release); the receiver copies rows out and publishes the head. This is
+// the shared-memory analog of DeepEP's NVLink ring buffers.
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cinttypes>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../common/backend.h"
+#include "../common/dtype.h"
+#include "../common/validate.h"
+#include "region_layout.h"
+#include "shm_region.h"
+#include "worker_pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define DEEPEP4J_CPU_RELAX() _mm_pause()
+#else
+#define DEEPEP4J_CPU_RELAX() ((void)0)
+#endif
+
+namespace deepep4j {
+namespace cpu {
+namespace {
+
+constexpr uint32_t kBlobVersion = 1;
+
+// What a rank exports so peers can map its region.
+struct Blob {
+  uint64_t magic;
+  uint32_t version;
+  int32_t pid;
+  int32_t rank;
+  int32_t num_ranks;
+  deepep4j_config config;
+  uint64_t region_bytes;
+  char name[64];
+};
+static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
+
+// Routing of one notify step, kept for dispatch, combine and their cached re-use.
+struct CpuHandle : deepep4j_handle {
+  int64_t seq = 0;                                 // notify step number (same on every rank)
+  int channels = 0;
+  std::vector<std::vector<int32_t>> send_tokens;   // [R] token ids sent to each rank, ascending
+  std::vector<std::vector<int64_t>> send_begin;    // [R][C+1] start of each channel in send_tokens[d]
+  std::vector<std::vector<int64_t>> recv_begin;    // [R][C+1] first receive row of each (source, channel)
+  std::vector<int64_t> topk_idx;                   // [N*K] copy of the notify's routing (callers may free theirs)
+  std::vector<int64_t> recv_local_idx;             // [M*K] local expert ids, filled by the first dispatch
+  bool has_recv_local_idx = false;
+  std::vector<float> scratch;                      // fp32 accumulators for a bf16/fp16 combine
+};
+
+// Spin, then yield, then sleep: ranks may outnumber cores.
+struct Backoff {
+  int spins = 0;
+  void pause() {
+    ++spins;
+    if (spins < 64) {
+      DEEPEP4J_CPU_RELAX();
+    } else if (spins < 1024) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+  void reset() { spins = 0; }
+};
+
+struct Deadline {
+  std::chrono::steady_clock::time_point end;
+  explicit Deadline(int timeout_ms) : end(std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms)) {}
+  bool passed() const { return std::chrono::steady_clock::now() > end; }
+};
+
+const char* step_name(int kind) {
+  switch (kind) {
+    case kStepNotify: return "notify_dispatch";
+    case kStepDispatch: return "dispatch";
+    case kStepCombine: return "combine";
+    default: return "unknown step";
+  }
+}
+
+void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float scale) {
+  if (dtype == DEEPEP4J_FLOAT32) {
+    const float* r = reinterpret_cast<const float*>(row);
+    for (int64_t i = 0; i < h; ++i) acc[i] += scale * r[i];
+  } else if (dtype == DEEPEP4J_BFLOAT16) {
+    const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < h; ++i) acc[i] += scale * bf16_to_float(r[i]);
+  } else {
+    const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < h; ++i) acc[i] += scale * fp16_to_float(r[i]);
+  }
+}
+
+void store_row(uint8_t* out, const float* acc, int32_t dtype, int64_t h) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+  if (dtype == DEEPEP4J_BFLOAT16) {
+    for (int64_t i = 0; i < h; ++i) o[i] = float_to_bf16(acc[i]);
+  } else {
+    for (int64_t i = 0; i < h; ++i) o[i] = float_to_fp16(acc[i]);
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(int rank, int num_ranks, const deepep4j_config& cfg)
+      : rank_(rank), R_(num_ranks), C_(num_channels(cfg)), cfg_(cfg) {}
+
+  int init() {
+    ring_bytes_ = ring_bytes_of(cfg_.buffer_bytes, R_, C_);
+    if (cfg_.max_hidden_bytes > 0) {
+      int64_t slot = 16 * ((8 + 12 * DEEPEP4J_MAX_TOPK + 15) / 16) + 16 * ((cfg_.max_hidden_bytes + 15) / 16) +
+                     16 * ((cfg_.max_hidden_bytes / DEEPEP4J_FP8_BLOCK * 4 + 15) / 16);
+      int64_t need = slot * cfg_.max_send_tokens_per_chunk * int64_t(R_) * C_;
+      if ((int64_t)ring_bytes_ < slot * cfg_.max_send_tokens_per_chunk)
+        return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                         "buffer_bytes = %" PRId64 ": too small for one chunk (max_send_tokens_per_chunk = %d rows of "
+                         "up to %" PRId64 " bytes) in each of %d rings (%d ranks x %d channels); minimum is %" PRId64
+                         " bytes",
+                         cfg_.buffer_bytes, cfg_.max_send_tokens_per_chunk, slot, R_ * C_, R_, C_, need);
+    }
+    size_t bytes = region_bytes(cfg_.buffer_bytes, R_, C_);
+    int e = own_.create(bytes, rank_);
+    if (e != 0)
+      return set_error(e == ENOMEM || e == ENOSPC ? DEEPEP4J_ERR_OUT_OF_MEMORY : DEEPEP4J_ERR_INTERNAL,
+                       "rank %d: could not allocate %zu bytes of shared memory (%s); use a smaller buffer_bytes "
+                       "(deepep4j_buffer_size_hint gives the size a step needs)",
+                       rank_, bytes, strerror(e));
+    Control* ctl = static_cast<Control*>(own_.data());
+    ctl->magic = kRegionMagic;
+    ctl->owner_rank = rank_;
+    ctl->num_ranks = R_;
+    int threads = cfg_.num_threads;
+    if (threads == 0) {
+      unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+      threads = std::max(1, int(hw) / R_);
+    }
+    pool_ = std::make_unique<WorkerPool>(std::min(threads, C_));
+    return ok();
+  }
+
+  int export_blob(void* out, size_t capacity, size_t* len) override {
+    if (capacity < sizeof(Blob))
+      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "capacity = %zu: the blob needs %zu bytes", capacity,
+                       sizeof(Blob));
+    Blob b{};
+    b.magic = kRegionMagic;
+    b.version = kBlobVersion;
+    b.pid = (int32_t)getpid();
+    b.rank = rank_;
+    b.num_ranks = R_;
+    b.config = cfg_;
+    b.region_bytes = own_.size();
+    snprintf(b.name, sizeof(b.name), "%s", own_.name().c_str());
+    std::memcpy(out, &b, sizeof(b));
+    *len = sizeof(b);
+    return ok();
+  }
+
+  int connect(const void* const* blobs, const size_t* lens) override {
+    std::vector<Blob> all(R_);
+    for (int r = 0; r < R_; ++r) {
+      if (lens[r] != sizeof(Blob))
+        return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: length %zu is not a CPU-backend blob (%zu bytes)", r,
+                         lens[r], sizeof(Blob));
+      std::memcpy(&all[r], blobs[r], sizeof(Blob));
+      if (all[r].magic != kRegionMagic || all[r].version != kBlobVersion)
+        return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: not a deepep4j CPU blob of version %u", r,
+                         kBlobVersion);
+      if (all[r].rank != r || all[r].num_ranks != R_)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                         "blobs[%d]: comes from rank %d of %d ranks; expected rank %d of %d (blobs must be in rank "
+                         "order)",
+                         r, all[r].rank, all[r].num_ranks, r, R_);
+    }
+    // Every rank sees every blob, so every rank reaches the same verdict without another exchange.
+    for (int r = 1; r < R_; ++r) {
+      const deepep4j_config &a = all[0].config, &b = all[r].config;
+#define DEEPEP4J_SAME(field, fmt)                                                                                     \
+  if (a.field != b.field)                                                                                            \
+    return set_error(DEEPEP4J_ERR_PEER_MISMATCH, "ranks disagree on the config: " #field " = " fmt " on rank 0 but " \
+                     fmt " on rank %d", a.field, b.field, r);
+      DEEPEP4J_SAME(buffer_bytes, "%" PRId64)
+      DEEPEP4J_SAME(num_sms, "%d")
+      DEEPEP4J_SAME(max_send_tokens_per_chunk, "%d")
+      DEEPEP4J_SAME(ring_tokens, "%d")
+      DEEPEP4J_SAME(timeout_ms, "%d")
+      DEEPEP4J_SAME(device, "%d")
+      DEEPEP4J_SAME(backend, "%d")
+      DEEPEP4J_SAME(max_hidden_bytes, "%d")
+#undef DEEPEP4J_SAME
+    }
+    views_.assign(R_, RegionView{});
+    peers_.clear();
+    peers_.resize(R_);
+    for (int r = 0; r < R_; ++r) {
+      uint8_t* base;
+      if (r == rank_) {
+        base = static_cast<uint8_t*>(own_.data());
+      } else {
+        peers_[r] = std::make_unique<ShmRegion>();
+        int e = peers_[r]->open(all[r].name, all[r].region_bytes);
+        if (e != 0)
+          return set_error(DEEPEP4J_ERR_PEER_ERROR,
+                           "rank %d: cannot map the shared memory %s of rank %d (%s); has rank %d exited?", rank_,
+                           all[r].name, r, strerror(e), r);
+        base = static_cast<uint8_t*>(peers_[r]->data());
+      }
+      views_[r] = RegionView{base, R_, C_, ring_bytes_};
+    }
+    for (int r = 0; r < R_; ++r) views_[r].control()->connected[rank_].store(1, std::memory_order_release);
+    Deadline deadline(cfg_.timeout_ms);
+    Control* mine = views_[rank_].control();
+    for (int r = 0; r < R_; ++r) {
+      Backoff backoff;
+      while (mine->connected[r].load(std::memory_order_acquire) == 0) {
+        if (deadline.passed())
+          return set_error(DEEPEP4J_ERR_TIMEOUT,
+                           "rank %d: timed out after %d ms in connect waiting for rank %d (the peer did not arrive or "
+                           "died)",
+                           rank_, cfg_.timeout_ms, r);
+        backoff.pause();
+      }
+    }
+    own_.unlink();  // every peer has mapped this region: no name is left behind if a process dies
+    return ok();
+  }
+
+  int get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,
+                          int32_t* per_expert, uint8_t* in_rank, void*) override {
+    Check c = check_routing(topk_idx, n, k, e, R_, true);
+    if (!c.ok()) return set_error(c.status, "%s", c.message.c_str());
+    std::vector<int32_t> pr(R_, 0), pe(e, 0);
+    std::vector<uint8_t> mask(size_t(n) * R_, 0);
+    const int32_t experts_per_rank = e / R_;
+    for (int64_t t = 0; t < n; ++t) {
+      uint8_t* m = &mask[size_t(t) * R_];
+      for (int j = 0; j < k; ++j) {
+        int64_t x = topk_idx[t * k + j];
+        if (x < 0) continue;
+        pe[x]++;
+        m[x / experts_per_rank] = 1;
+      }
+      for (int r = 0; r < R_; ++r) pr[r] += m[r];
+    }
+    if (per_rank) std::copy(pr.begin(), pr.end(), per_rank);
+    if (per_expert) std::copy(pe.begin(), pe.end(), per_expert);
+    if (in_rank) std::copy(mask.begin(), mask.end(), in_rank);
+    return ok();
+  }
+
+  int notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype,
+                      Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert, void*) override {
+    Check c = check_routing(topk_idx, n, k, e, R_, true);
+    if (c.ok()) c = check_payload(hidden, dtype, true, "notify_dispatch");
+    if (c.ok()) c = check_ring(dispatch_slot_bytes(hidden, dtype, k), "dispatch");
+    if (!c.ok()) n = 0;  // nothing below reads topk_idx after a failed check
+
+    auto h = std::make_unique<CpuHandle>();
+    h->num_tokens = n;
+    h->num_topk = k;
+    h->num_experts = e;
+    h->hidden = hidden;
+    h->dtype = dtype;
+    h->num_ranks = R_;
+    h->channels = C_;
+    h->send_tokens.assign(R_, {});
+    h->send_begin.assign(R_, std::vector<int64_t>(C_ + 1, 0));
+    // rows_to[d][c] and experts_to[d][j]: what this rank sends rank d.
+    std::vector<std::vector<int32_t>> rows_to(R_, std::vector<int32_t>(C_, 0));
+    const int32_t epr = c.ok() ? e / R_ : 1;
+    std::vector<std::vector<int32_t>> experts_to(R_, std::vector<int32_t>(c.ok() ? epr : 0, 0));
+    std::vector<uint8_t> hit(R_);
+    for (int ch = 0; ch < C_; ++ch) {
+      int64_t lo = n * ch / C_, hi = n * (ch + 1) / C_;
+      for (int64_t t = lo; t < hi; ++t) {
+        std::fill(hit.begin(), hit.end(), 0);
+        for (int j = 0; j < k; ++j) {
+          int64_t x = topk_idx[t * k + j];
+          if (x < 0) continue;
+          int d = int(x / epr);
+          experts_to[d][x % epr]++;
+          hit[d] = 1;
+        }
+        for (int d = 0; d < R_; ++d)
+          if (hit[d]) {
+            h->send_tokens[d].push_back(int32_t(t));
+            rows_to[d][ch]++;
+          }
+      }
+      for (int d = 0; d < R_; ++d) h->send_begin[d][ch + 1] = (int64_t)h->send_tokens[d].size();
+    }
+
+    StepData mine{};
+    fill_header(&mine, c, kStepNotify, n, hidden, k, e, dtype, 0, 0);
+    std::vector<const StepData*> all;
+    int st = exchange(mine, &all, [&](int d, StepData* s) {
+      std::copy(rows_to[d].begin(), rows_to[d].end(), s->rows_per_channel);
+      if (c.ok()) std::copy(experts_to[d].begin(), experts_to[d].end(), s->rows_per_expert);
+    });
+    if (st != DEEPEP4J_OK) return st;
+    if ((st = verdict(all, kStepNotify)) != DEEPEP4J_OK) return st;
+
+    h->seq = int64_t(step_);
+    h->topk_idx.assign(topk_idx, topk_idx + n * k);
+    h->recv_begin.assign(R_, std::vector<int64_t>(C_ + 1, 0));
+    int64_t m = 0;
+    std::vector<int32_t> per_expert(epr, 0);
+    for (int s = 0; s < R_; ++s) {
+      int64_t from_s = 0;
+      for (int ch = 0; ch < C_; ++ch) {
+        h->recv_begin[s][ch] = m;
+        m += all[s]->rows_per_channel[ch];
+        from_s += all[s]->rows_per_channel[ch];
+      }
+      h->recv_begin[s][C_] = m;
+      h->recv_counts_per_rank[s] = int32_t(from_s);
+      for (int j = 0; j < epr; ++j) per_expert[j] += all[s]->rows_per_expert[j];
+    }
+    h->num_recv_tokens = m;
+    *num_recv = m;
+    if (per_local_expert) std::copy(per_expert.begin(), per_expert.end(), per_local_expert);
+    *out_handle = h.release();
+    return ok();
+  }
+
+  int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void*) override {
+    auto* h = static_cast<CpuHandle*>(handle);
+    Check c = check_dispatch_args(*h, dtype, a);
+    const int64_t slot = dispatch_slot_bytes(h->hidden, dtype, h->num_topk);
+    if (c.ok()) c = check_ring(slot, "dispatch");
+    int flags = (c.ok() && a->topk_weights != nullptr) ? 1 : 0;
+    StepData mine{};
+    fill_header(&mine, c, kStepDispatch, h->num_tokens, h->hidden, h->num_topk, h->num_experts, dtype, flags, h->seq);
+    std::vector<const StepData*> all;
+    int st = exchange(mine, &all, nullptr);
+    if (st != DEEPEP4J_OK) return st;
+    if ((st = verdict(all, kStepDispatch)) != DEEPEP4J_OK) return st;
+
+    if (!h->has_recv_local_idx) h->recv_local_idx.assign(size_t(h->num_recv_tokens) * h->num_topk, -1);
+    Transfer tr = dispatch_transfer(h, dtype, a, slot);
+    st = run_transfer(tr);
+    if (st == DEEPEP4J_OK) h->has_recv_local_idx = true;
+    return st;
+  }
+
+  int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void*) override {
+    auto* h = static_cast<CpuHandle*>(handle);
+    Check c = check_combine_args(*h, dtype, a);
+    if (c.ok() && a->recv_topk_weights != nullptr && !h->has_recv_local_idx)
+      c = Check::fail(DEEPEP4J_ERR_STATE,
+                      "recv_topk_weights given but this handle has not dispatched yet: a weighted combine needs the "
+                      "local expert ids of a dispatch");
+    const int64_t slot = combine_slot_bytes(h->hidden, dtype, h->num_topk);
+    if (c.ok()) c = check_ring(slot, "combine");
+    int flags = c.ok() ? ((a->recv_topk_weights ? 1 : 0) | (a->y_topk_weights ? 2 : 0)) : 0;
+    StepData mine{};
+    fill_header(&mine, c, kStepCombine, h->num_tokens, h->hidden, h->num_topk, h->num_experts, dtype, flags, h->seq);
+    std::vector<const StepData*> all;
+    int st = exchange(mine, &all, nullptr);
+    if (st != DEEPEP4J_OK) return st;
+    if ((st = verdict(all, kStepCombine)) != DEEPEP4J_OK) return st;
+    if (dtype != DEEPEP4J_FLOAT32) h->scratch.resize(size_t(h->num_tokens) * h->hidden);
+    Transfer tr = combine_transfer(h, dtype, a, slot);
+    return run_transfer(tr);
+  }
+
+ private:
+  // ------------------------------------------------------------------------------------------------ step exchange
+  Check check_ring(int64_t slot_bytes, const char* what) const {
+    int64_t slots = std::min<int64_t>(cfg_.ring_tokens, int64_t(ring_bytes_) / slot_bytes);
+    if (slots < cfg_.max_send_tokens_per_chunk)
+      return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                         "buffer_bytes = %" PRId64 ": each of the %d rings holds %zu bytes, less than one %s chunk of "
+                         "%d rows x %" PRId64 " bytes; minimum is %" PRId64 " bytes (deepep4j_buffer_size_hint)",
+                         cfg_.buffer_bytes, R_ * C_, ring_bytes_, what, cfg_.max_send_tokens_per_chunk, slot_bytes,
+                         slot_bytes * cfg_.max_send_tokens_per_chunk * R_ * C_);
+    return Check{};
+  }
+
+  int64_t ring_slots(int64_t slot_bytes) const {
+    return std::min<int64_t>(cfg_.ring_tokens, int64_t(ring_bytes_) / slot_bytes);
+  }
+
+  static void fill_header(StepData* d, const Check& c, int kind, int64_t n, int64_t hidden, int32_t k, int32_t e,
+                          int32_t dtype, int32_t flags, int64_t handle_seq) {
+    d->status = c.status;
+    d->kind = kind;
+    d->num_tokens = n;
+    d->hidden = hidden;
+    d->num_topk = k;
+    d->num_experts = e;
+    d->dtype = dtype;
+    d->flags = flags;
+    d->handle_seq = handle_seq;
+    snprintf(d->message, sizeof(d->message), "%s", c.message.c_str());
+  }
+
+  // Writes this rank's StepData (customised per reader by `per_peer`) into every region, then waits for every
+  // peer's. `all[s]` points at rank s's data in this rank's own region.
+  template <class F>
+  int exchange(const StepData& mine, std::vector<const StepData*>* all, F&& per_peer) {
+    ++step_;
+    const int parity = int(step_ & 1);
+    for (int d = 0; d < R_; ++d) {
+      StepSlot& slot = views_[d].control()->slots[parity][rank_];
+      slot.data = mine;
+      if constexpr (!std::is_same_v<std::decay_t<F>, std::nullptr_t>) per_peer(d, &slot.data);
+      slot.seq.store(step_, std::memory_order_release);
+    }
+    Deadline deadline(cfg_.timeout_ms);
+    Control* ctl = views_[rank_].control();
+    all->assign(R_, nullptr);
+    for (int s = 0; s < R_; ++s) {
+      Backoff backoff;
+      while (ctl->slots[parity][s].seq.load(std::memory_order_acquire) != step_) {
+        if (deadline.passed())
+          return set_error(DEEPEP4J_ERR_TIMEOUT,
+                           "rank %d: timed out after %d ms in %s waiting for rank %d (the peer did not arrive or died)",
+                           rank_, cfg_.timeout_ms, step_name(mine.kind), s);
+        backoff.pause();
+      }
+      (*all)[s] = &ctl->slots[parity][s].data;
+    }
+    return DEEPEP4J_OK;
+  }
+  int exchange(const StepData& mine, std::vector<const StepData*>* all, std::nullptr_t) {
+    return exchange<std::nullptr_t>(mine, all, nullptr);
+  }
+
+  // The same verdict on every rank: the lowest failing rank's error, else a disagreement on the step's shapes.
+  int verdict(const std::vector<const StepData*>& all, int kind) const {
+    for (int s = 0; s < R_; ++s) {
+      if (all[s]->status == DEEPEP4J_OK) continue;
+      if (s == rank_) return set_error(all[s]->status, "%s", all[s]->message);
+      return set_error(DEEPEP4J_ERR_PEER_ERROR, "rank %d reported in %s: %s", s, step_name(kind), all[s]->message);
+    }
+    const StepData& a = *all[0];
+    for (int s = 1; s < R_; ++s) {
+      const StepData& b = *all[s];
+      if (a.kind != b.kind)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH, "ranks disagree on the step: rank 0 calls %s but rank %d calls %s",
+                         step_name(a.kind), s, step_name(b.kind));
+      if (a.hidden != b.hidden || a.num_topk != b.num_topk || a.num_experts != b.num_experts || a.dtype != b.dtype)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                         "ranks disagree on %s: rank 0 has hidden = %" PRId64 ", num_topk = %d, num_experts = %d, "
+                         "dtype = %s; rank %d has hidden = %" PRId64 ", num_topk = %d, num_experts = %d, dtype = %s",
+                         step_name(kind), a.hidden, a.num_topk, a.num_experts, dtype_name(a.dtype), s, b.hidden,
+                         b.num_topk, b.num_experts, dtype_name(b.dtype));
+      if (a.handle_seq != b.handle_seq)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                         "ranks disagree on %s: rank 0 uses the handle of step %" PRId64 ", rank %d that of step %" PRId64,
+                         step_name(kind), a.handle_seq, s, b.handle_seq);
+      if (a.flags != b.flags)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                         "ranks disagree on %s: optional arguments differ (rank 0 flags %d, rank %d flags %d: "
+                         "topk_weights / recv_topk_weights / y_topk_weights must be given on all ranks or none)",
+                         step_name(kind), a.flags, s, b.flags);
+    }
+    return DEEPEP4J_OK;
+  }
+
+  // ------------------------------------------------------------------------------------------------ data movement
+  // One direction of one step, described by callbacks so dispatch and combine share the ring protocol.
+  struct Transfer {
+    int64_t slot_bytes = 0;
+    int64_t slots = 0;
+    // rows this rank sends rank d on channel c, and writes row i of them into `slot`
+    std::function<int64_t(int d, int c)> send_count;
+    std::function<void(int d, int c, int64_t i, uint8_t* slot)> pack;
+    // rows this rank receives from rank s on channel c, and consumes row i of them from `slot`
+    std::function<int64_t(int s, int c)> recv_count;
+    std::function<void(int s, int c, int64_t i, const uint8_t* slot)> unpack;
+    // rows that stay on this rank: handled without a ring, in order (called at the receiver's turn for `rank_`)
+    std::function<void(int c, int64_t i)> self_copy;
+    bool ordered_sources = false;                // combine: consume sources in rank order (deterministic sums)
+    std::function<void(int c)> channel_begin;    // before a channel moves data
+    std::function<void(int c)> channel_end;      // after a channel received everything
+    int kind = 0;
+  };
+
+  Transfer dispatch_transfer(CpuHandle* h, int32_t dtype, const deepep4j_dispatch_args* a, int64_t slot) {
+    Transfer t;
+    t.kind = kStepDispatch;
+    t.slot_bytes = slot;
+    t.slots = ring_slots(slot);
+    const int64_t H = h->hidden;
+    const int32_t K = h->num_topk;
+    const int64_t row = H * int64_t(dtype_size(dtype));
+    const int64_t meta = 16 * ((8 + 12 * int64_t(K) + 15) / 16);
+    const int64_t row_pad = 16 * ((row + 15) / 16);
+    const bool fp8 = dtype == DEEPEP4J_FP8_E4M3;
+    const int64_t nscales = fp8 ? H / DEEPEP4J_FP8_BLOCK : 0;
+    const int32_t epr = h->num_experts / R_;
+    const uint8_t* x = static_cast<const uint8_t*>(a->x);
+    uint8_t* recv_x = static_cast<uint8_t*>(a->recv_x);
+
+    // Writes row `m` of the receive side from a token's data (shared by the ring and the self path).
+    auto deliver = [=](int s, int64_t m, int64_t src_token, const int64_t* local_idx, const float* weights,
+                       const uint8_t* xrow, const float* scales) {
+      std::memcpy(recv_x + m * row, xrow, size_t(row));
+      if (a->recv_topk_idx) std::memcpy(a->recv_topk_idx + m * K, local_idx, sizeof(int64_t) * K);
+      std::memcpy(h->recv_local_idx.data() + m * K, local_idx, sizeof(int64_t) * K);
+      if (a->recv_topk_weights) std::memcpy(a->recv_topk_weights + m * K, weights, sizeof(float) * K);
+      if (a->recv_src_token) a->recv_src_token[m] = src_token;
+      if (a->recv_src_rank) a->recv_src_rank[m] = s;
+      if (fp8) std::memcpy(a->recv_x_scales + m * nscales, scales, sizeof(float) * nscales);
+    };
+    // Local expert ids and weights of token t as seen by rank d.
+    auto route = [=](int d, int64_t t, int64_t* local_idx, float* weights) {
+      for (int j = 0; j < K; ++j) {
+        int64_t x_e = h->topk_idx[t * K + j];
+        bool local = x_e >= 0 && x_e / epr == d;
+        local_idx[j] = local ? x_e - int64_t(d) * epr : -1;
+        weights[j] = (local && a->topk_weights) ? a->topk_weights[t * K + j] : 0.0f;
+      }
+    };
+    t.send_count = [=](int d, int c) { return h->send_begin[d][c + 1] - h->send_begin[d][c]; };
+    t.pack = [=](int d, int c, int64_t i, uint8_t* s) {
+      int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
+      *reinterpret_cast<int64_t*>(s) = tok;
+      route(d, tok, reinterpret_cast<int64_t*>(s + 8), reinterpret_cast<float*>(s + 8 + 8 * K));
+      std::memcpy(s + meta, x + tok * row, size_t(row));
+      if (fp8) std::memcpy(s + meta + row_pad, a->x_scales + tok * nscales, sizeof(float) * nscales);
+    };
+    t.recv_count = [=](int s, int c) { return h->recv_begin[s][c + 1] - h->recv_begin[s][c]; };
+    t.unpack = [=](int s, int c, int64_t i, const uint8_t* sl) {
+      deliver(s, h->recv_begin[s][c] + i, *reinterpret_cast<const int64_t*>(sl),
+              reinterpret_cast<const int64_t*>(sl + 8), reinterpret_cast<const float*>(sl + 8 + 8 * K), sl + meta,
+              reinterpret_cast<const float*>(sl + meta + row_pad));
+    };
+    t.self_copy = [=](int c, int64_t i) {
+      int64_t tok = h->send_tokens[rank_][h->send_begin[rank_][c] + i];
+      int64_t local_idx[DEEPEP4J_MAX_TOPK];
+      float weights[DEEPEP4J_MAX_TOPK];
+      route(rank_, tok, local_idx, weights);
+      deliver(rank_, h->recv_begin[rank_][c] + i, tok, local_idx, weights, x + tok * row,
+              fp8 ? a->x_scales + tok * nscales : nullptr);
+    };
+    return t;
+  }
+
+  Transfer combine_transfer(CpuHandle* h, int32_t dtype, const deepep4j_combine_args* a, int64_t slot) {
+    Transfer t;
+    t.kind = kStepCombine;
+    t.slot_bytes = slot;
+    t.slots = ring_slots(slot);
+    t.ordered_sources = true;
+    const int64_t H = h->hidden;
+    const int32_t K = h->num_topk;
+    const int64_t row = H * int64_t(dtype_size(dtype));
+    const int64_t row_pad = 16 * ((row + 15) / 16);
+    const uint8_t* y = static_cast<const uint8_t*>(a->y);
+    uint8_t* out = static_cast<uint8_t*>(a->out);
+    const bool f32 = dtype == DEEPEP4J_FLOAT32;
+    float* acc_base = f32 ? reinterpret_cast<float*>(out) : h->scratch.data();
+
+    auto scale_of = [=](int64_t m) {
+      if (!a->recv_topk_weights) return 1.0f;
+      float s = 0.0f;
+      for (int j = 0; j < K; ++j)
+        if (h->recv_local_idx[m * K + j] >= 0) s += a->recv_topk_weights[m * K + j];
+      return s;
+    };
+    // Adds one returned row to its token's accumulator (sources arrive in rank order).
+    auto accumulate = [=](int d, int c, int64_t i, const uint8_t* yrow, const float* ytopk, float scale) {
+      int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
+      add_row(acc_base + tok * H, yrow, dtype, H, scale);
+      if (a->out_topk_weights)
+        for (int j = 0; j < K; ++j) a->out_topk_weights[tok * K + j] += ytopk[j];
+    };
+    // This rank returns rows it received from rank s (send side of combine = receive side of dispatch).
+    t.send_count = [=](int s, int c) { return h->recv_begin[s][c + 1] - h->recv_begin[s][c]; };
+    t.pack = [=](int s, int c, int64_t i, uint8_t* sl) {
+      int64_t m = h->recv_begin[s][c] + i;
+      std::memcpy(sl, y + m * row, size_t(row));
+      float* tail = reinterpret_cast<float*>(sl + row_pad);
+      if (a->y_topk_weights)
+        std::memcpy(tail, a->y_topk_weights + m * K, sizeof(float) * K);
+      else
+        std::memset(tail, 0, sizeof(float) * K);
+      tail[K] = scale_of(m);
+    };
+    t.recv_count = [=](int d, int c) { return h->send_begin[d][c + 1] - h->send_begin[d][c]; };
+    t.unpack = [=](int d, int c, int64_t i, const uint8_t* sl) {
+      const float* tail = reinterpret_cast<const float*>(sl + row_pad);
+      accumulate(d, c, i, sl, tail, tail[K]);
+    };
+    t.self_copy = [=](int c, int64_t i) {
+      int64_t m = h->recv_begin[rank_][c] + i;
+      float zeros[DEEPEP4J_MAX_TOPK] = {};
+      accumulate(rank_, c, i, y + m * row, a->y_topk_weights ? a->y_topk_weights + m * K : zeros, scale_of(m));
+    };
+    t.channel_begin = [=](int c) {
+      int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
+      std::fill(acc_base + lo * H, acc_base + hi * H, 0.0f);
+      if (a->out_topk_weights) std::fill(a->out_topk_weights + lo * K, a->out_topk_weights + hi * K, 0.0f);
+    };
+    if (!f32)
+      t.channel_end = [=](int c) {
+        int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
+        for (int64_t tok = lo; tok < hi; ++tok) store_row(out + tok * row, acc_base + tok * H, dtype, H);
+      };
+    return t;
+  }
+
+  // Runs one transfer on the rank's threads: thread w drives channels w, w + T, ... all at once.
+  int run_transfer(Transfer& tr) {
+    std::atomic<int> status{DEEPEP4J_OK};
+    std::mutex err_mu;
+    std::string err;
+    pool_->run([&](int w) {
+      int st = drive_channels(tr, w, pool_->size(), status, &err, err_mu);
+      if (st != DEEPEP4J_OK) {
+        int expected = DEEPEP4J_OK;
+        status.compare_exchange_strong(expected, st);
+      }
+    });
+    if (status.load() != DEEPEP4J_OK) return set_error(status.load(), "%s", err.c_str());
+    return ok();
+  }
+
+  struct SendState {
+    int peer, channel;
+    int64_t done, count;
+    RingHeader* hdr;
+    uint8_t* data;
+    uint64_t base, tail;
+  };
+  struct RecvState {
+    int peer, channel;
+    int64_t done, count;
+    RingHeader* hdr;
+    const uint8_t* data;
+    uint64_t base, head;
+  };
+
+  int drive_channels(Transfer& tr, int w, int threads, std::atomic<int>& status, std::string* err,
+                     std::mutex& err_mu) {
+    std::vector<SendState> sends;
+    std::vector<std::vector<RecvState>> recvs;  // per channel, in source order
+    std::vector<int> channels;
+    for (int c = w; c < C_; c += threads) channels.push_back(c);
+    for (int c : channels) {
+      if (tr.channel_begin) tr.channel_begin(c);
+      std::vector<RecvState> rc;
+      for (int p = 0; p < R_; ++p) {
+        int64_t ns = tr.send_count(p, c);
+        if (p != rank_ && ns > 0) {
+          RingHeader* hdr = views_[p].ring_header(rank_, c);
+          uint64_t tail = hdr->tail.load(std::memory_order_relaxed);  // only this rank writes it
+          sends.push_back(SendState{p, c, 0, ns, hdr, views_[p].ring_data(rank_, c), tail, tail});
+        }
+        int64_t nr = tr.recv_count(p, c);
+        if (nr > 0) {
+          RingHeader* hdr = views_[rank_].ring_header(p, c);
+          uint64_t head = hdr->head.load(std::memory_order_relaxed);
+          rc.push_back(RecvState{p, c, 0, nr, hdr, views_[rank_].ring_data(p, c), head, head});
+        }
+      }
+      recvs.push_back(std::move(rc));
+    }
+    // Rows staying on this rank skip the rings. Unordered transfers copy them first; ordered ones at their turn.
+    if (!tr.ordered_sources)
+      for (size_t ci = 0; ci < channels.size(); ++ci)
+        for (auto& r : recvs[ci])
+          if (r.peer == rank_) {
+            for (int64_t i = 0; i < r.count; ++i) tr.self_copy(r.channel, i);
+            r.done = r.count;
+          }
+
+    std::vector<size_t> cursor(channels.size(), 0);  // ordered: the source each channel consumes now
+    Deadline deadline(cfg_.timeout_ms);
+    Backoff backoff;
+    const uint64_t slots = uint64_t(tr.slots);
+    const int64_t chunk = cfg_.max_send_tokens_per_chunk;
+    for (;;) {
+      bool progress = false, pending = false;
+      for (auto& s : sends) {
+        if (s.done == s.count) continue;
+        pending = true;
+        uint64_t head = s.hdr->head.load(std::memory_order_acquire);
+        if (head < s.base) continue;  // the previous step's rows are still being read (other slot geometry)
+        int64_t space = int64_t(slots - (s.tail - head));
+        int64_t nrows = std::min({space, chunk, s.count - s.done});
+        if (nrows <= 0) continue;
+        for (int64_t i = 0; i < nrows; ++i)
+          tr.pack(s.peer, s.channel, s.done + i, s.data + ((s.tail - s.base + i) % slots) * tr.slot_bytes);
+        s.tail += nrows;
+        s.done += nrows;
+        s.hdr->tail.store(s.tail, std::memory_order_release);
+        progress = true;
+      }
+      for (size_t ci = 0; ci < channels.size(); ++ci) {
+        auto& rc = recvs[ci];
+        for (size_t k = (tr.ordered_sources ? cursor[ci] : 0); k < rc.size(); ++k) {
+          RecvState& r = rc[k];
+          if (r.done == r.count) {
+            if (tr.ordered_sources && k == cursor[ci]) ++cursor[ci];
+            continue;
+          }
+          pending = true;
+          if (r.peer == rank_) {  // ordered transfer: this rank's own rows, at their turn
+            for (int64_t i = 0; i < r.count; ++i) tr.self_copy(r.channel, i);
+            r.done = r.count;
+            progress = true;
+          } else {
+            uint64_t tail = r.hdr->tail.load(std::memory_order_acquire);
+            int64_t avail = int64_t(tail - r.head);
+            for (int64_t i = 0; i < avail; ++i)
+              tr.unpack(r.peer, r.channel, r.done + i, r.data + ((r.head - r.base + i) % slots) * tr.slot_bytes);
+            if (avail > 0) {
+              r.head += avail;
+              r.done += avail;
+              r.hdr->head.store(r.head, std::memory_order_release);
+              progress = true;
+            }
+          }
+          if (tr.ordered_sources) {
+            if (r.done == r.count) {
+              ++cursor[ci];
+              continue;
+            }
+            break;  // later sources wait their turn
+          }
+        }
+      }
+      if (!pending) break;
+      if (progress) {
+        backoff.reset();
+        continue;
+      }
+      if (status.load(std::memory_order_relaxed) != DEEPEP4J_OK) return status.load();
+      if (deadline.passed()) {
+        int peer = -1;
+        for (auto& s : sends)
+          if (s.done < s.count) peer = s.peer;
+        for (auto& rc : recvs)
+          for (auto& r : rc)
+            if (r.done < r.count && peer < 0) peer = r.peer;
+        std::lock_guard<std::mutex> g(err_mu);
+        char buf[256];
+        snprintf(buf, sizeof(buf),
+                 "rank %d: timed out after %d ms in %s waiting for rank %d (the peer did not arrive or died)", rank_,
+                 cfg_.timeout_ms, step_name(tr.kind), peer);
+        *err = buf;
+        return DEEPEP4J_ERR_TIMEOUT;
+      }
+      backoff.pause();
+    }
+    for (int c : channels)
+      if (tr.channel_end) tr.channel_end(c);
+    return DEEPEP4J_OK;
+  }
+
+  int rank_, R_, C_;
+  deepep4j_config cfg_;
+  size_t ring_bytes_ = 0;
+  uint64_t step_ = 0;
+  ShmRegion own_;
+  std::vector<std::unique_ptr<ShmRegion>> peers_;
+  std::vector<RegionView> views_;
+  std::unique_ptr<WorkerPool> pool_;
+};
+
+}  // namespace
+}  // namespace cpu
+
+int make_cpu_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out) {
+  auto b = std::make_unique<cpu::CpuBackend>(rank, num_ranks, cfg);
+  int st = b->init();
+  if (st != DEEPEP4J_OK) return st;
+  *out = std::move(b);
+  return DEEPEP4J_OK;
+}
+
+}  // namespace deepep4j

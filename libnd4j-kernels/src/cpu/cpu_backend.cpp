@@ -62,6 +62,7 @@ struct CpuHandle : deepep4j_handle {
   std::vector<int64_t> recv_local_idx;             // [M*K] local expert ids, filled by the first dispatch
   bool has_recv_local_idx = false;
   std::vector<float> scratch;                      // fp32 accumulators for a bf16/fp16 combine
+  std::vector<uint8_t> touched;                    // [N] combine: token has received its first row
 };
 
 // Spin, then yield, then sleep: ranks may outnumber cores.
@@ -95,16 +96,21 @@ const char* step_name(int kind) {
   }
 }
 
-void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float scale) {
+// acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row.
+void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float scale, bool first) {
   if (dtype == DEEPEP4J_FLOAT32) {
     const float* r = reinterpret_cast<const float*>(row);
-    for (int64_t i = 0; i < h; ++i) acc[i] += scale * r[i];
-  } else if (dtype == DEEPEP4J_BFLOAT16) {
-    const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
-    for (int64_t i = 0; i < h; ++i) acc[i] += scale * bf16_to_float(r[i]);
+    if (first)
+      for (int64_t i = 0; i < h; ++i) acc[i] = scale * r[i];
+    else
+      for (int64_t i = 0; i < h; ++i) acc[i] += scale * r[i];
   } else {
     const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
-    for (int64_t i = 0; i < h; ++i) acc[i] += scale * fp16_to_float(r[i]);
+    const bool bf16 = dtype == DEEPEP4J_BFLOAT16;
+    for (int64_t i = 0; i < h; ++i) {
+      float v = scale * (bf16 ? bf16_to_float(r[i]) : fp16_to_float(r[i]));
+      acc[i] = first ? v : acc[i] + v;
+    }
   }
 }
 
@@ -377,6 +383,7 @@ class CpuBackend final : public Backend {
     if (st != DEEPEP4J_OK) return st;
     if ((st = verdict(all, kStepCombine)) != DEEPEP4J_OK) return st;
     if (dtype != DEEPEP4J_FLOAT32) h->scratch.resize(size_t(h->num_tokens) * h->hidden);
+    h->touched.resize(size_t(h->num_tokens));
     Transfer tr = combine_transfer(h, dtype, a, slot);
     return run_transfer(tr);
   }
@@ -581,7 +588,8 @@ class CpuBackend final : public Backend {
     // Adds one returned row to its token's accumulator (sources arrive in rank order).
     auto accumulate = [=](int d, int c, int64_t i, const uint8_t* yrow, const float* ytopk, float scale) {
       int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
-      add_row(acc_base + tok * H, yrow, dtype, H, scale);
+      add_row(acc_base + tok * H, yrow, dtype, H, scale, !h->touched[tok]);
+      h->touched[tok] = 1;
       if (a->out_topk_weights)
         for (int j = 0; j < K; ++j) a->out_topk_weights[tok * K + j] += ytopk[j];
     };
@@ -609,14 +617,16 @@ class CpuBackend final : public Backend {
     };
     t.channel_begin = [=](int c) {
       int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
-      std::fill(acc_base + lo * H, acc_base + hi * H, 0.0f);
+      std::fill(h->touched.begin() + lo, h->touched.begin() + hi, 0);
       if (a->out_topk_weights) std::fill(a->out_topk_weights + lo * K, a->out_topk_weights + hi * K, 0.0f);
     };
-    if (!f32)
-      t.channel_end = [=](int c) {
-        int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
-        for (int64_t tok = lo; tok < hi; ++tok) store_row(out + tok * row, acc_base + tok * H, dtype, H);
-      };
+    t.channel_end = [=](int c) {
+      int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
+      for (int64_t tok = lo; tok < hi; ++tok) {
+        if (!h->touched[tok]) std::fill(acc_base + tok * H, acc_base + (tok + 1) * H, 0.0f);  // visited no rank
+        if (!f32) store_row(out + tok * row, acc_base + tok * H, dtype, H);
+      }
+    };
     return t;
   }
 

@@ -82,7 +82,8 @@ int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, 
   int64_t cslot = combine_slot_bytes(hidden, combine_dtype, DEEPEP4J_MAX_TOPK);
   if (cslot > slot) slot = cslot;
   int64_t rings = (int64_t)num_ranks * num_channels(c);
-  *out_bytes = rings * (int64_t)c.ring_tokens * slot;
+  // Each ring starts on a 64-byte boundary (the backend rounds ring sizes down to it), so round each ring up.
+  *out_bytes = rings * ((((int64_t)c.ring_tokens * slot) + 63) & ~int64_t(63));
   return ok();
 }
 

@@ -119,7 +119,8 @@ Check check_combine_args(const deepep4j_handle& h, int32_t dtype, const deepep4j
     return Check::fail(E_ARG, "y = NULL: required when num_recv_tokens = %" PRId64 " > 0", h.num_recv_tokens);
   if (h.num_tokens > 0 && a->out == nullptr)
     return Check::fail(E_ARG, "out = NULL: required when num_tokens = %" PRId64 " > 0", h.num_tokens);
-  if ((a->y_topk_weights == nullptr) != (a->out_topk_weights == nullptr))
+  // An empty array may be NULL, so the pairing is checked only where both sides have rows.
+  if (h.num_recv_tokens > 0 && h.num_tokens > 0 && (a->y_topk_weights == nullptr) != (a->out_topk_weights == nullptr))
     return Check::fail(E_ARG, "y_topk_weights and out_topk_weights: give both or neither");
   return Check{};
 }

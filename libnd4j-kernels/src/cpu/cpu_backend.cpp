@@ -133,7 +133,8 @@ class CpuBackend final : public Backend {
     if (cfg_.max_hidden_bytes > 0) {
       int64_t slot = 16 * ((8 + 12 * DEEPEP4J_MAX_TOPK + 15) / 16) + 16 * ((cfg_.max_hidden_bytes + 15) / 16) +
                      16 * ((cfg_.max_hidden_bytes / DEEPEP4J_FP8_BLOCK * 4 + 15) / 16);
-      int64_t need = slot * cfg_.max_send_tokens_per_chunk * int64_t(R_) * C_;
+      // Rings are rounded down to 64 bytes, so the minimum rounds each ring's chunk up to 64.
+      int64_t need = ((slot * cfg_.max_send_tokens_per_chunk + 63) & ~int64_t(63)) * int64_t(R_) * C_;
       if ((int64_t)ring_bytes_ < slot * cfg_.max_send_tokens_per_chunk)
         return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT,
                          "buffer_bytes = %" PRId64 ": too small for one chunk (max_send_tokens_per_chunk = %d rows of "
@@ -351,7 +352,8 @@ class CpuBackend final : public Backend {
     Check c = check_dispatch_args(*h, dtype, a);
     const int64_t slot = dispatch_slot_bytes(h->hidden, dtype, h->num_topk);
     if (c.ok()) c = check_ring(slot, "dispatch");
-    int flags = (c.ok() && a->topk_weights != nullptr) ? 1 : 0;
+    // A rank with no tokens has no weights to give (an empty array may well be NULL): its choice does not count.
+    int flags = (c.ok() && h->num_tokens > 0) ? (kFlagKnown1 | (a->topk_weights != nullptr ? 1 : 0)) : 0;
     StepData mine{};
     fill_header(&mine, c, kStepDispatch, h->num_tokens, h->hidden, h->num_topk, h->num_experts, dtype, flags, h->seq);
     std::vector<const StepData*> all;
@@ -375,7 +377,12 @@ class CpuBackend final : public Backend {
                       "local expert ids of a dispatch");
     const int64_t slot = combine_slot_bytes(h->hidden, dtype, h->num_topk);
     if (c.ok()) c = check_ring(slot, "combine");
-    int flags = c.ok() ? ((a->recv_topk_weights ? 1 : 0) | (a->y_topk_weights ? 2 : 0)) : 0;
+    // Bits count only where the rank has rows for them: recv/y weights need M > 0; out_topk_weights needs N > 0.
+    int flags = 0;
+    if (c.ok() && h->num_recv_tokens > 0)
+      flags = kFlagKnown1 | kFlagKnown2 | (a->recv_topk_weights ? 1 : 0) | (a->y_topk_weights ? 2 : 0);
+    else if (c.ok() && h->num_tokens > 0)
+      flags = kFlagKnown2 | (a->out_topk_weights ? 2 : 0);
     StepData mine{};
     fill_header(&mine, c, kStepCombine, h->num_tokens, h->hidden, h->num_topk, h->num_experts, dtype, flags, h->seq);
     std::vector<const StepData*> all;
@@ -474,11 +481,19 @@ class CpuBackend final : public Backend {
         return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
                          "ranks disagree on %s: rank 0 uses the handle of step %" PRId64 ", rank %d that of step %" PRId64,
                          step_name(kind), a.handle_seq, s, b.handle_seq);
-      if (a.flags != b.flags)
+    }
+    // Optional arguments: every pair of ranks for which a flag bit counts must agree on it.
+    for (int s = 0; s < R_; ++s) {
+      for (int q = s + 1; q < R_; ++q) {
+        const StepData& a = *all[s];
+        const StepData& b = *all[q];
+        int known = (a.flags >> 8) & (b.flags >> 8);
+        if (((a.flags ^ b.flags) & known) == 0) continue;
         return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
-                         "ranks disagree on %s: optional arguments differ (rank 0 flags %d, rank %d flags %d: "
+                         "ranks disagree on %s: optional arguments differ (rank %d flags %d, rank %d flags %d: "
                          "topk_weights / recv_topk_weights / y_topk_weights must be given on all ranks or none)",
-                         step_name(kind), a.flags, s, b.flags);
+                         step_name(kind), s, a.flags & 0xff, q, b.flags & 0xff);
+      }
     }
     return DEEPEP4J_OK;
   }
@@ -793,6 +808,11 @@ class CpuBackend final : public Backend {
 }  // namespace cpu
 
 int make_cpu_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out) {
+  if (cfg.backend != DEEPEP4J_BACKEND_DEEPEP)  // never fall back silently from alltoall to the ring backend
+    return set_error(DEEPEP4J_ERR_UNAVAILABLE,
+                     "backend = %d (alltoall): the NCCL all-to-all backend needs DEEPEP4J_DEVICE_CUDA; the CPU device "
+                     "runs DEEPEP4J_BACKEND_DEEPEP only",
+                     cfg.backend);
   auto b = std::make_unique<cpu::CpuBackend>(rank, num_ranks, cfg);
   int st = b->init();
   if (st != DEEPEP4J_OK) return st;

@@ -20,6 +20,9 @@ constexpr int kMaxLocalExperts = 1024;    // num_experts / num_ranks
 constexpr int kMessageBytes = 480;
 constexpr uint64_t kRegionMagic = 0x3450454445455044ull;  // "DEEPEP4\0"-ish tag
 
+constexpr int32_t kFlagKnown1 = 1 << 8;
+constexpr int32_t kFlagKnown2 = 2 << 8;
+
 enum StepKind : int32_t { kStepNotify = 1, kStepDispatch = 2, kStepCombine = 3 };
 
 // One rank's contribution to a collective step, written into every peer's region.
@@ -32,7 +35,8 @@ struct StepData {
   int32_t num_topk;
   int32_t num_experts;
   int32_t dtype;
-  int32_t flags;                               // dispatch: 1 = weights sent; combine: 1 = weighted, 2 = topk returned
+  int32_t flags;                               // dispatch: 1 = weights sent; combine: 1 = weighted, 2 = topk returned;
+                                               // kFlagKnown1/2: bit 1/2 counts (the rank has rows it applies to)
   int32_t rows_per_channel[kMaxChannels];      // notify: rows the writer sends the reader, per channel
   int32_t rows_per_expert[kMaxLocalExperts];   // notify: (token, k) entries for each of the reader's local experts
   char message[kMessageBytes];

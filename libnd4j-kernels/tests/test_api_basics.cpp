@@ -1,0 +1,122 @@
+// test_api_basics.cpp — version, status names, config defaults, size hint, buffer getters, blob export, thread-local
+// errors and a one-rank step (every row stays home).
+#include "ep_group.h"
+
+TEST(version_and_status_names) {
+  CHECK(std::strcmp(deepep4j_version(), "0.1.0") == 0);
+  CHECK(std::strcmp(deepep4j_status_name(DEEPEP4J_OK), "DEEPEP4J_OK") == 0);
+  CHECK(std::strcmp(deepep4j_status_name(DEEPEP4J_ERR_TIMEOUT), "DEEPEP4J_ERR_TIMEOUT") == 0);
+  CHECK(std::strcmp(deepep4j_status_name(DEEPEP4J_ERR_PEER_MISMATCH), "DEEPEP4J_ERR_PEER_MISMATCH") == 0);
+  CHECK(std::strcmp(deepep4j_status_name(DEEPEP4J_ERR_INTERNAL), "DEEPEP4J_ERR_INTERNAL") == 0);
+  CHECK(std::strcmp(deepep4j_status_name(99), "DEEPEP4J_ERR_UNKNOWN") == 0);
+  int n = deepep4j_cuda_device_count();
+  CHECK(n >= 0);
+  CHECK_EQ(deepep4j_cuda_available(), n > 0 ? 1 : 0);
+}
+
+TEST(config_defaults) {
+  deepep4j_config c;
+  std::memset(&c, 0x5a, sizeof(c));
+  deepep4j_config_init(&c);
+  CHECK_EQ(c.buffer_bytes, int64_t(256) << 20);
+  CHECK_EQ(c.num_sms, 20);
+  CHECK_EQ(c.max_send_tokens_per_chunk, 16);
+  CHECK_EQ(c.ring_tokens, 128);
+  CHECK_EQ(c.timeout_ms, 60000);
+  CHECK_EQ(c.device, DEEPEP4J_DEVICE_CPU);
+  CHECK_EQ(c.device_id, 0);
+  CHECK_EQ(c.backend, DEEPEP4J_BACKEND_DEEPEP);
+  CHECK_EQ(c.num_threads, 0);
+  CHECK_EQ(c.max_hidden_bytes, 0);
+  deepep4j_config_init(nullptr);  // documented as harmless
+}
+
+TEST(size_hint_grows_with_ring_ranks_and_row) {
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  int64_t base = 0, deeper = 0, more_ranks = 0, wider = 0, bf16 = 0;
+  REQUIRE_OK(deepep4j_buffer_size_hint(7168, DEEPEP4J_FLOAT32, 2, &c, &base));
+  CHECK(base > 0);
+  // One ring slot must at least hold a row, so the hint covers ranks * channels * ring_tokens rows.
+  CHECK(base >= int64_t(2) * (c.num_sms / 2) * c.ring_tokens * 7168 * 4);
+  c.ring_tokens *= 2;
+  REQUIRE_OK(deepep4j_buffer_size_hint(7168, DEEPEP4J_FLOAT32, 2, &c, &deeper));
+  CHECK(deeper > base);
+  c.ring_tokens /= 2;
+  REQUIRE_OK(deepep4j_buffer_size_hint(7168, DEEPEP4J_FLOAT32, 4, &c, &more_ranks));
+  CHECK(more_ranks > base);
+  REQUIRE_OK(deepep4j_buffer_size_hint(14336, DEEPEP4J_FLOAT32, 2, &c, &wider));
+  CHECK(wider > base);
+  REQUIRE_OK(deepep4j_buffer_size_hint(7168, DEEPEP4J_BFLOAT16, 2, &c, &bf16));
+  CHECK(bf16 < base);
+  int64_t untouched = 12345;
+  CHECK_ERR(deepep4j_buffer_size_hint(7, DEEPEP4J_FLOAT32, 2, &c, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "hidden = 7");
+  CHECK_ERR(deepep4j_buffer_size_hint(64, DEEPEP4J_FLOAT32, 0, &c, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "num_ranks = 0");
+  CHECK_ERR(deepep4j_buffer_size_hint(64, DEEPEP4J_FLOAT32, 2, nullptr, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "config");
+  CHECK_EQ(untouched, 12345);
+}
+
+TEST(buffer_getters_and_export) {
+  ref::Shape s;
+  s.num_ranks = 3;
+  deepep4j_config cfg = ep::small_config(s);
+  deepep4j_buffer* b = nullptr;
+  REQUIRE_OK(deepep4j_buffer_create(2, 3, &cfg, &b));
+  CHECK_EQ(deepep4j_buffer_rank(b), 2);
+  CHECK_EQ(deepep4j_buffer_num_ranks(b), 3);
+  deepep4j_config got;
+  REQUIRE_OK(deepep4j_buffer_config(b, &got));
+  CHECK_EQ(got.buffer_bytes, cfg.buffer_bytes);
+  CHECK_EQ(got.num_sms, cfg.num_sms);
+  CHECK_EQ(got.ring_tokens, cfg.ring_tokens);
+  CHECK_EQ(got.max_send_tokens_per_chunk, cfg.max_send_tokens_per_chunk);
+  CHECK_EQ(got.timeout_ms, cfg.timeout_ms);
+  uint8_t blob[DEEPEP4J_MAX_BLOB_BYTES];
+  size_t len = 0;
+  REQUIRE_OK(deepep4j_buffer_export(b, blob, sizeof(blob), &len));
+  CHECK(len > 0 && len <= DEEPEP4J_MAX_BLOB_BYTES);
+  // Exporting is repeatable and gives the same bytes.
+  uint8_t blob2[DEEPEP4J_MAX_BLOB_BYTES];
+  size_t len2 = 0;
+  REQUIRE_OK(deepep4j_buffer_export(b, blob2, sizeof(blob2), &len2));
+  CHECK(len2 == len && std::memcmp(blob, blob2, len) == 0);
+  size_t small_len = 777;
+  CHECK_ERR(deepep4j_buffer_export(b, blob, 3, &small_len), DEEPEP4J_ERR_INVALID_ARGUMENT, "capacity");
+  CHECK_EQ(small_len, size_t(777));
+  CHECK_EQ(deepep4j_buffer_rank(nullptr), -1);
+  CHECK_EQ(deepep4j_buffer_num_ranks(nullptr), -1);
+  REQUIRE_OK(deepep4j_buffer_destroy(b));
+  REQUIRE_OK(deepep4j_buffer_destroy(nullptr));
+}
+
+TEST(last_error_is_per_thread) {
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  c.num_sms = 7;
+  deepep4j_buffer* b = nullptr;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "num_sms = 7");
+  std::string other;
+  std::thread([&] { other = deepep4j_last_error(); }).join();
+  CHECK_MSG(other.empty(), "a fresh thread sees \"%s\"", other.c_str());
+  CHECK(std::string(deepep4j_last_error()).find("num_sms = 7") != std::string::npos);
+}
+
+TEST(one_rank_keeps_every_row) {
+  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT16}) {
+    ref::Shape s;
+    s.num_ranks = 1;
+    s.num_experts = 4;
+    s.num_topk = 2;
+    s.hidden = 64;
+    s.dtype = dtype;
+    ep::StepOptions o;
+    o.weighted_combine = true;
+    o.combine_weights = true;
+    ep::run_and_verify(s, {37}, ep::small_config(s), o, 7, t::fmt("R=1 dtype=%d", dtype));
+  }
+}
+
+TEST_MAIN()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# device_check.sh — everything the GPU machine runs in one go: build the native module with CUDA, the GPU tests (ranks as
+# threads with peer access, and as processes with CUDA IPC; both backends), compute-sanitizer memcheck and racecheck on
+# a small case, the peer-dies test, and the bench_ep table. Logs go to $OUT (or ./device-logs).
+#   scripts/device_check.sh [all|tests|bench|sweep]
+set -u
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+what=${1:-all}
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$here/device-logs}
+build=${BUILD:-/tmp/deepep4j-build}
+mkdir -p "$out"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+nvidia-smi topo -m >> "$out/nvidia-smi.txt" 2>&1
+cmake -S "$here" -B "$build" -DDEEPEP4J_CUDA=ON -DCMAKE_BUILD_TYPE=Release > "$out/build.log" 2>&1 &&
+  cmake --build "$build" -j "$(nproc)" >> "$out/build.log" 2>&1 || { echo "build failed"; tail -40 "$out/build.log"; exit 1; }
+echo "build ok"
+status=0
+run() {  # name, timeout seconds, command...
+  local name=$1 secs=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$secs" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc ($(( $(date +%s) - t0 )) s) $(grep -E 'case\(s\) run|FAIL|ERROR SUMMARY' "$out/$name.log" | head -5 | tr '\n' ' ')"
+  [ $rc -eq 0 ] || status=1
+}
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  run gpu_roundtrip 300 "$build/gpu_test_roundtrip"
+  run gpu_cross_process 300 "$build/gpu_test_cross_process"
+  run gpu_peer_dies 120 "$build/gpu_test_peer_dies"
+  san="compute-sanitizer --error-exitcode 9 --target-processes all"
+  run sanitizer_memcheck 300 $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
+  run sanitizer_racecheck 300 $san --tool racecheck "$build/gpu_test_roundtrip" bad_topk
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  run bench_ep 400 "$build/bench_ep" --device cuda
+  cat "$out/bench_ep.log"
+fi
+if [ "$what" = sweep ]; then
+  run bench_sweep 500 "$build/bench_ep" --device cuda --tokens 512,4096 --sweep
+  cat "$out/bench_sweep.log"
+fi
+exit $status

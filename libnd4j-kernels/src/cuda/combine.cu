@@ -1,0 +1,84 @@
+// combine.cu — the ring combine: per channel a sender block streams the received rows back to their source ranks, and
+// a receiver block reduces, token by token in original order, the rows every visited rank returned (fp32 sums).
+#include "cuda/ring_common.cuh"
+#include "cuda/slot_ops.cuh"
+
+namespace deepep4j {
+namespace cuda {
+
+namespace {
+
+__global__ void __launch_bounds__(kRingThreads, 1)
+    combine_kernel(Step st, Rings rg, Routing h, CombineIo io) {
+  __shared__ int s_skip, s_abort[kMaxGroups];
+  __shared__ uint32_t s_word[kMaxGroups];
+  __shared__ uint32_t s_base[DEEPEP4J_MAX_RANKS], s_need[DEEPEP4J_MAX_RANKS];
+  if (threadIdx.x < kMaxGroups) s_abort[threadIdx.x] = 0;
+  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(&st.mailbox->status) != 0;
+  __syncthreads();
+  if (s_skip) return;
+  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const int R = st.num_ranks, C = rg.channels, K = h.num_topk;
+  const bool sender = int(blockIdx.x) < C;
+  const int c = sender ? blockIdx.x : blockIdx.x - C;
+  const CombineSlot lay = CombineSlot::make(io.row_bytes, K);
+  if (sender) {
+    const Groups g = Groups::make(R);
+    if (!g.active()) return;
+    for (int s = g.group; s < R; s += g.groups) {
+      const int64_t row0 = h.recv_offset[s * C + c];
+      auto write = [&](int i, uint8_t* slot) { write_combine_slot(slot, lay, io, h, row0 + i, g.lane); };
+      if (!send_stream(st, rg, g, c, s, h.recv_counts[s * C + c], 3, deadline, &s_word[g.group],
+                       &s_abort[g.group], write))
+        return;
+    }
+    return;
+  }
+  // Receiver: every warp reduces tokens of this channel; warp 0 tracks one stream per lane (rank d = lane, lane+32).
+  uint8_t* own = st.peers.region[st.rank];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t0 = min(h.num_tokens, c * h.tokens_per_channel);
+  const int64_t t1 = min(h.num_tokens, t0 + h.tokens_per_channel);
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    s_base[d] = ld_acquire_sys(heads(own) + c * R + d);
+    s_need[d] = 0;
+  }
+  __syncthreads();
+  const uint8_t* slots[DEEPEP4J_MAX_RANKS];
+  for (int64_t a = t0; a < t1; a += rg.chunk) {
+    const int64_t b = min(t1, a + rg.chunk);
+    if (warp == 0) {
+      for (int d = lane; d < R; d += 32) {
+        uint32_t cnt = 0;
+        for (int64_t t = a; t < b; ++t) cnt += uint32_t(h.token_mask[t] >> d & 1ull);
+        s_need[d] += cnt;
+        if (cnt && !wait_reach(tails(own) + c * R + d, s_base[d] + s_need[d], deadline)) {
+          record_timeout(st, 4, d);
+          s_abort[0] = 1;
+        }
+      }
+    }
+    __syncthreads();
+    if (s_abort[0]) return;
+    for (int64_t t = a + warp; t < b; t += kRingWarps) {
+      const uint64_t mask = h.token_mask[t];
+      for (int d = 0; d < R; ++d)
+        slots[d] = (mask >> d & 1ull) ? rg.slot(own, c, d, R, s_base[d] + uint32_t(h.send_pos[t * R + d])) : nullptr;
+      reduce_token_any(slots, R, lay, io, t, K, lane);
+    }
+    __syncthreads();
+    if (warp == 0)
+      for (int d = lane; d < R; d += 32) st_release_sys(heads(own) + c * R + d, s_base[d] + s_need[d]);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
+                           int32_t num_sms, cudaStream_t s) {
+  combine_kernel<<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

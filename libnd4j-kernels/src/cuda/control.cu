@@ -1,0 +1,195 @@
+// control.cu — the kernels around the data path: layout, the per-step routing plan, barriers and the notify exchange.
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/cuda_util.h"
+#include "cuda/kernels.h"
+
+namespace deepep4j {
+namespace cuda {
+
+namespace {
+
+__global__ void layout_kernel(const int64_t* topk_idx, int64_t n, int k, int e, int r, int32_t* per_rank,
+                              int32_t* per_expert, uint8_t* in_rank) {
+  const int L = e / r;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t mask = 0;
+    for (int j = 0; j < k; ++j) {
+      int64_t x = topk_idx[t * k + j];
+      if (x < 0 || x >= e) continue;
+      mask |= 1ull << (x / L);
+      if (per_expert) atomicAdd(per_expert + x, 1);
+    }
+    for (int d = 0; d < r; ++d) {
+      int in = int(mask >> d & 1ull);
+      if (in_rank) in_rank[t * r + d] = uint8_t(in);
+      if (per_rank && in) atomicAdd(per_rank + d, 1);
+    }
+  }
+}
+
+constexpr int kPlanThreads = 256;
+
+// One block per channel: masks and expert counts of its tokens, then per destination a block-wide scan that gives
+// every token its position in the (channel, destination) stream.
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(const int64_t* topk_idx, Routing h, int r,
+                                                            unsigned long long* bad) {
+  using Scan = cub::BlockScan<int, kPlanThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  const int c = blockIdx.x, K = h.num_topk, E = h.num_experts, L = E / r, C = h.channels;
+  const int64_t N = h.num_tokens;
+  const int64_t t0 = min(N, c * h.tokens_per_channel), t1 = min(N, t0 + h.tokens_per_channel);
+  for (int64_t t = t0 + threadIdx.x; t < t1; t += blockDim.x) {
+    uint64_t mask = 0;
+    for (int j = 0; j < K; ++j) {
+      int64_t x = topk_idx[t * K + j];
+      if (x < -1 || x >= E) {
+        atomicMin(bad, (unsigned long long)(t * K + j));
+        x = -1;
+      }
+      h.topk[t * K + j] = int32_t(x);
+      if (x < 0) continue;
+      mask |= 1ull << (x / L);
+      atomicAdd(h.expert_counts + x, 1);
+    }
+    h.token_mask[t] = mask;
+  }
+  __syncthreads();
+  for (int d = 0; d < r; ++d) {
+    int running = 0;
+    for (int64_t base = t0; base < t1; base += kPlanThreads) {
+      const int64_t t = base + threadIdx.x;
+      const int flag = t < t1 ? int(h.token_mask[t] >> d & 1ull) : 0;
+      int pos = 0, total = 0;
+      Scan(temp).ExclusiveSum(flag, pos, total);
+      if (t < t1) {
+        h.send_pos[t * r + d] = flag ? running + pos : -1;
+        if (flag) h.send_list[d * N + t0 + running + pos] = int32_t(t);
+      }
+      running += total;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) h.send_counts[d * C + c] = running;
+  }
+}
+
+// Threads 0..R-1 each meet one rank: publish our status to it, then wait for its flag. Returns in the mailbox the
+// lowest rank that reported an error, or that never came (timeout).
+__device__ void barrier_body(const Step& st, int32_t status, const char* message, uint64_t deadline) {
+  __shared__ int s_failed_peer, s_timed_out;
+  if (threadIdx.x == 0) s_failed_peer = DEEPEP4J_MAX_RANKS, s_timed_out = DEEPEP4J_MAX_RANKS;
+  __syncthreads();
+  const int r = threadIdx.x;
+  if (r < st.num_ranks) {
+    PeerStatus* out = status_slot(st.peers.region[r], st.epoch, st.rank);
+    out->status = status;
+    if (status != 0)
+      for (int i = 0; i < int(sizeof(out->message)); ++i) out->message[i] = message[i];
+    __threadfence_system();
+    st_release_sys(flags(st.peers.region[r]) + st.rank, st.epoch);
+    const uint32_t* flag = flags(st.peers.region[st.rank]) + r;
+    bool arrived = true;
+    while (int32_t(ld_acquire_sys(flag) - st.epoch) < 0)
+      if (global_ns() > deadline) {
+        arrived = false;
+        break;
+      }
+    if (!arrived) {
+      atomicMin(&s_timed_out, r);
+    } else if (status_slot(st.peers.region[st.rank], st.epoch, r)->status != 0) {
+      atomicMin(&s_failed_peer, r);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Mailbox* mb = st.mailbox;
+    if (s_failed_peer < DEEPEP4J_MAX_RANKS) {
+      const PeerStatus* ps = status_slot(st.peers.region[st.rank], st.epoch, s_failed_peer);
+      mb->status = DEEPEP4J_ERR_PEER_ERROR;
+      mb->peer = s_failed_peer;
+      for (int i = 0; i < int(sizeof(ps->message)); ++i) mb->message[i] = ps->message[i];
+    } else if (s_timed_out < DEEPEP4J_MAX_RANKS) {
+      mb->status = DEEPEP4J_ERR_TIMEOUT;
+      mb->peer = s_timed_out;
+      mb->where = 0;
+    }
+    __threadfence_system();
+  }
+  __syncthreads();
+}
+
+struct BarrierMessage {
+  char text[sizeof(PeerStatus::message)];
+};
+
+__global__ void barrier_kernel(Step st, int32_t status, BarrierMessage msg) {
+  const uint64_t deadline = global_ns() + st.timeout_ns;
+  barrier_body(st, status, msg.text, deadline);
+}
+
+__global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_counts, const int32_t* expert_counts,
+                              int local_experts, uint8_t* gathered, int64_t slot_bytes) {
+  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const int C = header.num_channels;
+  const uint32_t parity = st.epoch;
+  for (int d = 0; d < st.num_ranks; ++d) {
+    uint8_t* slot = notify_slot(st.peers.region[d], parity, st.rank);
+    for (int i = threadIdx.x; i < int(sizeof(NotifyHeader)) / 4; i += blockDim.x)
+      reinterpret_cast<int32_t*>(slot)[i] = reinterpret_cast<const int32_t*>(&header)[i];
+    int32_t* ints = reinterpret_cast<int32_t*>(slot + sizeof(NotifyHeader));
+    for (int i = threadIdx.x; i < C + local_experts; i += blockDim.x) {
+      int32_t v = 0;
+      if (header.status == 0)
+        v = i < C ? send_counts[d * C + i] : expert_counts[d * local_experts + (i - C)];
+      ints[i] = v;
+    }
+  }
+  __syncthreads();
+  barrier_body(st, 0, nullptr, deadline);
+  if (st.mailbox->status != 0) return;
+  for (int s = 0; s < st.num_ranks; ++s) {
+    const int32_t* src = reinterpret_cast<const int32_t*>(notify_slot(st.peers.region[st.rank], parity, s));
+    int32_t* dst = reinterpret_cast<int32_t*>(gathered + s * slot_bytes);
+    for (int64_t i = threadIdx.x; i < slot_bytes / 4; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t r, int32_t* per_rank,
+                          int32_t* per_expert, uint8_t* in_rank, cudaStream_t s) {
+  if (per_rank) cudaMemsetAsync(per_rank, 0, sizeof(int32_t) * r, s);
+  if (per_expert) cudaMemsetAsync(per_expert, 0, sizeof(int32_t) * e, s);
+  if (n == 0) return cudaGetLastError();
+  int blocks = int(std::min<int64_t>((n + 255) / 256, 1024));
+  layout_kernel<<<blocks, 256, 0, s>>>(topk_idx, n, k, e, r, per_rank, per_expert, in_rank);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_plan(const int64_t* topk_idx, const Routing& h, int32_t num_ranks, unsigned long long* bad,
+                        cudaStream_t s) {
+  cudaMemsetAsync(h.expert_counts, 0, sizeof(int32_t) * h.num_experts, s);
+  plan_kernel<<<h.channels, kPlanThreads, 0, s>>>(topk_idx, h, num_ranks, bad);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_barrier(const Step& step, int32_t status, const char* message, cudaStream_t s) {
+  BarrierMessage m{};
+  if (message) {
+    size_t i = 0;
+    for (; i + 1 < sizeof(m.text) && message[i]; ++i) m.text[i] = message[i];
+    m.text[i] = 0;
+  }
+  barrier_kernel<<<1, 64, 0, s>>>(step, status, m);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_notify(const Step& step, const NotifyHeader& header, const Routing* h, int32_t local_experts,
+                          uint8_t* gathered, int64_t slot_bytes, cudaStream_t s) {
+  notify_kernel<<<1, 256, 0, s>>>(step, header, h ? h->send_counts : nullptr, h ? h->expert_counts : nullptr,
+                                  local_experts, gathered, slot_bytes);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

@@ -1,0 +1,57 @@
+# cuda.cmake — the CUDA backend (ring kernels over NVLink, NCCL all-to-all loaded at run time), its GPU tests (ctest
+# label "gpu"; they exit 77 = skipped where no GPU is visible) and the CUDA half of bench_ep. Included at the end of
+# ../../CMakeLists.txt when nvcc is found, after the targets deepep4j, deepep4j_static and bench_ep exist.
+if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+  # Ampere and Hopper machine code, plus Hopper PTX so newer GPUs can JIT it.
+  set(CMAKE_CUDA_ARCHITECTURES "80-real;90-real;90-virtual")
+endif()
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+set(CMAKE_CUDA_STANDARD 17)
+set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+set(CMAKE_CUDA_VISIBILITY_PRESET hidden)
+set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
+
+set(DEEPEP4J_CUDA_DIR ${CMAKE_CURRENT_LIST_DIR})
+set(DEEPEP4J_CUDA_SOURCES
+  ${DEEPEP4J_CUDA_DIR}/factory.cu
+  ${DEEPEP4J_CUDA_DIR}/cuda_backend.cu
+  ${DEEPEP4J_CUDA_DIR}/deepep_backend.cu
+  ${DEEPEP4J_CUDA_DIR}/alltoall_backend.cu
+  ${DEEPEP4J_CUDA_DIR}/control.cu
+  ${DEEPEP4J_CUDA_DIR}/dispatch.cu
+  ${DEEPEP4J_CUDA_DIR}/combine.cu
+  ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu
+  ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp)
+set(DEEPEP4J_CUDA_WARNINGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-fvisibility-inlines-hidden)
+
+foreach(target deepep4j deepep4j_static)
+  target_sources(${target} PRIVATE ${DEEPEP4J_CUDA_SOURCES})
+  # These targets were made before CUDA was enabled, so they need the CUDA properties set here.
+  set_target_properties(${target} PROPERTIES CUDA_RUNTIME_LIBRARY Static CUDA_VISIBILITY_PRESET hidden
+                                             CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEEPEP4J_CUDA_WARNINGS}>)
+  target_link_libraries(${target} PUBLIC CUDA::cudart_static ${CMAKE_DL_LIBS})
+endforeach()
+
+# GPU tests: one program per file in tests/gpu; 77 = no GPU here (skipped, not passed).
+set(DEEPEP4J_GPU_TEST_DIR ${CMAKE_CURRENT_LIST_DIR}/../../tests/gpu)
+set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies)
+foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
+  add_executable(gpu_test_${name} ${DEEPEP4J_GPU_TEST_DIR}/test_gpu_${name}.cpp)
+  target_include_directories(gpu_test_${name} PRIVATE ${DEEPEP4J_GPU_TEST_DIR} ${DEEPEP4J_GPU_TEST_DIR}/..
+                                                      ${CMAKE_CURRENT_LIST_DIR}/../../include)
+  target_compile_options(gpu_test_${name} PRIVATE ${DEEPEP4J_WARNINGS})
+  target_link_libraries(gpu_test_${name} PRIVATE deepep4j_static CUDA::cudart_static Threads::Threads)
+  add_test(NAME gpu_${name} COMMAND gpu_test_${name})
+  set_tests_properties(gpu_${name} PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77)
+endforeach()
+
+if(TARGET bench_ep)
+  target_sources(bench_ep PRIVATE ${CMAKE_CURRENT_LIST_DIR}/../../bench/bench_ep_cuda.cu)
+  target_compile_definitions(bench_ep PRIVATE DEEPEP4J_BENCH_CUDA)
+  set_target_properties(bench_ep PROPERTIES CUDA_RUNTIME_LIBRARY Static CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
+  target_include_directories(bench_ep PRIVATE ${CMAKE_CURRENT_LIST_DIR}/../../bench ${CMAKE_CURRENT_LIST_DIR}/..)
+  target_compile_options(bench_ep PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEEPEP4J_CUDA_WARNINGS}>)
+  target_link_libraries(bench_ep PRIVATE CUDA::cudart_static)
+endif()

@@ -1,0 +1,276 @@
+// cuda_backend.cu — device set-up, layout and the notify step shared by the CUDA backends.
+#include <sched.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cinttypes>
+#include <climits>
+#include <cstring>
+#include <random>
+
+#include "common/validate.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_util.h"
+
+namespace deepep4j {
+namespace cuda {
+
+namespace {
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+size_t align256(size_t v) { return (v + 255) & ~size_t(255); }
+}  // namespace
+
+uint64_t process_nonce() {
+  static const uint64_t nonce = std::random_device{}() * 0x9e3779b97f4a7c15ull ^ uint64_t(now_ms());
+  return nonce;
+}
+
+CudaHandle::~CudaHandle() {
+  int prev = 0;
+  cudaGetDevice(&prev);
+  cudaSetDevice(device);
+  if (arena) cudaFree(arena);
+  if (r.recv_local) cudaFree(r.recv_local);
+  cudaSetDevice(prev);
+}
+
+CudaBackend::~CudaBackend() {
+  if (use_device() != DEEPEP4J_OK) return;
+  if (own_stream_) cudaStreamDestroy(own_stream_);
+  if (mailbox_) cudaFreeHost(mailbox_);
+  if (gathered_host_) cudaFreeHost(gathered_host_);
+  if (scratch_) cudaFree(scratch_);
+}
+
+int CudaBackend::use_device() const { return cuda_status(cudaSetDevice(cfg_.device_id), "cudaSetDevice"); }
+
+int CudaBackend::init() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)
+    return set_error(DEEPEP4J_ERR_UNAVAILABLE, "device = DEEPEP4J_DEVICE_CUDA: no CUDA device is visible");
+  if (cfg_.device_id < 0 || cfg_.device_id >= count)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "device_id = %d: must be in [0, %d) (visible CUDA devices)",
+                     cfg_.device_id, count);
+  DEEPEP4J_CUDA_TRY(cudaSetDevice(cfg_.device_id));
+  int sms = 0;
+  DEEPEP4J_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cfg_.device_id));
+  if (channels() > kMaxChannels || cfg_.num_sms > sms)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                     "num_sms = %d: must be <= %d on CUDA device %d (its SMs, and at most %d channels)", cfg_.num_sms,
+                     std::min(sms, 2 * kMaxChannels), cfg_.device_id, kMaxChannels);
+  // A blocking stream keeps the ordering of NULL-stream work while letting ranks on one device run side by side.
+  DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamDefault));
+  DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(Mailbox), cudaHostAllocMapped));
+  std::memset(mailbox_, 0, sizeof(Mailbox));
+  DEEPEP4J_CUDA_TRY(cudaHostGetDevicePointer(reinterpret_cast<void**>(&mailbox_dev_), mailbox_, 0));
+  DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&gathered_host_), size_t(R_) * kNotifySlotBytes,
+                                  cudaHostAllocDefault));
+  DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&scratch_), 256));
+  return init_backend();
+}
+
+int CudaBackend::broken_check(const char* call) const {
+  if (!broken_) return DEEPEP4J_OK;
+  return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer unusable after an earlier failure (%s); destroy and "
+                   "recreate the group", call, rank_, broken_reason_.c_str());
+}
+
+Blob CudaBackend::own_blob() const {
+  Blob b{};
+  b.magic = kBlobMagic, b.version = 1, b.rank = rank_, b.num_ranks = R_;
+  b.pid = int64_t(getpid()), b.process_nonce = process_nonce();
+  b.device_id = cfg_.device_id, b.backend = cfg_.backend, b.buffer_bytes = cfg_.buffer_bytes;
+  b.num_sms = cfg_.num_sms, b.chunk = cfg_.max_send_tokens_per_chunk, b.ring_tokens = cfg_.ring_tokens;
+  b.timeout_ms = cfg_.timeout_ms;
+  return b;
+}
+
+int CudaBackend::read_blobs(const void* const* blobs, const size_t* lens, std::vector<Blob>* all) const {
+  all->assign(static_cast<size_t>(R_), Blob{});
+  for (int r = 0; r < R_; ++r) {
+    if (lens[r] != sizeof(Blob))
+      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: length %zu, a CUDA blob has %zu bytes", r, lens[r],
+                       sizeof(Blob));
+    Blob& b = (*all)[size_t(r)];
+    std::memcpy(&b, blobs[r], sizeof(Blob));
+    if (b.magic != kBlobMagic || b.rank != r)
+      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: not the CUDA blob of rank %d", r, r);
+    const char* field = b.num_ranks != R_ ? "num_ranks" : b.backend != cfg_.backend ? "backend"
+                        : b.buffer_bytes != cfg_.buffer_bytes ? "buffer_bytes" : b.num_sms != cfg_.num_sms ? "num_sms"
+                        : b.chunk != cfg_.max_send_tokens_per_chunk ? "max_send_tokens_per_chunk"
+                        : b.ring_tokens != cfg_.ring_tokens ? "ring_tokens" : nullptr;
+    if (field)
+      return set_error(DEEPEP4J_ERR_PEER_MISMATCH, "config.%s: rank %d and rank %d differ; all ranks must agree", field,
+                       rank_, r);
+  }
+  return DEEPEP4J_OK;
+}
+
+int CudaBackend::wait_stream(cudaStream_t s, int64_t deadline_ms, const char* call) {
+  for (int spins = 0;; ++spins) {
+    cudaError_t e = cudaStreamQuery(s);
+    if (e == cudaSuccess) return DEEPEP4J_OK;
+    if (e != cudaErrorNotReady) return cuda_status(e, call);
+    if (now_ms() > deadline_ms) {
+      broken_ = true;
+      broken_reason_ = "a device step did not finish in time";
+      return set_error(DEEPEP4J_ERR_TIMEOUT, "%s on rank %d: the device did not finish within timeout_ms = %d", call,
+                       rank_, cfg_.timeout_ms);
+    }
+    if (spins > 1000) sched_yield();
+  }
+}
+
+int CudaBackend::finish_step(cudaStream_t s, const char* call) {
+  // Kernels give up at timeout_ms on their own; the extra second covers launch and copy latency.
+  int st = wait_stream(s, now_ms() + cfg_.timeout_ms + 1000, call);
+  if (st != DEEPEP4J_OK) return st;
+  Mailbox mb;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  std::memcpy(&mb, mailbox_, sizeof(Mailbox));
+  std::memset(mailbox_, 0, sizeof(Mailbox));
+  if (mb.status == DEEPEP4J_OK) return DEEPEP4J_OK;
+  mb.message[sizeof(mb.message) - 1] = 0;
+  if (mb.status == DEEPEP4J_ERR_PEER_ERROR)
+    return set_error(DEEPEP4J_ERR_PEER_ERROR, "%s on rank %d: rank %d reported: %s", call, rank_, mb.peer, mb.message);
+  static const char* kWhere[] = {"barrier", "dispatch send", "dispatch receive", "combine send", "combine receive"};
+  const char* where = mb.where >= 0 && mb.where < 5 ? kWhere[mb.where] : "wait";
+  broken_ = true;
+  broken_reason_ = std::string(call) + " timed out";
+  return set_error(DEEPEP4J_ERR_TIMEOUT,
+                   "%s on rank %d: %s waited for rank %d longer than timeout_ms = %d (peer gone or not calling)", call,
+                   rank_, where, mb.peer, cfg_.timeout_ms);
+}
+
+int CudaBackend::get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,
+                                     int32_t* per_expert, uint8_t* in_rank, void* stream) {
+  Check c = check_routing(topk_idx, n, k, e, R_, false);
+  if (!c.ok()) return set_error(c.status, "%s", c.message.c_str());
+  if (int st = use_device()) return st;
+  DEEPEP4J_CUDA_TRY(launch_layout(topk_idx, n, k, e, R_, per_rank, per_expert, in_rank, pick(stream)));
+  return ok();
+}
+
+int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int64_t hidden,
+                                 int32_t dtype, Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert,
+                                 void* stream) {
+  const char* call = "deepep4j_notify_dispatch";
+  if (int st = broken_check(call)) return st;
+  if (int st = use_device()) return st;
+  cudaStream_t s = pick(stream);
+  const int C = channels();
+  Check check = check_routing(topk_idx, n, k, e, R_, false);
+  if (check.ok()) check = check_payload(hidden, dtype, true, "notify_dispatch");
+  if (check.ok() && e / R_ + C > int64_t(kMaxNotifyInts))
+    check = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "num_experts = %d: at most %d experts per rank on CUDA", e,
+                        int(kMaxNotifyInts) - C);
+  const int L = check.ok() ? e / R_ : 0;
+  auto h = std::make_unique<CudaHandle>();
+  h->device = cfg_.device_id;
+  if (check.ok()) {
+    Routing& r = h->r;
+    r.num_tokens = n, r.num_topk = k, r.num_experts = e, r.channels = C;
+    r.tokens_per_channel = (n + C - 1) / C;
+    const size_t RC = size_t(R_) * C, N = size_t(n);
+    size_t sizes[] = {N * 8, N * k * 4, N * R_ * 4, N * R_ * 4, RC * 4, size_t(e) * 4, RC * 4, RC * 4, RC * 4};
+    size_t total = 0;
+    for (size_t v : sizes) total += align256(v);
+    DEEPEP4J_CUDA_TRY(cudaMalloc(&h->arena, total));
+    uint8_t* p = static_cast<uint8_t*>(h->arena);
+    void** ptrs[] = {(void**)&r.token_mask, (void**)&r.topk,          (void**)&r.send_pos,
+                     (void**)&r.send_list,  (void**)&r.send_counts,   (void**)&r.expert_counts,
+                     (void**)&r.recv_offset, (void**)&r.recv_counts,  (void**)&r.send_prefix};
+    for (int i = 0; i < 9; ++i) {
+      *ptrs[i] = p;
+      p += align256(sizes[i]);
+    }
+    DEEPEP4J_CUDA_TRY(cudaMemsetAsync(scratch_, 0xff, 8, s));
+    DEEPEP4J_CUDA_TRY(launch_plan(topk_idx, r, R_, scratch_, s));
+    unsigned long long bad = 0;
+    h->send_counts_host.resize(RC);
+    h->expert_counts_host.resize(size_t(e));
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(&bad, scratch_, 8, cudaMemcpyDeviceToHost, s));
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->send_counts_host.data(), r.send_counts, RC * 4, cudaMemcpyDeviceToHost, s));
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->expert_counts_host.data(), r.expert_counts, size_t(e) * 4,
+                                      cudaMemcpyDeviceToHost, s));
+    if (int st = wait_stream(s, now_ms() + cfg_.timeout_ms, call)) return st;
+    if (bad != ULLONG_MAX) {
+      int64_t value = 0;
+      DEEPEP4J_CUDA_TRY(cudaMemcpy(&value, topk_idx + bad, 8, cudaMemcpyDeviceToHost));
+      check = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                          "topk_idx[%" PRId64 "][%d] = %" PRId64 ": must be in [-1, num_experts = %d)",
+                          int64_t(bad / uint64_t(k)), int(bad % uint64_t(k)), value, e);
+    }
+  }
+  NotifyHeader header{};
+  header.status = check.status;
+  header.num_topk = k, header.num_experts = e, header.dtype = dtype, header.hidden = hidden, header.num_tokens = n;
+  header.num_channels = C;
+  std::snprintf(header.message, sizeof(header.message), "%s", check.message.c_str());
+  if (int st = exchange_counts(header, check.ok() ? h.get() : nullptr, L, gathered_host_, s)) return st;
+  if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+
+  auto slot_of = [&](int r) { return reinterpret_cast<const NotifyHeader*>(gathered_host_ + size_t(r) * kNotifySlotBytes); };
+  for (int r = 0; r < R_; ++r)
+    if (slot_of(r)->status != 0) {
+      char m[sizeof(NotifyHeader::message) + 1] = {};
+      std::memcpy(m, slot_of(r)->message, sizeof(NotifyHeader::message));
+      return set_error(DEEPEP4J_ERR_PEER_ERROR, "%s on rank %d: rank %d reported: %s", call, rank_, r, m);
+    }
+  for (int r = 0; r < R_; ++r) {
+    const NotifyHeader* o = slot_of(r);
+    const char* field = o->num_topk != k ? "num_topk" : o->num_experts != e ? "num_experts" : o->dtype != dtype ? "dtype"
+                        : o->hidden != hidden ? "hidden" : nullptr;
+    if (field) {
+      int64_t mine = o->num_topk != k ? k : o->num_experts != e ? e : o->dtype != dtype ? dtype : hidden;
+      int64_t theirs = o->num_topk != k ? o->num_topk : o->num_experts != e ? o->num_experts
+                       : o->dtype != dtype ? o->dtype : o->hidden;
+      return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                       "%s: rank %d has %s = %" PRId64 ", rank %d has %" PRId64 ": all ranks of a step must agree",
+                       call, rank_, field, mine, r, theirs);
+    }
+  }
+  const size_t RC = size_t(R_) * C;
+  std::vector<int32_t> recv_offset(RC), send_prefix(RC);
+  h->recv_counts_host.resize(RC);
+  std::vector<int32_t> per_expert(size_t(L), 0);
+  int64_t M = 0;
+  for (int s_ = 0; s_ < R_; ++s_) {
+    const int32_t* ints = reinterpret_cast<const int32_t*>(gathered_host_ + size_t(s_) * kNotifySlotBytes +
+                                                           sizeof(NotifyHeader));
+    int64_t from_rank = 0;
+    for (int c = 0; c < C; ++c) {
+      recv_offset[size_t(s_) * C + c] = int32_t(M + from_rank);
+      h->recv_counts_host[size_t(s_) * C + c] = ints[c];
+      from_rank += ints[c];
+    }
+    for (int j = 0; j < L; ++j) per_expert[size_t(j)] += ints[C + j];
+    h->recv_counts_per_rank[s_] = int32_t(from_rank);
+    M += from_rank;
+  }
+  for (int d = 0; d < R_; ++d) {
+    int32_t run = 0;
+    for (int c = 0; c < C; ++c) {
+      send_prefix[size_t(d) * C + c] = run;
+      run += h->send_counts_host[size_t(d) * C + c];
+    }
+  }
+  DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.recv_offset, recv_offset.data(), RC * 4, cudaMemcpyHostToDevice, s));
+  DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.recv_counts, h->recv_counts_host.data(), RC * 4, cudaMemcpyHostToDevice, s));
+  DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.send_prefix, send_prefix.data(), RC * 4, cudaMemcpyHostToDevice, s));
+  if (M > 0) DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&h->r.recv_local), size_t(M) * 4));
+  if (int st = wait_stream(s, now_ms() + cfg_.timeout_ms, call)) return st;
+  h->num_tokens = n, h->num_recv_tokens = M, h->num_topk = k, h->num_experts = e, h->hidden = hidden;
+  h->dtype = dtype, h->num_ranks = R_;
+  if (per_local_expert) std::memcpy(per_local_expert, per_expert.data(), size_t(L) * 4);
+  *num_recv = M;
+  *out_handle = h.release();
+  return ok();
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

@@ -1,0 +1,85 @@
+// cuda_backend.h — what the two CUDA backends share: device, host-mapped mailbox, the step epoch, the routing plan and
+// the notify step up to the count exchange, which each backend does its own way (peer memory or NCCL).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/backend.h"
+#include "cuda/handle.h"
+#include "cuda/kernels.h"
+
+namespace deepep4j {
+namespace cuda {
+
+// What a rank exports: identity, config, where its region lives (pointer + IPC handle) and, from rank 0, the NCCL id.
+struct Blob {
+  uint32_t magic;
+  uint32_t version;
+  int32_t rank, num_ranks;
+  int64_t pid;
+  uint64_t process_nonce;  // tells two processes with the same pid (other pid namespaces) apart
+  int32_t device_id, backend;
+  int64_t buffer_bytes;
+  int32_t num_sms, chunk, ring_tokens, timeout_ms;
+  uint64_t region;
+  cudaIpcMemHandle_t ipc;
+  int32_t has_nccl_id, pad;
+  uint8_t nccl_id[128];
+};
+static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
+constexpr uint32_t kBlobMagic = 0x64657034;  // "dep4"
+
+uint64_t process_nonce();
+
+class CudaBackend : public Backend {
+ public:
+  CudaBackend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg) : rank_(rank), R_(num_ranks), cfg_(cfg) {}
+  ~CudaBackend() override;
+  // Device, stream, mailbox; then the backend's own resources.
+  int init();
+
+  int get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,
+                          int32_t* per_expert, uint8_t* in_rank, void* stream) override;
+  int notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype,
+                      Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert, void* stream) override;
+
+ protected:
+  virtual int init_backend() = 0;
+  // Exchanges the notify slots: sends header + counts (from h, which is NULL when the local check failed) to every rank
+  // and fills gathered[R * kNotifySlotBytes] (host) with every rank's slot addressed to this rank.
+  virtual int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t local_experts,
+                              uint8_t* gathered, cudaStream_t s) = 0;
+
+  cudaStream_t pick(void* stream) const { return stream ? static_cast<cudaStream_t>(stream) : own_stream_; }
+  int use_device() const;
+  // Waits for `s` until the deadline (the kernels stop themselves before it); then reads and resets the mailbox.
+  int finish_step(cudaStream_t s, const char* call);
+  int wait_stream(cudaStream_t s, int64_t deadline_ms, const char* call);
+  int broken_check(const char* call) const;
+  int channels() const { return cfg_.num_sms / 2; }
+  // This rank's blob without backend-specific parts (region, IPC handle, NCCL id).
+  Blob own_blob() const;
+  // Checks every rank's blob (length, identity, same config) and copies them to *all.
+  int read_blobs(const void* const* blobs, const size_t* lens, std::vector<Blob>* all) const;
+
+  int32_t rank_, R_;
+  deepep4j_config cfg_;
+  cudaStream_t own_stream_ = nullptr;
+  Mailbox* mailbox_ = nullptr;        // host view
+  Mailbox* mailbox_dev_ = nullptr;    // device view
+  unsigned long long* scratch_ = nullptr;  // device: the plan's first bad topk_idx index
+  uint8_t* gathered_host_ = nullptr;  // pinned [R * kNotifySlotBytes]
+  uint32_t epoch_ = 1;                // last barrier epoch used (connect uses 1)
+  bool broken_ = false;               // a step timed out: rings are no longer consistent
+  std::string broken_reason_;
+};
+
+int make_deepep_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out);
+int make_alltoall_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out);
+
+}  // namespace cuda
+}  // namespace deepep4j

@@ -1,0 +1,200 @@
+// deepep_backend.cu — the NVLink backend: each rank's region is device memory its peers map (peer access in one
+// process, CUDA IPC across processes); notify, dispatch and combine move everything through it with the ring kernels.
+#include <unistd.h>
+
+#include <cinttypes>
+#include <cstring>
+
+#include "common/validate.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_util.h"
+
+namespace deepep4j {
+namespace cuda {
+
+namespace {
+
+class DeepepBackend : public CudaBackend {
+ public:
+  using CudaBackend::CudaBackend;
+  ~DeepepBackend() override {
+    if (use_device() != DEEPEP4J_OK) return;
+    cudaStreamSynchronize(own_stream_);
+    for (void* p : opened_) cudaIpcCloseMemHandle(p);
+    if (region_) cudaFree(region_);
+    if (gathered_dev_) cudaFree(gathered_dev_);
+  }
+
+  int export_blob(void* blob, size_t capacity, size_t* len) override {
+    if (capacity < sizeof(Blob))
+      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "capacity = %zu: the blob needs %zu bytes", capacity,
+                       sizeof(Blob));
+    Blob b = own_blob();
+    b.region = reinterpret_cast<uint64_t>(region_);
+    b.ipc = ipc_;
+    std::memcpy(blob, &b, sizeof(b));
+    *len = sizeof(b);
+    return ok();
+  }
+
+  int connect(const void* const* blobs, const size_t* lens) override {
+    if (int st = use_device()) return st;
+    std::vector<Blob> all;
+    if (int st = read_blobs(blobs, lens, &all)) return st;
+    const Blob& me = all[size_t(rank_)];
+    for (int r = 0; r < R_; ++r) {
+      const Blob& b = all[size_t(r)];
+      if (r == rank_) {
+        peers_.region[r] = region_;
+      } else if (b.pid == me.pid && b.process_nonce == me.process_nonce) {
+        if (b.device_id != cfg_.device_id) {
+          int can = 0;
+          DEEPEP4J_CUDA_TRY(cudaDeviceCanAccessPeer(&can, cfg_.device_id, b.device_id));
+          if (!can)
+            return set_error(DEEPEP4J_ERR_UNAVAILABLE, "device %d cannot access device %d (rank %d) as a peer",
+                             cfg_.device_id, b.device_id, r);
+          cudaError_t e = cudaDeviceEnablePeerAccess(b.device_id, 0);
+          if (e == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+          else DEEPEP4J_CUDA_TRY(e);
+        }
+        peers_.region[r] = reinterpret_cast<uint8_t*>(b.region);
+      } else {
+        void* p = nullptr;
+        DEEPEP4J_CUDA_TRY(cudaIpcOpenMemHandle(&p, b.ipc, cudaIpcMemLazyEnablePeerAccess));
+        opened_.push_back(p);
+        peers_.region[r] = static_cast<uint8_t*>(p);
+      }
+    }
+    // Every rank mapped every region: meet once so no rank writes to a peer that is not listening yet.
+    cudaStream_t s = own_stream_;
+    DEEPEP4J_CUDA_TRY(launch_barrier(step(epoch_), 0, nullptr, s));
+    return finish_step(s, "deepep4j_buffer_connect") == DEEPEP4J_OK ? ok() : DEEPEP4J_ERR_TIMEOUT;
+  }
+
+  int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) override {
+    const char* call = "deepep4j_dispatch";
+    if (int st = broken_check(call)) return st;
+    if (int st = use_device()) return st;
+    auto* h = static_cast<CudaHandle*>(handle);
+    cudaStream_t s = pick(stream);
+    Check check = check_dispatch_args(*h, dtype, a);
+    DispatchIo io{};
+    Rings rings{};
+    if (check.ok()) {
+      io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
+      io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
+      check = rings_for(DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes, &rings);
+    }
+    if (check.ok()) {
+      io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
+      io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
+      io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
+      io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
+    }
+    Step st = step(++epoch_);
+    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
+    if (check.ok()) DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
+    int fin = finish_step(s, call);
+    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    if (fin != DEEPEP4J_OK) return fin;
+    h->dispatched = true;
+    return ok();
+  }
+
+  int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
+    const char* call = "deepep4j_combine";
+    if (int st = broken_check(call)) return st;
+    if (int st = use_device()) return st;
+    auto* h = static_cast<CudaHandle*>(handle);
+    cudaStream_t s = pick(stream);
+    Check check = check_combine_args(*h, dtype, a);
+    if (check.ok() && !h->dispatched)
+      check = Check::fail(DEEPEP4J_ERR_STATE, "handle: combine needs a dispatch on this handle first");
+    CombineIo io{};
+    Rings rings{};
+    if (check.ok()) {
+      io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
+      io.dtype = dtype;
+      check = rings_for(CombineSlot::make(io.row_bytes, h->num_topk).bytes, &rings);
+    }
+    if (check.ok()) {
+      io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
+      io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
+      io.out_topk_weights = a->out_topk_weights;
+    }
+    Step st = step(++epoch_);
+    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
+    if (check.ok()) DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
+    int fin = finish_step(s, call);
+    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    return fin == DEEPEP4J_OK ? ok() : fin;
+  }
+
+ protected:
+  int init_backend() override {
+    const size_t bytes = kRings + size_t(cfg_.buffer_bytes);
+    DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&region_), bytes));
+    DEEPEP4J_CUDA_TRY(cudaMemset(region_, 0, kRings));
+    DEEPEP4J_CUDA_TRY(cudaIpcGetMemHandle(&ipc_, region_));
+    DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&gathered_dev_), size_t(R_) * kNotifySlotBytes));
+    DEEPEP4J_CUDA_TRY(cudaDeviceSynchronize());
+    return ok();
+  }
+
+  int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t local_experts, uint8_t* gathered,
+                      cudaStream_t s) override {
+    Step st = step(++epoch_);
+    DEEPEP4J_CUDA_TRY(launch_notify(st, header, h ? &h->r : nullptr, local_experts, gathered_dev_,
+                                    int64_t(kNotifySlotBytes), s));
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(gathered, gathered_dev_, size_t(R_) * kNotifySlotBytes,
+                                      cudaMemcpyDeviceToHost, s));
+    return finish_step(s, "deepep4j_notify_dispatch");
+  }
+
+ private:
+  Step step(uint32_t epoch) const {
+    Step st{};
+    st.peers = peers_;
+    st.rank = rank_, st.num_ranks = R_, st.epoch = epoch;
+    st.timeout_ns = uint64_t(cfg_.timeout_ms) * 1000000ull;
+    st.mailbox = mailbox_dev_;
+    return st;
+  }
+
+  // Ring geometry for slots of `slot_bytes`: as many slots as fit (at most ring_tokens); chunks shrink to fit.
+  Check rings_for(int64_t slot_bytes, Rings* out) const {
+    const int C = channels();
+    Rings r{};
+    r.channels = C;
+    r.ring_bytes = (cfg_.buffer_bytes / (int64_t(C) * R_)) & ~int64_t(15);
+    r.slot_bytes = slot_bytes;
+    int64_t fit = r.ring_bytes / slot_bytes;
+    if (fit < 1)
+      return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                         "buffer_bytes = %" PRId64 ": too small for one %" PRId64 "-byte slot in each of %d rings; "
+                         "use deepep4j_buffer_size_hint",
+                         cfg_.buffer_bytes, slot_bytes, C * R_);
+    r.slots = int32_t(std::min<int64_t>(fit, cfg_.ring_tokens));
+    r.chunk = std::min(r.slots, cfg_.max_send_tokens_per_chunk);
+    *out = r;
+    return Check{};
+  }
+
+  uint8_t* region_ = nullptr;
+  uint8_t* gathered_dev_ = nullptr;
+  cudaIpcMemHandle_t ipc_{};
+  Peers peers_{};
+  std::vector<void*> opened_;
+};
+
+}  // namespace
+
+int make_deepep_backend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg, std::unique_ptr<Backend>* out) {
+  auto b = std::make_unique<DeepepBackend>(rank, num_ranks, cfg);
+  if (int st = b->init()) return st;
+  *out = std::move(b);
+  return ok();
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

@@ -1,0 +1,78 @@
+// dispatch.cu — the ring dispatch: per channel a sender block streams its tokens to every destination's ring in peer
+// memory, and a receiver block copies what its sources streamed into the receive arrays, in source-token order.
+#include "cuda/ring_common.cuh"
+#include "cuda/slot_ops.cuh"
+
+namespace deepep4j {
+namespace cuda {
+
+namespace {
+
+__global__ void __launch_bounds__(kRingThreads, 1)
+    dispatch_kernel(Step st, Rings rg, Routing h, DispatchIo io) {
+  __shared__ int s_skip, s_abort[kMaxGroups];
+  __shared__ uint32_t s_word[kMaxGroups];
+  __shared__ int s_avail[kMaxGroups];
+  if (threadIdx.x < kMaxGroups) s_abort[threadIdx.x] = 0;
+  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(&st.mailbox->status) != 0;
+  __syncthreads();
+  if (s_skip) return;  // the barrier before this step failed; the host reports why
+  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const int R = st.num_ranks, C = rg.channels;
+  const bool sender = int(blockIdx.x) < C;
+  const int c = sender ? blockIdx.x : blockIdx.x - C;
+  const Groups g = Groups::make(R);
+  if (!g.active()) return;
+  const DispatchSlot lay = DispatchSlot::make(io.row_bytes, h.num_topk, io.num_scales);
+  const int L = h.num_experts / R;
+  if (sender) {
+    for (int d = g.group; d < R; d += g.groups) {
+      const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
+      auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane); };
+      if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
+                       &s_abort[g.group], write))
+        return;
+    }
+    return;
+  }
+  uint8_t* own = st.peers.region[st.rank];
+  for (int s = g.group; s < R; s += g.groups) {
+    const uint32_t* tail = tails(own) + c * R + s;
+    uint32_t* head = heads(own) + c * R + s;
+    const int n = h.recv_counts[s * C + c];
+    const int64_t row0 = h.recv_offset[s * C + c];
+    if (g.leader()) s_word[g.group] = ld_acquire_sys(head);
+    g.sync();
+    const uint32_t base = s_word[g.group];
+    for (int done = 0; done < n;) {
+      if (g.leader()) {
+        if (!wait_reach(tail, base + uint32_t(done) + 1u, deadline)) {
+          record_timeout(st, 2, s);
+          s_abort[g.group] = 1;
+        } else {
+          s_avail[g.group] = min(n, int(ld_acquire_sys(tail) - base));
+        }
+      }
+      g.sync();
+      if (s_abort[g.group]) return;
+      const int upto = s_avail[g.group];
+      for (int i = done + g.warp_in_group; i < upto; i += g.warps_per_group)
+        read_dispatch_slot(rg.slot(own, c, s, R, base + uint32_t(i)), lay, io, h, row0 + i, s, g.lane);
+      g.sync();
+      if (g.leader()) st_release_sys(head, base + uint32_t(upto));
+      done = upto;
+    }
+    g.sync();
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing& h, const DispatchIo& io,
+                            int32_t num_sms, cudaStream_t s) {
+  dispatch_kernel<<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

@@ -1,0 +1,114 @@
+// region.h — layout of one rank's device region (peers write into it over NVLink) and of the messages kept there.
+//
+//   [0, 256)                 barrier flags: uint32 per source rank, the last barrier epoch that source reached
+//   [kStatus, +2*64*256)     per (epoch parity, source rank): the status + message a source published at its barrier
+//   [kCounters, ...)         ring counters per (channel, source): tail (written by the source), head (by this rank)
+//   [kNotify, ...)           per (notify parity, source rank): the counts of a notify step (NotifySlot)
+//   [kRings, +buffer_bytes)  channels x sources rings of slots; a slot carries one token row and its metadata
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "deepep4j.h"
+
+#ifdef __CUDACC__
+#define DEEPEP4J_HD __host__ __device__
+#else
+#define DEEPEP4J_HD
+#endif
+
+namespace deepep4j {
+namespace cuda {
+
+constexpr int kMaxChannels = 64;  // num_sms / 2 on CUDA
+constexpr size_t kFlags = 0;
+constexpr size_t kStatus = 256;
+constexpr size_t kStatusBytes = 256;
+constexpr size_t kCounters = kStatus + 2 * DEEPEP4J_MAX_RANKS * kStatusBytes;
+constexpr size_t kCounterBytes = 2 * kMaxChannels * DEEPEP4J_MAX_RANKS * sizeof(uint32_t);
+constexpr size_t kNotify = kCounters + kCounterBytes;
+constexpr size_t kNotifySlotBytes = 16384;
+constexpr size_t kRings = kNotify + 2 * DEEPEP4J_MAX_RANKS * kNotifySlotBytes;
+
+// Status a rank publishes at a barrier: 0, or the deepep4j_status of its local check and its message.
+struct PeerStatus {
+  int32_t status;
+  int32_t pad;
+  char message[kStatusBytes - 8];
+};
+
+// What a source rank tells one destination at notify: its step parameters and the counts bound for that destination.
+struct NotifyHeader {
+  int32_t status;  // the source's local verdict (a deepep4j_status)
+  int32_t num_topk;
+  int32_t num_experts;
+  int32_t dtype;
+  int64_t hidden;
+  int64_t num_tokens;
+  int32_t num_channels;
+  int32_t pad[7];
+  char message[192];
+};
+static_assert(sizeof(NotifyHeader) == 256, "NotifyHeader is one 256-byte block");
+// After the header: int32 tokens per channel [num_channels], then int32 top-k entries per local expert [E/R].
+constexpr size_t kMaxNotifyInts = (kNotifySlotBytes - sizeof(NotifyHeader)) / 4;
+
+DEEPEP4J_HD inline uint32_t* flags(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kFlags); }
+DEEPEP4J_HD inline PeerStatus* status_slot(uint8_t* region, uint32_t epoch, int src) {
+  return reinterpret_cast<PeerStatus*>(region + kStatus + ((epoch & 1) * DEEPEP4J_MAX_RANKS + src) * kStatusBytes);
+}
+DEEPEP4J_HD inline uint32_t* tails(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kCounters); }
+DEEPEP4J_HD inline uint32_t* heads(uint8_t* region) {
+  return reinterpret_cast<uint32_t*>(region + kCounters) + kMaxChannels * DEEPEP4J_MAX_RANKS;
+}
+DEEPEP4J_HD inline uint8_t* notify_slot(uint8_t* region, uint32_t parity, int src) {
+  return region + kNotify + ((parity & 1) * DEEPEP4J_MAX_RANKS + src) * kNotifySlotBytes;
+}
+
+// Every rank's region as seen from this rank's device (its own included).
+struct Peers {
+  uint8_t* region[DEEPEP4J_MAX_RANKS];
+};
+
+// Ring geometry of one step: the same on every rank because it derives from the step's agreed shape.
+struct Rings {
+  int32_t channels;     // C
+  int32_t slots;        // S slots per ring
+  int32_t chunk;        // tokens a sender publishes at a time (<= S)
+  int64_t ring_bytes;   // bytes per ring (16-byte multiple)
+  int64_t slot_bytes;   // bytes per slot (16-byte multiple)
+  DEEPEP4J_HD uint8_t* slot(uint8_t* region, int c, int src, int num_ranks, uint32_t pos) const {
+    return region + kRings + (int64_t(c) * num_ranks + src) * ring_bytes + int64_t(pos % uint32_t(slots)) * slot_bytes;
+  }
+};
+
+// Where each part of a dispatch slot lives: [src token, K local ids, K weights] [row] [fp8 scales].
+struct DispatchSlot {
+  int64_t ids_off, weights_off, row_off, scales_off, bytes;
+  DEEPEP4J_HD static int64_t align16(int64_t v) { return (v + 15) & ~int64_t(15); }
+  DEEPEP4J_HD static DispatchSlot make(int64_t row_bytes, int32_t k, int32_t num_scales) {
+    DispatchSlot s;
+    s.ids_off = 4;
+    s.weights_off = 4 + 4 * int64_t(k);
+    s.row_off = align16(4 + 8 * int64_t(k));
+    s.scales_off = s.row_off + row_bytes;
+    s.bytes = s.scales_off + align16(4 * int64_t(num_scales));
+    return s;
+  }
+};
+
+// A combine slot: [row] [K returned weights, then the row's combine scale].
+struct CombineSlot {
+  int64_t weights_off, scale_off, bytes;
+  DEEPEP4J_HD static CombineSlot make(int64_t row_bytes, int32_t k) {
+    CombineSlot s;
+    s.weights_off = row_bytes;
+    s.scale_off = row_bytes + 4 * int64_t(k);
+    s.bytes = row_bytes + DispatchSlot::align16(4 * (int64_t(k) + 1));
+    return s;
+  }
+};
+
+}  // namespace cuda
+}  // namespace deepep4j

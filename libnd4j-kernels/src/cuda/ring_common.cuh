@@ -1,0 +1,81 @@
+// ring_common.cuh — the pieces every ring kernel shares: block roles, warp groups, and waits that end at a deadline.
+#pragma once
+
+#include "cuda/cuda_util.h"
+#include "cuda/kernels.h"
+
+namespace deepep4j {
+namespace cuda {
+
+constexpr int kRingThreads = 768;
+constexpr int kRingWarps = kRingThreads / 32;
+constexpr int kMaxGroups = 15;  // named barriers 1..15
+
+// Records the first timeout of a step in the mailbox (which wait, which peer); later ones keep the first.
+__device__ __forceinline__ void record_timeout(const Step& st, int where, int peer) {
+  if (atomicCAS(&st.mailbox->status, 0, DEEPEP4J_ERR_TIMEOUT) == 0) {
+    st.mailbox->where = where;
+    st.mailbox->peer = peer;
+    __threadfence_system();
+  }
+}
+
+// Spins until counter - target >= 0 (wrap-safe); false at the deadline.
+__device__ __forceinline__ bool wait_reach(const uint32_t* counter, uint32_t target, uint64_t deadline) {
+  while (int32_t(ld_acquire_sys(counter) - target) < 0)
+    if (global_ns() > deadline) return false;
+  return true;
+}
+
+// Warps of a block split into groups, one per peer at a time (peer = group, group + groups, ...).
+struct Groups {
+  int groups, warps_per_group, group, warp_in_group, lane;
+  __device__ bool active() const { return group < groups; }
+  __device__ bool leader() const { return warp_in_group == 0 && lane == 0; }
+  __device__ void sync() const { group_sync(group + 1, warps_per_group * 32); }
+  __device__ static Groups make(int num_ranks) {
+    Groups g;
+    g.groups = min(num_ranks, kMaxGroups);
+    g.warps_per_group = kRingWarps / g.groups;
+    const int warp = threadIdx.x / 32;
+    g.group = warp / g.warps_per_group;
+    g.warp_in_group = warp % g.warps_per_group;
+    g.lane = threadIdx.x % 32;
+    return g;
+  }
+};
+
+// A sender streams n items into ring (c, me) of rank `dest`, `chunk` at a time: wait for room, fill, publish the tail.
+// write(i, slot) fills item i of the stream (called by warp `warp_in_group`, items strided by warps_per_group).
+template <class Write>
+__device__ __forceinline__ bool send_stream(const Step& st, const Rings& rg, const Groups& g, int c, int dest, int n,
+                                            int where, uint64_t deadline, uint32_t* s_word, int* s_abort,
+                                            Write&& write) {
+  uint8_t* region = st.peers.region[dest];
+  uint32_t* tail = tails(region) + c * st.num_ranks + st.rank;
+  const uint32_t* head = heads(region) + c * st.num_ranks + st.rank;
+  if (g.leader()) *s_word = ld_acquire_sys(tail);  // our own count from earlier steps
+  g.sync();
+  const uint32_t base = *s_word;
+  for (int start = 0; start < n; start += rg.chunk) {
+    const int end = min(n, start + rg.chunk);
+    if (g.leader() && !wait_reach(head, base + uint32_t(end) - uint32_t(rg.slots), deadline)) {
+      record_timeout(st, where, dest);
+      *s_abort = 1;
+    }
+    g.sync();
+    if (*s_abort) return false;
+    for (int i = start + g.warp_in_group; i < end; i += g.warps_per_group)
+      write(i, rg.slot(region, c, st.rank, st.num_ranks, base + uint32_t(i)));
+    g.sync();
+    if (g.leader()) {
+      __threadfence_system();
+      st_release_sys(tail, base + uint32_t(end));
+    }
+  }
+  g.sync();
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

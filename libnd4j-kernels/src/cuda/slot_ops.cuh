@@ -1,0 +1,148 @@
+// slot_ops.cuh — what a warp does with one token: copy a row, write a dispatch slot from the inputs, read a dispatch slot
+// into the receive arrays, and reduce returned combine rows in fp32. Shared by the ring kernels and the all-to-all ones.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/cuda_util.h"
+#include "cuda/kernels.h"
+
+namespace deepep4j {
+namespace cuda {
+
+// Copies `bytes` (a multiple of 16) with one warp; four loads in flight per lane before their stores.
+template <bool kSrcShared>
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
+  const int64_t n = bytes / 16;
+  int4* d = reinterpret_cast<int4*>(dst);
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int64_t i = lane;
+  for (; i + 96 < n; i += 128) {
+    int4 a, b, c, e;
+    if (kSrcShared) {
+      a = ld_cg16(s + i), b = ld_cg16(s + i + 32), c = ld_cg16(s + i + 64), e = ld_cg16(s + i + 96);
+    } else {
+      a = __ldg(s + i), b = __ldg(s + i + 32), c = __ldg(s + i + 64), e = __ldg(s + i + 96);
+    }
+    d[i] = a, d[i + 32] = b, d[i + 64] = c, d[i + 96] = e;
+  }
+  for (; i < n; i += 32) d[i] = kSrcShared ? ld_cg16(s + i) : __ldg(s + i);
+}
+
+// Writes token t's dispatch slot for destination rank `dest` (which owns experts [dest*L, dest*L+L)).
+__device__ __forceinline__ void write_dispatch_slot(uint8_t* slot, const DispatchSlot& lay, const DispatchIo& io,
+                                                    const Routing& h, int64_t t, int dest, int L, int lane) {
+  const int K = h.num_topk;
+  if (lane == 0) *reinterpret_cast<int32_t*>(slot) = int32_t(t);
+  for (int k = lane; k < K; k += 32) {
+    int32_t e = h.topk[t * K + k];
+    bool local = e >= 0 && e / L == dest;
+    reinterpret_cast<int32_t*>(slot + lay.ids_off)[k] = local ? e - dest * L : -1;
+    float w = (local && io.topk_weights != nullptr) ? io.topk_weights[t * K + k] : 0.0f;
+    reinterpret_cast<float*>(slot + lay.weights_off)[k] = w;
+  }
+  for (int i = lane; i < io.num_scales; i += 32)
+    reinterpret_cast<float*>(slot + lay.scales_off)[i] = io.x_scales[t * io.num_scales + i];
+  warp_copy<false>(slot + lay.row_off, io.x + t * io.row_bytes, io.row_bytes, lane);
+}
+
+// Reads a dispatch slot from source rank `src` into received row m; returns nothing, records the local-expert mask.
+__device__ __forceinline__ void read_dispatch_slot(const uint8_t* slot, const DispatchSlot& lay, const DispatchIo& io,
+                                                   const Routing& h, int64_t m, int src, int lane) {
+  const int K = h.num_topk;
+  uint32_t local_bits = 0;
+  for (int k = 0; k < K; ++k) {
+    int32_t id = __ldcg(reinterpret_cast<const int32_t*>(slot + lay.ids_off) + k);
+    if (id >= 0) local_bits |= 1u << k;
+    if (k % 32 == lane) {
+      if (io.recv_topk_idx) io.recv_topk_idx[m * K + k] = id;
+      if (io.recv_topk_weights)
+        io.recv_topk_weights[m * K + k] = __ldcg(reinterpret_cast<const float*>(slot + lay.weights_off) + k);
+    }
+  }
+  if (lane == 0) {
+    h.recv_local[m] = local_bits;
+    if (io.recv_src_token) io.recv_src_token[m] = __ldcg(reinterpret_cast<const int32_t*>(slot));
+    if (io.recv_src_rank) io.recv_src_rank[m] = src;
+  }
+  for (int i = lane; i < io.num_scales; i += 32)
+    io.recv_x_scales[m * io.num_scales + i] = __ldcg(reinterpret_cast<const float*>(slot + lay.scales_off) + i);
+  warp_copy<true>(io.recv_x + m * io.row_bytes, slot + lay.row_off, io.row_bytes, lane);
+}
+
+// Writes received row m as a combine slot: the row, the returned weights and the row's scale.
+__device__ __forceinline__ void write_combine_slot(uint8_t* slot, const CombineSlot& lay, const CombineIo& io,
+                                                   const Routing& h, int64_t m, int lane) {
+  const int K = h.num_topk;
+  if (lane == 0) {
+    float scale = 1.0f;
+    if (io.recv_topk_weights != nullptr) {
+      scale = 0.0f;
+      uint32_t bits = h.recv_local[m];
+      for (int k = 0; k < K; ++k)
+        if (bits >> k & 1u) scale += io.recv_topk_weights[m * K + k];
+    }
+    *reinterpret_cast<float*>(slot + lay.scale_off) = scale;
+  }
+  if (io.y_topk_weights != nullptr)
+    for (int k = lane; k < K; k += 32)
+      reinterpret_cast<float*>(slot + lay.weights_off)[k] = io.y_topk_weights[m * K + k];
+  warp_copy<false>(slot, io.y + m * io.row_bytes, io.row_bytes, lane);
+}
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <class T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// out[t] = sum over ranks d (ascending) of scale_d * row_d, in fp32; slots[d] is NULL where t did not visit d.
+template <class T>
+__device__ __forceinline__ void reduce_token(const uint8_t* const* slots, int num_ranks, const CombineSlot& lay,
+                                             const CombineIo& io, int64_t t, int K, int lane) {
+  constexpr int kPer = 16 / sizeof(T);
+  const int64_t n = io.row_bytes / 16;
+  int4* out = reinterpret_cast<int4*>(io.out + t * io.row_bytes);
+  for (int64_t i = lane; i < n; i += 32) {
+    float acc[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) acc[j] = 0.0f;
+    for (int d = 0; d < num_ranks; ++d) {
+      if (slots[d] == nullptr) continue;
+      float sc = __ldcg(reinterpret_cast<const float*>(slots[d] + lay.scale_off));
+      int4 v = ld_cg16(slots[d] + i * 16);
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) acc[j] += sc * to_f(e[j]);
+    }
+    int4 r;
+    T* o = reinterpret_cast<T*>(&r);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) o[j] = from_f<T>(acc[j]);
+    out[i] = r;
+  }
+  if (io.out_topk_weights != nullptr)
+    for (int k = lane; k < K; k += 32) {
+      float w = 0.0f;
+      for (int d = 0; d < num_ranks; ++d)
+        if (slots[d] != nullptr) w += __ldcg(reinterpret_cast<const float*>(slots[d] + lay.weights_off) + k);
+      io.out_topk_weights[t * K + k] = w;
+    }
+}
+
+// Dispatches reduce_token on the payload dtype.
+__device__ __forceinline__ void reduce_token_any(const uint8_t* const* slots, int num_ranks, const CombineSlot& lay,
+                                                 const CombineIo& io, int64_t t, int K, int lane) {
+  if (io.dtype == DEEPEP4J_FLOAT32)
+    reduce_token<float>(slots, num_ranks, lay, io, t, K, lane);
+  else if (io.dtype == DEEPEP4J_BFLOAT16)
+    reduce_token<__nv_bfloat16>(slots, num_ranks, lay, io, t, K, lane);
+  else
+    reduce_token<__half>(slots, num_ranks, lay, io, t, K, lane);
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

@@ -1,0 +1,100 @@
+// test_gpu_peer_dies.cpp — a rank that stops taking part mid-step: the other rank's call ends with
+// DEEPEP4J_ERR_TIMEOUT within timeout_ms (plus launch slack), never a hang or a trap, and the buffer then refuses
+// further steps with DEEPEP4J_ERR_STATE.
+#include <chrono>
+
+#include "gpu_group.h"
+#include "gpu_procs.h"
+
+namespace {
+
+constexpr int kTimeoutMs = 1500;
+
+int64_t ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Rank 0 dispatches and combines as usual; rank 1 notifies, then goes quiet (thread returns / process exits).
+int survivor(deepep4j_buffer* b, int device, const ref::Shape& s, const ref::RankInput& in, const char* label) {
+  cudaSetDevice(device);
+  gpu::Dev idx(in.topk_idx), x(in.x);
+  deepep4j_handle* h = nullptr;
+  int64_t M = 0;
+  REQUIRE_OK(deepep4j_notify_dispatch(b, idx.as<int64_t>(), in.n, s.num_topk, s.num_experts, s.hidden, s.dtype, &h,
+                                      &M, nullptr, nullptr));
+  gpu::Dev rx(size_t(M * s.hidden) * ref::elem_size(s.dtype));
+  deepep4j_dispatch_args a{};
+  a.x = x.p;
+  a.recv_x = rx.p;
+  auto t0 = std::chrono::steady_clock::now();
+  int st = deepep4j_dispatch(b, h, -1, &a, nullptr);
+  int64_t took = ms_since(t0);
+  CHECK_ERR(st, DEEPEP4J_ERR_TIMEOUT, "timeout_ms = 1500");
+  CHECK_MSG(took < kTimeoutMs + 3000, "%s: dispatch returned after %lld ms", label, (long long)took);
+  std::fprintf(stderr, "  %s: survivor got %s after %lld ms: %s\n", label, deepep4j_status_name(st), (long long)took,
+               deepep4j_last_error());
+  CHECK_ERR(deepep4j_dispatch(b, h, -1, &a, nullptr), DEEPEP4J_ERR_STATE, "recreate");
+  CHECK_EQ(cudaDeviceSynchronize(), cudaSuccess);  // no sticky CUDA error: the kernel ended on its own
+  deepep4j_handle_destroy(h);
+  return 0;
+}
+
+void quiet(deepep4j_buffer* b, int device, const ref::Shape& s, const ref::RankInput& in) {
+  cudaSetDevice(device);
+  gpu::Dev idx(in.topk_idx);
+  deepep4j_handle* h = nullptr;
+  int64_t M = 0;
+  REQUIRE_OK(deepep4j_notify_dispatch(b, idx.as<int64_t>(), in.n, s.num_topk, s.num_experts, s.hidden, s.dtype, &h,
+                                      &M, nullptr, nullptr));
+  deepep4j_handle_destroy(h);
+}
+
+// Every token has experts on both ranks' sides often enough that both directions carry rows.
+std::vector<ref::RankInput> inputs(const ref::Shape& s) {
+  return {ref::make_input(s, 200, 3, 0.0, 0.0), ref::make_input(s, 200, 4, 0.0, 0.0)};
+}
+
+ref::Shape small_shape() {
+  ref::Shape s;
+  s.num_ranks = 2, s.num_experts = 8, s.num_topk = 2, s.hidden = 256, s.dtype = DEEPEP4J_BFLOAT16;
+  return s;
+}
+
+void threads_case(int32_t backend) {
+  ref::Shape s = small_shape();
+  std::vector<ref::RankInput> in = inputs(s);
+  gpu::Group g(2, gpu::cuda_config(s, backend, 4, 2, 4, kTimeoutMs));
+  ep::run_ranks(2, [&](int32_t r) {
+    if (r == 0)
+      survivor(g[0], g.devices[0], s, in[0], gpu::backend_name(backend));
+    else
+      quiet(g[1], g.devices[1], s, in[1]);
+  });
+}
+
+}  // namespace
+
+TEST(deepep_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_DEEPEP); }
+TEST(alltoall_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_ALLTOALL); }
+
+// The peer process exits after notify; its region stays mapped by the survivor until the survivor lets go.
+TEST(deepep_peer_process_exits) {
+  ref::Shape s = small_shape();
+  const int devices = gpu::device_count_forked();
+  deepep4j_config cfg = gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 4, 2, 4, kTimeoutMs);
+  std::vector<int> codes = gpuproc::run_processes(
+      2, cfg, devices,
+      [&](int32_t r, deepep4j_buffer* b) {
+        std::vector<ref::RankInput> in = inputs(s);
+        if (r == 1) {
+          quiet(b, r % devices, s, in[1]);
+          _exit(0);  // dies without destroying anything
+        }
+        return survivor(b, r % devices, s, in[0], "deepep process");
+      },
+      60000);
+  CHECK_MSG(codes[0] == 0, "survivor exited with %d", codes[0]);
+  CHECK_MSG(codes[1] == 0, "quiet rank exited with %d", codes[1]);
+}
+
+GPU_TEST_MAIN()

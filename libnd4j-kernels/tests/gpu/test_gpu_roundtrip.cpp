@@ -1,0 +1,138 @@
+// test_gpu_roundtrip.cpp — both CUDA backends against the reference, ranks as threads of one process (peer access):
+// every dtype, empty and uneven ranks, tiny rings (chunking, wrap-around), weighted combine, returned weights, cached
+// mode with another precision, the benchmark's shape, many steps on one group, and a bad input on one rank.
+#include "gpu_group.h"
+
+namespace {
+
+const int32_t kBackends[] = {DEEPEP4J_BACKEND_DEEPEP, DEEPEP4J_BACKEND_ALLTOALL};
+
+ref::Shape shape(int32_t R, int32_t E, int32_t K, int64_t H, int32_t dtype) {
+  ref::Shape s;
+  s.num_ranks = R, s.num_experts = E, s.num_topk = K, s.hidden = H, s.dtype = dtype;
+  return s;
+}
+
+void all_dtypes(int32_t R, int32_t ring, int32_t chunk, int32_t num_sms) {
+  for (int32_t backend : kBackends)
+    for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT16, DEEPEP4J_FP8_E4M3}) {
+      ref::Shape s = shape(R, 4 * R, 3, dtype == DEEPEP4J_FP8_E4M3 ? 256 : 136, dtype);
+      gpu::Group g(R, gpu::cuda_config(s, backend, ring, chunk, num_sms));
+      std::vector<int64_t> tokens;
+      for (int32_t r = 0; r < R; ++r) tokens.push_back(r == 1 ? 0 : 37 + 61 * r);
+      for (int variant = 0; variant < 3; ++variant) {
+        ep::StepOptions o;
+        o.run_combine = dtype != DEEPEP4J_FP8_E4M3;
+        o.weighted_combine = variant >= 1;
+        o.combine_weights = variant == 2;
+        o.send_weights = variant != 0 || dtype == DEEPEP4J_FP8_E4M3;
+        gpu::run_and_verify(g, s, tokens, o, 100 + variant,
+                            t::fmt("%s R=%d dtype=%d ring=%d variant=%d", gpu::backend_name(backend), R, dtype, ring,
+                                   variant));
+      }
+    }
+}
+
+}  // namespace
+
+TEST(two_ranks_every_dtype) { all_dtypes(2, 32, 8, 4); }
+TEST(two_ranks_tiny_rings) { all_dtypes(2, 2, 1, 6); }
+TEST(four_ranks_every_dtype) { all_dtypes(4, 8, 4, 4); }
+
+// DeepEP's benchmark shape at 512 tokens: hidden 7168, top-8 of 256 experts, bf16, 24 SMs, deep rings.
+TEST(benchmark_shape_bf16) {
+  for (int32_t backend : kBackends) {
+    ref::Shape s = shape(2, 256, 8, 7168, DEEPEP4J_BFLOAT16);
+    gpu::Group g(2, gpu::cuda_config(s, backend, 64, 16, 24));
+    ep::StepOptions o;
+    o.weighted_combine = true;
+    gpu::run_and_verify(g, s, {512, 300}, o, 7, t::fmt("%s benchmark shape", gpu::backend_name(backend)));
+  }
+}
+
+// Steps of different shapes and dtypes on one group: ring counters carry over from step to step.
+TEST(many_steps_one_group) {
+  for (int32_t backend : kBackends) {
+    ref::Shape s0 = shape(2, 16, 4, 512, DEEPEP4J_BFLOAT16);
+    gpu::Group g(2, gpu::cuda_config(s0, backend, 16, 4, 8));
+    for (int step = 0; step < 8; ++step) {
+      ref::Shape s = shape(2, 16, 1 + step % 4, step % 2 ? 512 : 128, step % 3 ? DEEPEP4J_BFLOAT16 : DEEPEP4J_FLOAT32);
+      ep::StepOptions o;
+      o.weighted_combine = step % 2 == 1;
+      gpu::run_and_verify(g, s, {int64_t(50 + 31 * step), int64_t(200 - 17 * step)}, o, 300 + step,
+                          t::fmt("%s step %d", gpu::backend_name(backend), step));
+    }
+  }
+}
+
+// Cached mode: the handle of a step carries new data, also as bf16 over an fp32 handle (backward's precision).
+TEST(cached_mode_and_dtype_override) {
+  for (int32_t backend : kBackends) {
+    const int32_t R = 2;
+    ref::Shape s = shape(R, 8, 3, 128, DEEPEP4J_FLOAT32);
+    gpu::Group g(R, gpu::cuda_config(s, backend, 8, 4, 4));
+    std::vector<ref::RankInput> in = ep::make_inputs(s, {90, 45}, 11);
+    std::vector<ep::RankResult> first(R);
+    ep::StepOptions o;
+    ep::run_ranks(R, [&](int32_t r) {
+      gpu::run_rank(g[r], g.devices[size_t(r)], r, s, in[size_t(r)], o, &first[size_t(r)], true);
+    });
+    ep::verify(s, in, first, o, t::fmt("%s cached: first step", gpu::backend_name(backend)));
+    for (int iter = 0; iter < 2; ++iter) {
+      ref::Shape s2 = s;
+      s2.dtype = iter == 0 ? DEEPEP4J_FLOAT32 : DEEPEP4J_BFLOAT16;
+      std::vector<ref::RankInput> in2;
+      for (int32_t r = 0; r < R; ++r) {
+        ref::RankInput x = ref::make_input(s2, in[size_t(r)].n, 77 + 10 * iter + r);
+        x.topk_idx = in[size_t(r)].topk_idx;
+        x.topk_weights = in[size_t(r)].topk_weights;
+        in2.push_back(std::move(x));
+      }
+      std::vector<ep::RankResult> res(R);
+      ep::StepOptions o2;
+      o2.weighted_combine = true;
+      o2.combine_weights = iter == 1;
+      ep::run_ranks(R, [&](int32_t r) {
+        cudaSetDevice(g.devices[size_t(r)]);
+        ep::RankResult& x = res[size_t(r)];
+        deepep4j_handle* h = first[size_t(r)].handle;
+        x.layout = ref::layout(s2, in2[size_t(r)]);
+        x.recv.m = deepep4j_handle_num_recv_tokens(h);
+        x.recv.per_local_expert = first[size_t(r)].recv.per_local_expert;
+        x.recv.per_source_rank = first[size_t(r)].recv.per_source_rank;
+        gpu::dispatch_into(g[r], h, s2, s2.dtype, in2[size_t(r)], true, &x.recv, s2.dtype);
+        x.y = ep::make_y(x.recv, s2.hidden, s2.dtype, s2.dtype, r);
+        gpu::combine_into(g[r], h, s2, s2.dtype, in2[size_t(r)].n, o2, &x);
+      });
+      ep::verify(s2, in2, res, o2, t::fmt("%s cached iter %d", gpu::backend_name(backend), iter));
+    }
+    for (auto& r : first) deepep4j_handle_destroy(r.handle);
+  }
+}
+
+// An out-of-range expert id on one rank: that rank names it, the other reports the peer's error; both keep working.
+TEST(bad_topk_on_one_rank) {
+  for (int32_t backend : kBackends) {
+    ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
+    gpu::Group g(2, gpu::cuda_config(s, backend));
+    std::vector<ref::RankInput> in = ep::make_inputs(s, {10, 10}, 5);
+    in[1].topk_idx[7] = 8;  // token 3, k = 1
+    ep::run_ranks(2, [&](int32_t r) {
+      cudaSetDevice(g.devices[size_t(r)]);
+      gpu::Dev idx(in[size_t(r)].topk_idx);
+      deepep4j_handle* h = nullptr;
+      int64_t M = 0;
+      int st = deepep4j_notify_dispatch(g[r], idx.as<int64_t>(), 10, 2, 8, 64, DEEPEP4J_FLOAT32, &h, &M, nullptr,
+                                        nullptr);
+      if (r == 1)
+        CHECK_ERR(st, DEEPEP4J_ERR_INVALID_ARGUMENT, "topk_idx[3][1] = 8");
+      else
+        CHECK_ERR(st, DEEPEP4J_ERR_PEER_ERROR, "rank 1");
+      CHECK(h == nullptr);
+    });
+    ep::StepOptions o;
+    gpu::run_and_verify(g, s, {10, 10}, o, 6, t::fmt("%s after a bad step", gpu::backend_name(backend)));
+  }
+}
+
+GPU_TEST_MAIN()

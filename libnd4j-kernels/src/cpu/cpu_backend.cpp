@@ -131,8 +131,9 @@ class CpuBackend final : public Backend {
   int init() {
     ring_bytes_ = ring_bytes_of(cfg_.buffer_bytes, R_, C_);
     if (cfg_.max_hidden_bytes > 0) {
-      int64_t slot = 16 * ((8 + 12 * DEEPEP4J_MAX_TOPK + 15) / 16) + 16 * ((cfg_.max_hidden_bytes + 15) / 16) +
-                     16 * ((cfg_.max_hidden_bytes / DEEPEP4J_FP8_BLOCK * 4 + 15) / 16);
+      const int64_t mhb = cfg_.max_hidden_bytes;  // 64-bit: INT32_MAX + 15 must not overflow
+      int64_t slot = 16 * ((8 + 12 * DEEPEP4J_MAX_TOPK + 15) / 16) + 16 * ((mhb + 15) / 16) +
+                     16 * ((mhb / DEEPEP4J_FP8_BLOCK * 4 + 15) / 16);
       // Rings are rounded down to 64 bytes, so the minimum rounds each ring's chunk up to 64.
       int64_t need = ((slot * cfg_.max_send_tokens_per_chunk + 63) & ~int64_t(63)) * int64_t(R_) * C_;
       if ((int64_t)ring_bytes_ < slot * cfg_.max_send_tokens_per_chunk)

@@ -1,0 +1,53 @@
+package org.deepep4j.examples;
+
+import java.io.PrintStream;
+import java.nio.file.Path;
+import java.util.Locale;
+
+/** The main job: train a small MoE model expert-parallel over in-process CPU ranks and report what happened. */
+public final class Main {
+    private Main() {}
+
+    public static void main(String[] args) {
+        System.exit(run(args, System.out, System.err));
+    }
+
+    /** Runs the CLI; returns the exit code: 0 done, 1 training failed, 2 bad flags. */
+    public static int run(String[] args, PrintStream out, PrintStream err) {
+        Options o;
+        try {
+            o = Options.parse(args);
+        } catch (UsageException e) {
+            err.println("error: " + e.getMessage());
+            err.println("Run with --help for the list of flags.");
+            return 2;
+        }
+        if (o.help) {
+            out.println(Options.USAGE);
+            return 0;
+        }
+        // Headless: the charts render to PNG files, never to a window.
+        System.setProperty("java.awt.headless", "true");
+        out.printf(Locale.ROOT, "deepep4j MoE example: %d ranks (CPU threads), %d experts (%d per rank), top-%d, dispatch %s,"
+                        + " %d epochs x %d steps x %d tokens per rank, %d tasks%n", o.ranks, o.experts, o.expertsPerRank(),
+                o.topK, o.dispatch, o.epochs, o.stepsPerEpoch, o.tokensPerRank, o.tasks);
+        try {
+            TrainingResult r = Trainer.train(o, out);
+            out.printf(Locale.ROOT, "%ntrained in %.1f s; loss %.5f -> %.5f (first -> last epoch)%n%n", r.seconds(),
+                    r.epochLoss()[0], r.epochLoss()[r.epochLoss().length - 1]);
+            out.println("Per-expert load (tokens each expert received through dispatch):");
+            out.println(Report.expertLoad(r, o.ranks));
+            out.println("Per-phase time (slowest rank):");
+            out.println(Report.phases(r, o.totalSteps()));
+            Path loss = Charts.png(Charts.lossCurve(r), o.outDir, "loss");
+            Path load = Charts.png(Charts.expertLoad(r), o.outDir, "expert-load");
+            out.println("wrote " + loss.toAbsolutePath());
+            out.println("wrote " + load.toAbsolutePath());
+            return 0;
+        } catch (Exception e) {
+            err.println("\ntraining failed: " + e);
+            for (Throwable c = e.getCause(); c != null; c = c.getCause()) err.println("  caused by: " + c);
+            return 1;
+        }
+    }
+}

@@ -1,0 +1,124 @@
+package org.deepep4j.examples;
+
+import java.io.PrintStream;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Locale;
+import java.util.Map;
+import java.util.concurrent.ExecutionException;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.TimeoutException;
+import org.deepep4j.EpBuffer;
+import org.deepep4j.EpConfig;
+import org.deepep4j.EpDispatch;
+import org.deepep4j.EpGroup;
+
+/** Trains the MoE model expert-parallel over in-process ranks: one thread per rank, each with its own EpBuffer. */
+public final class Trainer {
+    /** Bound on any single collective wait; a stuck rank turns into an error on all ranks. */
+    private static final Duration COLLECTIVE_TIMEOUT = Duration.ofSeconds(60);
+
+    private Trainer() {}
+
+    /** Runs the training described by {@code o}; progress and per-epoch loss go to {@code out}. */
+    public static TrainingResult train(Options o, PrintStream out) throws Exception {
+        EpConfig cfg = EpConfig.builder()
+                .dispatch(o.dispatch.equals("alltoall") ? EpDispatch.ALLTOALL : EpDispatch.DEEPEP)
+                .bufferSizeGb(0.0625)
+                .timeout(COLLECTIVE_TIMEOUT)
+                .build();
+        TaskMixture data = new TaskMixture(o.tasks, o.hidden, o.seed);
+        ReplicaReduce reduce = new ReplicaReduce(o.ranks, COLLECTIVE_TIMEOUT);
+        ProgressBar bar = new ProgressBar(out, o.totalSteps());
+        RankWorker[] workers = new RankWorker[o.ranks];
+        long start = System.nanoTime();
+
+        ExecutorService pool = Executors.newFixedThreadPool(o.ranks, r -> {
+            Thread t = new Thread(r, "ep-rank");
+            t.setDaemon(true);
+            return t;
+        });
+        try (EpGroup group = EpGroup.inProcess(o.ranks)) {
+            List<Future<?>> futures = new ArrayList<>();
+            for (int r = 0; r < o.ranks; r++) {
+                int rank = r;
+                futures.add(pool.submit(() -> {
+                    Thread.currentThread().setName("ep-rank-" + rank);
+                    // Creating the buffers is collective: every rank's thread creates its own.
+                    try (EpBuffer buffer = group.buffer(rank, cfg)) {
+                        RankWorker w = new RankWorker(o, rank, buffer, data, reduce);
+                        workers[rank] = w;
+                        w.train(done -> {
+                            if (rank == 0) progress(o, w, bar, out, done);
+                        });
+                    }
+                    return null;
+                }));
+            }
+            awaitAll(futures, o);
+        } finally {
+            pool.shutdownNow();
+        }
+        double seconds = (System.nanoTime() - start) / 1e9;
+        checkReplicasEqual(workers);
+        return result(o, workers, seconds);
+    }
+
+    private static void progress(Options o, RankWorker w, ProgressBar bar, PrintStream out, int done) {
+        bar.update(done, String.format(Locale.ROOT, "loss %.4f", w.stepLoss[done - 1]));
+        if (done % o.stepsPerEpoch == 0) {
+            int epoch = done / o.stepsPerEpoch;
+            double mean = 0;
+            for (int s = done - o.stepsPerEpoch; s < done; s++) mean += w.stepLoss[s] / o.stepsPerEpoch;
+            if (done < o.totalSteps()) out.print("\r\033[K");
+            out.printf(Locale.ROOT, "epoch %d/%d  loss %.5f%n", epoch, o.epochs, mean);
+        }
+    }
+
+    /** Waits for every rank; all are awaited so that the first failure is reported once the others have ended too. */
+    private static void awaitAll(List<Future<?>> futures, Options o) throws Exception {
+        // Generous bound: steps are milliseconds each; a rank stuck in a collective fails after COLLECTIVE_TIMEOUT.
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(120 + (long) o.totalSteps() * 10);
+        Exception first = null;
+        for (Future<?> f : futures) {
+            try {
+                f.get(Math.max(1, deadline - System.nanoTime()), TimeUnit.NANOSECONDS);
+            } catch (ExecutionException e) {
+                if (first == null) first = e.getCause() instanceof Exception ex ? ex : e;
+            } catch (TimeoutException e) {
+                if (first == null) first = new IllegalStateException("training did not finish in time; a rank is stuck", e);
+            }
+        }
+        if (first != null) throw first;
+    }
+
+    private static void checkReplicasEqual(RankWorker[] workers) {
+        for (int r = 1; r < workers.length; r++) {
+            double d = RankWorker.distance(workers[0].gate(), workers[r].gate());
+            if (d != 0) throw new IllegalStateException("router replicas diverged: rank " + r + " differs by " + d);
+        }
+    }
+
+    private static TrainingResult result(Options o, RankWorker[] workers, double seconds) {
+        double[] stepLoss = workers[0].stepLoss.clone();
+        double[] epochLoss = new double[o.epochs];
+        for (int s = 0; s < stepLoss.length; s++) epochLoss[s / o.stepsPerEpoch] += stepLoss[s] / o.stepsPerEpoch;
+        long[][] taskExpert = new long[o.tasks][o.experts];
+        long[] received = new long[o.experts];
+        Map<String, Long> phases = new LinkedHashMap<>();
+        for (int r = 0; r < workers.length; r++) {
+            RankWorker w = workers[r];
+            for (int t = 0; t < o.tasks; t++) {
+                for (int e = 0; e < o.experts; e++) taskExpert[t][e] += w.taskExpert[t][e];
+            }
+            for (int e = 0; e < o.expertsPerRank(); e++) received[r * o.expertsPerRank() + e] = w.receivedPerLocalExpert[e];
+            w.timer.totals().forEach((phase, ns) -> phases.merge(phase, ns, Math::max));
+        }
+        return new TrainingResult(stepLoss, epochLoss, taskExpert, received, phases, seconds);
+    }
+}

@@ -1,0 +1,278 @@
+package org.deepep4j.moe.conf;
+
+import org.deepep4j.moe.layers.MoELayerImpl;
+import org.deepep4j.moe.params.MoEParamInitializer;
+import org.deeplearning4j.nn.api.ParamInitializer;
+import org.deeplearning4j.nn.conf.InputPreProcessor;
+import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
+import org.deeplearning4j.nn.conf.inputs.InputType;
+import org.deeplearning4j.nn.conf.layers.FeedForwardLayer;
+import org.deeplearning4j.nn.conf.memory.LayerMemoryReport;
+import org.deeplearning4j.nn.conf.memory.MemoryReport;
+import org.deeplearning4j.optimize.api.TrainingListener;
+import org.nd4j.linalg.api.buffer.DataType;
+import org.nd4j.linalg.api.ndarray.INDArray;
+import org.nd4j.linalg.learning.config.IUpdater;
+import org.nd4j.linalg.learning.config.NoOp;
+import org.nd4j.linalg.learning.regularization.Regularization;
+
+import java.util.Collection;
+import java.util.Collections;
+import java.util.List;
+import java.util.Map;
+import java.util.Objects;
+
+/**
+ * Mixture-of-Experts layer configuration: a router picks {@code topK} of {@code numExperts} SwiGLU experts per token.
+ * Output size equals input size. Accepts feed-forward {@code [mb, nIn]} and recurrent {@code [mb, nIn, T]} input.
+ * With {@code epSize = R} the layer holds {@code numExperts / R} experts (those of its rank) and moves tokens with an
+ * {@link org.deepep4j.moe.exchange.ExpertExchange}; the expert-parallel trainer sets this, users normally leave it at 1.
+ */
+public class MoELayer extends FeedForwardLayer {
+
+    private int numExperts;
+    private int topK;
+    private int ffnSize;
+    private ScoreFunction scoreFunction = ScoreFunction.SOFTMAX;
+    private boolean normalizeTopK = true;
+    private double auxLossCoefficient;
+    private double biasUpdateRate;
+    private int sharedExpertFfnSize;
+    private int epSize = 1;
+    private boolean asyncCombine;
+
+    /** For JSON. */
+    public MoELayer() {
+    }
+
+    private MoELayer(Builder b) {
+        super(b);
+        numExperts = b.numExperts;
+        topK = b.topK;
+        ffnSize = b.ffnSize;
+        scoreFunction = b.scoreFunction;
+        normalizeTopK = b.normalizeTopK;
+        auxLossCoefficient = b.auxLossCoefficient;
+        biasUpdateRate = b.biasUpdateRate;
+        sharedExpertFfnSize = b.sharedExpertFfnSize;
+        epSize = b.epSize;
+        asyncCombine = b.asyncCombine;
+        if (nOut <= 0 && nIn > 0) {
+            nOut = nIn;
+        }
+        validate();
+        initializeConstraints(b);
+    }
+
+    /** Checks every setting; each failure names the setting, its value and the rule. */
+    public void validate() {
+        require(numExperts >= 1, "numExperts", numExperts, "must be >= 1");
+        require(topK >= 1 && topK <= numExperts, "topK", topK, "must be in [1, numExperts=" + numExperts + "]");
+        require(ffnSize >= 1, "ffnSize", ffnSize, "must be >= 1");
+        require(scoreFunction != null, "scoreFunction", null, "must be SOFTMAX or SIGMOID");
+        require(auxLossCoefficient >= 0 && Double.isFinite(auxLossCoefficient), "auxLossCoefficient",
+                auxLossCoefficient, "must be finite and >= 0");
+        require(biasUpdateRate >= 0 && Double.isFinite(biasUpdateRate), "biasUpdateRate", biasUpdateRate,
+                "must be finite and >= 0");
+        require(sharedExpertFfnSize >= 0, "sharedExpertFfnSize", sharedExpertFfnSize, "must be >= 0 (0 = none)");
+        require(epSize >= 1, "epSize", epSize, "must be >= 1");
+        require(numExperts % epSize == 0, "numExperts", numExperts,
+                "must be divisible by epSize=" + epSize + " so every rank holds the same number of experts");
+        require(nIn <= 0 || nOut <= 0 || nIn == nOut, "nOut", nOut, "must equal nIn=" + nIn
+                + " (a MoE layer maps hidden size to hidden size)");
+    }
+
+    private static void require(boolean ok, String setting, Object value, String rule) {
+        if (!ok) {
+            throw new IllegalArgumentException("MoELayer " + setting + "=" + value + ": " + rule);
+        }
+    }
+
+    public int getNumLocalExperts() {
+        return numExperts / epSize;
+    }
+
+    @Override
+    public org.deeplearning4j.nn.api.Layer instantiate(NeuralNetConfiguration conf,
+            Collection<TrainingListener> trainingListeners, int layerIndex, INDArray layerParamsView,
+            boolean initializeParams, DataType networkDataType) {
+        validate();
+        require(nIn > 0, "nIn", nIn, "must be > 0 (set it or give the network an input type)");
+        MoELayerImpl ret = new MoELayerImpl(conf, networkDataType);
+        ret.setListeners(trainingListeners);
+        ret.setIndex(layerIndex);
+        ret.setParamsViewArray(layerParamsView);
+        Map<String, INDArray> paramTable = initializer().init(conf, layerParamsView, initializeParams);
+        ret.setParamTable(paramTable);
+        ret.setConf(conf);
+        return ret;
+    }
+
+    @Override
+    public ParamInitializer initializer() {
+        return MoEParamInitializer.getInstance();
+    }
+
+    @Override
+    public InputType getOutputType(int layerIndex, InputType inputType) {
+        if (inputType instanceof InputType.InputTypeRecurrent) {
+            InputType.InputTypeRecurrent r = (InputType.InputTypeRecurrent) inputType;
+            return InputType.recurrent(nIn, r.getTimeSeriesLength(), r.getFormat());
+        }
+        if (inputType instanceof InputType.InputTypeFeedForward) {
+            return InputType.feedForward(nIn);
+        }
+        throw new IllegalArgumentException("MoELayer inputType=" + inputType
+                + ": must be feed-forward [mb, nIn] or recurrent [mb, nIn, T]");
+    }
+
+    @Override
+    public void setNIn(InputType inputType, boolean override) {
+        long size;
+        if (inputType instanceof InputType.InputTypeRecurrent) {
+            size = ((InputType.InputTypeRecurrent) inputType).getSize();
+        } else if (inputType instanceof InputType.InputTypeFeedForward) {
+            size = ((InputType.InputTypeFeedForward) inputType).getSize();
+        } else {
+            throw new IllegalArgumentException("MoELayer inputType=" + inputType
+                    + ": must be feed-forward [mb, nIn] or recurrent [mb, nIn, T]");
+        }
+        if (nIn <= 0 || override) {
+            nIn = size;
+            nOut = size;
+        }
+    }
+
+    /** Tokens are rows of either input kind, so no preprocessor is needed. */
+    @Override
+    public InputPreProcessor getPreProcessorForInputType(InputType inputType) {
+        return null;
+    }
+
+    /** The router bias moves by load statistics, not by an optimiser: its update is applied as given. */
+    @Override
+    public IUpdater getUpdaterByParam(String paramName) {
+        if (MoEParamInitializer.ROUTER_BIAS.equals(paramName)) {
+            return new NoOp();
+        }
+        return super.getUpdaterByParam(paramName);
+    }
+
+    @Override
+    public List<Regularization> getRegularizationByParam(String paramName) {
+        if (MoEParamInitializer.ROUTER_BIAS.equals(paramName)) {
+            return Collections.emptyList();
+        }
+        return regularization == null ? Collections.emptyList() : regularization;
+    }
+
+    @Override
+    public boolean isPretrainParam(String paramName) {
+        return false;
+    }
+
+    @Override
+    public LayerMemoryReport getMemoryReport(InputType inputType) {
+        InputType outputType = getOutputType(-1, inputType);
+        long numParams = initializer().numParams(this);
+        long updaterState = (long) getIUpdater().stateSize(numParams);
+        // per example: router scores + per chosen expert the two hidden activations and the output, plus output
+        long perEx = numExperts + (long) topK * (2L * ffnSize + nIn) + nIn;
+        return new LayerMemoryReport.Builder(layerName, MoELayer.class, inputType, outputType)
+                .standardMemory(numParams, updaterState)
+                .workingMemory(0, perEx, MemoryReport.CACHE_MODE_ALL_ZEROS, MemoryReport.CACHE_MODE_ALL_ZEROS)
+                .cacheMemory(MemoryReport.CACHE_MODE_ALL_ZEROS, MemoryReport.CACHE_MODE_ALL_ZEROS)
+                .build();
+    }
+
+    public int getNumExperts() { return numExperts; }
+    public void setNumExperts(int numExperts) { this.numExperts = numExperts; }
+    public int getTopK() { return topK; }
+    public void setTopK(int topK) { this.topK = topK; }
+    public int getFfnSize() { return ffnSize; }
+    public void setFfnSize(int ffnSize) { this.ffnSize = ffnSize; }
+    public ScoreFunction getScoreFunction() { return scoreFunction; }
+    public void setScoreFunction(ScoreFunction scoreFunction) { this.scoreFunction = scoreFunction; }
+    public boolean isNormalizeTopK() { return normalizeTopK; }
+    public void setNormalizeTopK(boolean normalizeTopK) { this.normalizeTopK = normalizeTopK; }
+    public double getAuxLossCoefficient() { return auxLossCoefficient; }
+    public void setAuxLossCoefficient(double auxLossCoefficient) { this.auxLossCoefficient = auxLossCoefficient; }
+    public double getBiasUpdateRate() { return biasUpdateRate; }
+    public void setBiasUpdateRate(double biasUpdateRate) { this.biasUpdateRate = biasUpdateRate; }
+    public int getSharedExpertFfnSize() { return sharedExpertFfnSize; }
+    public void setSharedExpertFfnSize(int sharedExpertFfnSize) { this.sharedExpertFfnSize = sharedExpertFfnSize; }
+    public int getEpSize() { return epSize; }
+    public void setEpSize(int epSize) { this.epSize = epSize; }
+    public boolean isAsyncCombine() { return asyncCombine; }
+    public void setAsyncCombine(boolean asyncCombine) { this.asyncCombine = asyncCombine; }
+
+    @Override
+    public boolean equals(Object o) {
+        if (this == o) return true;
+        if (!(o instanceof MoELayer) || !super.equals(o)) return false;
+        MoELayer m = (MoELayer) o;
+        return numExperts == m.numExperts && topK == m.topK && ffnSize == m.ffnSize
+                && scoreFunction == m.scoreFunction && normalizeTopK == m.normalizeTopK
+                && Double.compare(auxLossCoefficient, m.auxLossCoefficient) == 0
+                && Double.compare(biasUpdateRate, m.biasUpdateRate) == 0
+                && sharedExpertFfnSize == m.sharedExpertFfnSize && epSize == m.epSize
+                && asyncCombine == m.asyncCombine;
+    }
+
+    @Override
+    protected boolean canEqual(Object other) {
+        return other instanceof MoELayer;
+    }
+
+    @Override
+    public int hashCode() {
+        return Objects.hash(super.hashCode(), numExperts, topK, ffnSize, scoreFunction, normalizeTopK,
+                auxLossCoefficient, biasUpdateRate, sharedExpertFfnSize, epSize, asyncCombine);
+    }
+
+    @Override
+    public String toString() {
+        return "MoELayer(nIn=" + nIn + ", numExperts=" + numExperts + ", topK=" + topK + ", ffnSize=" + ffnSize
+                + ", scoreFunction=" + scoreFunction + ", normalizeTopK=" + normalizeTopK + ", auxLossCoefficient="
+                + auxLossCoefficient + ", biasUpdateRate=" + biasUpdateRate + ", sharedExpertFfnSize="
+                + sharedExpertFfnSize + ", epSize=" + epSize + ", asyncCombine=" + asyncCombine + ")";
+    }
+
+    /** Builder in DL4J style: {@code new MoELayer.Builder().nIn(64).numExperts(8).topK(2).ffnSize(128).build()}. */
+    public static class Builder extends FeedForwardLayer.Builder<Builder> {
+        private int numExperts = 8;
+        private int topK = 2;
+        private int ffnSize = -1;
+        private ScoreFunction scoreFunction = ScoreFunction.SOFTMAX;
+        private boolean normalizeTopK = true;
+        private double auxLossCoefficient;
+        private double biasUpdateRate;
+        private int sharedExpertFfnSize;
+        private int epSize = 1;
+        private boolean asyncCombine;
+
+        public Builder numExperts(int numExperts) { this.numExperts = numExperts; return this; }
+        public Builder topK(int topK) { this.topK = topK; return this; }
+        /** Hidden size of each SwiGLU expert. */
+        public Builder ffnSize(int ffnSize) { this.ffnSize = ffnSize; return this; }
+        public Builder scoreFunction(ScoreFunction f) { this.scoreFunction = f; return this; }
+        /** Divide the chosen top-k scores by their sum. */
+        public Builder normalizeTopK(boolean b) { this.normalizeTopK = b; return this; }
+        /** Switch-style load-balancing loss {@code coef * E * sum_e f_e * P_e}, added to the network score. */
+        public Builder auxLossCoefficient(double c) { this.auxLossCoefficient = c; return this; }
+        /** Aux-loss-free balancing: per step the selection bias of an over-loaded expert moves down by this much. */
+        public Builder biasUpdateRate(double r) { this.biasUpdateRate = r; return this; }
+        /** Adds an always-on SwiGLU expert of this hidden size (0 = none). */
+        public Builder sharedExpertFfnSize(int s) { this.sharedExpertFfnSize = s; return this; }
+        /** Number of ranks the experts are split over; set by the expert-parallel trainer. */
+        public Builder epSize(int epSize) { this.epSize = epSize; return this; }
+        /** Overlap the combine with the shared expert's computation on a background thread. */
+        public Builder asyncCombine(boolean b) { this.asyncCombine = b; return this; }
+
+        @Override
+        @SuppressWarnings("unchecked")
+        public MoELayer build() {
+            return new MoELayer(this);
+        }
+    }
+}

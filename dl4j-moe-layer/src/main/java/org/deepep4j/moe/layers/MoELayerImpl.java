@@ -1,0 +1,352 @@
+package org.deepep4j.moe.layers;
+
+import org.deepep4j.moe.conf.MoELayer;
+import org.deepep4j.moe.exchange.ExpertExchange;
+import org.deepep4j.moe.exchange.LocalExchange;
+import org.deepep4j.moe.params.MoEParamInitializer;
+import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
+import org.deeplearning4j.nn.gradient.DefaultGradient;
+import org.deeplearning4j.nn.gradient.Gradient;
+import org.deeplearning4j.nn.layers.BaseLayer;
+import org.deeplearning4j.nn.workspace.ArrayType;
+import org.deeplearning4j.nn.workspace.LayerWorkspaceMgr;
+import org.nd4j.common.primitives.Pair;
+import org.nd4j.linalg.api.buffer.DataType;
+import org.nd4j.linalg.api.memory.MemoryWorkspace;
+import org.nd4j.linalg.api.ndarray.INDArray;
+import org.nd4j.linalg.factory.Nd4j;
+
+import java.util.ArrayList;
+import java.util.List;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * MoE layer implementation. Forward: router -> dispatch -> local experts grouped by expert -> combine (+ shared
+ * expert). Backward runs the same path reversed: cached dispatch of the output gradient, expert backward, combine of
+ * the input gradients and routing-weight gradients, router backward. Everything between input and output is computed
+ * outside DL4J's workspaces because it is kept for backward; input and output live where DL4J puts them.
+ */
+public class MoELayerImpl extends BaseLayer<MoELayer> {
+
+    /** How long an asynchronous combine may take before the layer gives up. */
+    private static final long ASYNC_TIMEOUT_S = 600;
+
+    private transient ExpertExchange exchange;
+    private transient ExecutorService combineThread;
+    private transient Forward cache;
+    private transient double lastAuxLoss;
+    private transient RoutingMode routingMode = RoutingMode.NORMAL;
+    private transient INDArray recordedRouting;
+    private transient PhaseTimes times = new PhaseTimes();
+
+    public MoELayerImpl(NeuralNetConfiguration conf, DataType dataType) {
+        super(conf, dataType);
+    }
+
+    /** State of one forward, kept for backward. */
+    private static final class Forward {
+        long[] inputShape;
+        Router router;
+        ExpertExchange.Dispatched dispatched;
+        LocalExperts experts;
+        SwiGlu shared;
+    }
+
+    /** Binds the rank's exchange; needed when {@code epSize > 1}. */
+    public void setExchange(ExpertExchange exchange) {
+        if (exchange != null && exchange.numRanks() != layerConf().getEpSize()) {
+            throw new IllegalArgumentException("exchange numRanks=" + exchange.numRanks() + ": must equal the layer's epSize="
+                    + layerConf().getEpSize());
+        }
+        this.exchange = exchange;
+    }
+
+    public ExpertExchange getExchange() {
+        if (exchange == null) {
+            if (layerConf().getEpSize() != 1) {
+                throw new IllegalStateException("MoELayer epSize=" + layerConf().getEpSize()
+                        + ": no expert exchange bound; train with ExpertParallelTrainer or call setExchange");
+            }
+            return LocalExchange.INSTANCE;
+        }
+        return exchange;
+    }
+
+    /** Global id of this replica's first expert. */
+    public int firstExpert() {
+        return getExchange().rank() * layerConf().getNumLocalExperts();
+    }
+
+    public void setRoutingMode(RoutingMode mode) {
+        this.routingMode = mode;
+    }
+
+    public RoutingMode getRoutingMode() {
+        return routingMode;
+    }
+
+    /** The [N, K] expert ids of the last recorded forward (or the routing to replay). */
+    public INDArray getRecordedRouting() {
+        return recordedRouting;
+    }
+
+    /** Sets the [N, K] expert ids to replay and switches to {@link RoutingMode#REPLAY}. */
+    public void replayRouting(INDArray topkIdx) {
+        this.recordedRouting = topkIdx;
+        this.routingMode = RoutingMode.REPLAY;
+    }
+
+    /** Phase times since the start of the last forward. */
+    public PhaseTimes phaseTimes() {
+        return times.copy();
+    }
+
+    /** Value of the load-balancing loss of the last forward. */
+    public double auxLoss() {
+        return lastAuxLoss;
+    }
+
+    /** Tokens per global expert chosen in the last forward of this rank. */
+    public int[] lastLoad() {
+        return cache == null ? null : cache.router.load.clone();
+    }
+
+    @Override
+    public Type type() {
+        return Type.FEED_FORWARD;
+    }
+
+    @Override
+    public boolean isPretrainLayer() {
+        return false;
+    }
+
+    @Override
+    public boolean updaterDivideByMinibatch(String paramName) {
+        // The selection-bias step is a per-iteration amount, not a sum over examples.
+        return !MoEParamInitializer.ROUTER_BIAS.equals(paramName);
+    }
+
+    @Override
+    public INDArray activate(boolean training, LayerWorkspaceMgr workspaceMgr) {
+        assertInputSet(false);
+        applyDropOutIfNecessary(training, workspaceMgr);
+        INDArray out;
+        try (MemoryWorkspace ws = Nd4j.getWorkspaceManager().scopeOutOfWorkspaces()) {
+            Forward f = new Forward();
+            f.inputShape = input.shape();
+            INDArray tokens = toTokens(input, "input");
+            INDArray y = forward(tokens, f);
+            cache = f;
+            out = fromTokens(y, f.inputShape);
+        }
+        INDArray ret = workspaceMgr.createUninitialized(ArrayType.ACTIVATIONS, out.dataType(), out.shape(), 'c');
+        return ret.assign(out);
+    }
+
+    private INDArray forward(INDArray x, Forward f) {
+        MoELayer c = layerConf();
+        times.reset();
+        ExpertExchange ex = getExchange();
+        long t0 = System.nanoTime();
+        INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
+        f.router = new Router(c, x, getParam(MoEParamInitializer.ROUTER_WEIGHT),
+                getParam(MoEParamInitializer.ROUTER_BIAS), replay);
+        lastAuxLoss = f.router.auxLoss;
+        if (routingMode == RoutingMode.RECORD) {
+            recordedRouting = f.router.topkIdxArray();
+        }
+        long t1 = System.nanoTime();
+        f.dispatched = ex.dispatch(x, f.router.topkIdxArray(), f.router.weightsArray(), c.getNumExperts());
+        long t2 = System.nanoTime();
+        f.experts = new LocalExperts(f.dispatched.recvX, f.dispatched.recvTopkIdx, f.dispatched.recvTopkWeights,
+                expertParams(false));
+        long t3 = System.nanoTime();
+        times.routingNs += t1 - t0;
+        times.dispatchNs += t2 - t1;
+        times.expertNs += t3 - t2;
+        if (c.isAsyncCombine()) {
+            Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(ex, f, f.experts.y, null));
+            INDArray shared = sharedForward(x, f);
+            return await(pending).out.add(shared == null ? Nd4j.zeros(x.dataType(), 0) : shared);
+        }
+        INDArray out = timedCombine(ex, f, f.experts.y, null).out;
+        INDArray shared = sharedForward(x, f);
+        return shared == null ? out : out.add(shared);
+    }
+
+    private INDArray requireRecorded() {
+        if (recordedRouting == null) {
+            throw new IllegalStateException("routing replay: mode is REPLAY but no routing was recorded or given");
+        }
+        return recordedRouting;
+    }
+
+    private ExpertExchange.Combined timedCombine(ExpertExchange ex, Forward f, INDArray y, INDArray yTopkWeights) {
+        long t = System.nanoTime();
+        ExpertExchange.Combined r = ex.combine(f.dispatched, y, yTopkWeights);
+        times.combineNs += System.nanoTime() - t;
+        return r;
+    }
+
+    private INDArray sharedForward(INDArray x, Forward f) {
+        if (layerConf().getSharedExpertFfnSize() == 0) {
+            return null;
+        }
+        long t = System.nanoTime();
+        f.shared = new SwiGlu(x, getParam("s_w1"), getParam("s_w3"), getParam("s_w2"));
+        times.sharedNs += System.nanoTime() - t;
+        return f.shared.y;
+    }
+
+    @Override
+    public Pair<Gradient, INDArray> backpropGradient(INDArray epsilon, LayerWorkspaceMgr workspaceMgr) {
+        assertInputSet(true);
+        if (cache == null) {
+            throw new IllegalStateException("MoELayer backprop: no forward pass to differentiate (call activate first)");
+        }
+        INDArray gInput;
+        try (MemoryWorkspace ws = Nd4j.getWorkspaceManager().scopeOutOfWorkspaces()) {
+            gInput = fromTokens(backward(toTokens(epsilon, "epsilon"), cache), cache.inputShape);
+        }
+        Gradient ret = new DefaultGradient(gradientsFlattened);
+        for (String key : MoEParamInitializer.getInstance().paramKeys(layerConf())) {
+            ret.gradientForVariable().put(key, gradientViews.get(key));
+        }
+        INDArray eps = workspaceMgr.createUninitialized(ArrayType.ACTIVATION_GRAD, gInput.dataType(), gInput.shape(), 'c');
+        eps.assign(gInput);
+        return new Pair<>(ret, backpropDropOutIfPresent(eps));
+    }
+
+    private INDArray backward(INDArray g, Forward f) {
+        MoELayer c = layerConf();
+        ExpertExchange ex = getExchange();
+        long t0 = System.nanoTime();
+        INDArray gy = ex.dispatchCached(f.dispatched, g);
+        long t1 = System.nanoTime();
+        INDArray[] ge = f.experts.backward(gy, expertParams(true));
+        long t2 = System.nanoTime();
+        times.dispatchNs += t1 - t0;
+        times.expertNs += t2 - t1;
+        ExpertExchange.Combined back;
+        INDArray gShared = null;
+        if (c.isAsyncCombine()) {
+            Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(ex, f, ge[0], ge[1]));
+            gShared = sharedBackward(g, f);
+            back = await(pending);
+        } else {
+            back = timedCombine(ex, f, ge[0], ge[1]);
+            gShared = sharedBackward(g, f);
+        }
+        long t3 = System.nanoTime();
+        double[] gWeights = back.outTopkWeights.castTo(DataType.DOUBLE).dup('c').data().asDouble();
+        INDArray[] gr = f.router.backward(gWeights, getParam(MoEParamInitializer.ROUTER_WEIGHT), input.size(0));
+        gradientViews.get(MoEParamInitializer.ROUTER_WEIGHT).assign(gr[1]);
+        INDArray gBias = gradientViews.get(MoEParamInitializer.ROUTER_BIAS);
+        if (c.getBiasUpdateRate() > 0) {
+            gBias.assign(Nd4j.createFromArray(f.router.biasStep(c.getBiasUpdateRate())).reshape(gBias.shape()));
+        } else {
+            gBias.assign(0.0);
+        }
+        times.routingNs += System.nanoTime() - t3;
+        INDArray gx = back.out.add(gr[0]);
+        return gShared == null ? gx : gx.addi(gShared);
+    }
+
+    private INDArray sharedBackward(INDArray g, Forward f) {
+        if (f.shared == null) {
+            return null;
+        }
+        long t = System.nanoTime();
+        INDArray[] b = f.shared.backward(g);
+        gradientViews.get("s_w1").assign(b[1]);
+        gradientViews.get("s_w3").assign(b[2]);
+        gradientViews.get("s_w2").assign(b[3]);
+        times.sharedNs += System.nanoTime() - t;
+        return b[0];
+    }
+
+    /** Per local expert {w1, w3, w2}, from the parameters or the gradient views. */
+    private List<INDArray[]> expertParams(boolean gradients) {
+        List<INDArray[]> out = new ArrayList<>();
+        for (int j = 0; j < layerConf().getNumLocalExperts(); j++) {
+            String k1 = MoEParamInitializer.expertKey(j, "w1");
+            String k3 = MoEParamInitializer.expertKey(j, "w3");
+            String k2 = MoEParamInitializer.expertKey(j, "w2");
+            out.add(gradients
+                    ? new INDArray[]{gradientViews.get(k1), gradientViews.get(k3), gradientViews.get(k2)}
+                    : new INDArray[]{getParam(k1), getParam(k3), getParam(k2)});
+        }
+        return out;
+    }
+
+    private synchronized ExecutorService combineThread() {
+        if (combineThread == null) {
+            combineThread = Executors.newSingleThreadExecutor(r -> {
+                Thread t = new Thread(r, "moe-combine-layer-" + getIndex());
+                t.setDaemon(true);
+                return t;
+            });
+        }
+        return combineThread;
+    }
+
+    private static <T> T await(Future<T> f) {
+        try {
+            return f.get(ASYNC_TIMEOUT_S, TimeUnit.SECONDS);
+        } catch (java.util.concurrent.TimeoutException e) {
+            throw new IllegalStateException("MoELayer asynchronous combine did not finish within " + ASYNC_TIMEOUT_S + " s", e);
+        } catch (java.util.concurrent.ExecutionException e) {
+            Throwable cause = e.getCause();
+            if (cause instanceof RuntimeException) {
+                throw (RuntimeException) cause;
+            }
+            throw new IllegalStateException("MoELayer asynchronous combine failed", cause);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+            throw new IllegalStateException("MoELayer asynchronous combine interrupted", e);
+        }
+    }
+
+    /** [mb, nIn] stays; [mb, nIn, T] becomes [mb*T, nIn] (token t of example b at row b*T + t). Always a fresh copy. */
+    private INDArray toTokens(INDArray a, String what) {
+        long nIn = layerConf().getNIn();
+        if (a.rank() == 2 && a.size(1) == nIn) {
+            return a.dup('c');
+        }
+        if (a.rank() == 3 && a.size(1) == nIn) {
+            return a.permute(0, 2, 1).dup('c').reshape('c', a.size(0) * a.size(2), nIn);
+        }
+        throw new IllegalArgumentException("MoELayer " + what + " shape=" + java.util.Arrays.toString(a.shape())
+                + ": must be [mb, " + nIn + "] or [mb, " + nIn + ", T]");
+    }
+
+    private static INDArray fromTokens(INDArray t, long[] shape) {
+        if (shape.length == 2) {
+            return t;
+        }
+        return t.reshape('c', shape[0], shape[2], shape[1]).permute(0, 2, 1).dup('c');
+    }
+
+    @Override
+    public double calcRegularizationScore(boolean backpropParamsOnly) {
+        return super.calcRegularizationScore(backpropParamsOnly) + lastAuxLoss;
+    }
+
+    @Override
+    public void clear() {
+        super.clear();
+        cache = null;
+    }
+
+    @Override
+    public void close() {
+        if (combineThread != null) {
+            combineThread.shutdownNow();
+            combineThread = null;
+        }
+    }
+}

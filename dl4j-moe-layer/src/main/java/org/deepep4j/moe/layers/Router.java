@@ -1,0 +1,203 @@
+package org.deepep4j.moe.layers;
+
+import org.deepep4j.moe.conf.MoELayer;
+import org.deepep4j.moe.conf.ScoreFunction;
+import org.nd4j.linalg.api.ndarray.INDArray;
+import org.nd4j.linalg.factory.Nd4j;
+
+/**
+ * Router of a MoE layer: scores = softmax|sigmoid(x Wr); the top-k experts by (score + selection bias) are chosen and
+ * weighted by their scores (optionally renormalised to sum 1). The bias only steers selection, as in aux-loss-free
+ * balancing, so it gets no loss gradient. Work on [N, E] is done on the host: E is small and top-k is sequential.
+ */
+final class Router {
+
+    final INDArray x;
+    final int n;
+    final int e;
+    final int k;
+    /** [N*E] scores, row-major. */
+    final double[] scores;
+    /** [N*K] chosen global expert ids. */
+    final long[] topkIdx;
+    /** [N*K] chosen scores before renormalisation. */
+    final double[] gate;
+    /** [N*K] routing weights. */
+    final double[] weights;
+    /** [N] sum of the chosen scores (renormalisation only). */
+    final double[] gateSum;
+    /** Tokens per expert. */
+    final int[] load;
+    final double auxLoss;
+    private final MoELayer conf;
+
+    /**
+     * @param replayIdx recorded [N, K] choices to reuse instead of a fresh top-k, or null
+     */
+    Router(MoELayer conf, INDArray x, INDArray wr, INDArray br, INDArray replayIdx) {
+        this.conf = conf;
+        this.x = x;
+        n = (int) x.size(0);
+        e = conf.getNumExperts();
+        k = conf.getTopK();
+        scores = x.mmul(wr).castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
+        score(scores);
+        double[] bias = br.castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
+        topkIdx = replayIdx != null ? checkedReplay(replayIdx) : topK(scores, bias);
+        gate = new double[n * k];
+        weights = new double[n * k];
+        gateSum = new double[n];
+        load = new int[e];
+        for (int t = 0; t < n; t++) {
+            double sum = 0;
+            for (int j = 0; j < k; j++) {
+                int ex = (int) topkIdx[t * k + j];
+                gate[t * k + j] = scores[t * e + ex];
+                sum += gate[t * k + j];
+                load[ex]++;
+            }
+            gateSum[t] = sum;
+            for (int j = 0; j < k; j++) {
+                weights[t * k + j] = conf.isNormalizeTopK() ? gate[t * k + j] / sum : gate[t * k + j];
+            }
+        }
+        auxLoss = conf.getAuxLossCoefficient() > 0 ? auxLoss() : 0.0;
+    }
+
+    private void score(double[] s) {
+        if (conf.getScoreFunction() == ScoreFunction.SIGMOID) {
+            for (int i = 0; i < s.length; i++) {
+                s[i] = 1.0 / (1.0 + Math.exp(-s[i]));
+            }
+            return;
+        }
+        for (int t = 0; t < n; t++) {
+            double max = Double.NEGATIVE_INFINITY;
+            for (int j = 0; j < e; j++) {
+                max = Math.max(max, s[t * e + j]);
+            }
+            double sum = 0;
+            for (int j = 0; j < e; j++) {
+                s[t * e + j] = Math.exp(s[t * e + j] - max);
+                sum += s[t * e + j];
+            }
+            for (int j = 0; j < e; j++) {
+                s[t * e + j] /= sum;
+            }
+        }
+    }
+
+    private long[] topK(double[] s, double[] bias) {
+        long[] idx = new long[n * k];
+        boolean[] taken = new boolean[e];
+        for (int t = 0; t < n; t++) {
+            java.util.Arrays.fill(taken, false);
+            for (int j = 0; j < k; j++) {
+                int best = -1;
+                double bestV = Double.NEGATIVE_INFINITY;
+                for (int c = 0; c < e; c++) {
+                    double v = s[t * e + c] + bias[c];
+                    if (!taken[c] && v > bestV) {
+                        best = c;
+                        bestV = v;
+                    }
+                }
+                taken[best] = true;
+                idx[t * k + j] = best;
+            }
+        }
+        return idx;
+    }
+
+    private long[] checkedReplay(INDArray replay) {
+        if (replay.rank() != 2 || replay.size(0) != n || replay.size(1) != k) {
+            throw new IllegalStateException("routing replay: recorded routing has shape "
+                    + java.util.Arrays.toString(replay.shape()) + " but this forward has " + n + " tokens and topK=" + k
+                    + "; replay requires the same tokens as the recorded forward (clear the replay to route afresh)");
+        }
+        long[] idx = replay.dup('c').data().asLong();
+        for (int i = 0; i < idx.length; i++) {
+            if (idx[i] < 0 || idx[i] >= e) {
+                throw new IllegalStateException("routing replay: recorded expert id " + idx[i] + " at token " + i / k
+                        + ": must be in [0, numExperts=" + e + ")");
+            }
+        }
+        return idx;
+    }
+
+    /** Switch-style balance loss coef * E * sum_e f_e P_e; f = share of assignments, P = mean score. */
+    private double auxLoss() {
+        double total = 0;
+        for (int c = 0; c < e; c++) {
+            double p = 0;
+            for (int t = 0; t < n; t++) {
+                p += scores[t * e + c];
+            }
+            total += (load[c] / (double) (n * k)) * (p / n);
+        }
+        return conf.getAuxLossCoefficient() * e * total;
+    }
+
+    INDArray topkIdxArray() {
+        return Nd4j.createFromArray(topkIdx).reshape(n, k);
+    }
+
+    INDArray weightsArray() {
+        return Nd4j.createFromArray(weights).reshape(n, k).castTo(x.dataType());
+    }
+
+    /**
+     * Backward: from the gradient of the routing weights [N*K] (and the aux loss, scaled by {@code auxScale}, DL4J's
+     * minibatch size, because DL4J divides every gradient by it later) to {gx, gWr}.
+     */
+    INDArray[] backward(double[] gWeights, INDArray wr, double auxScale) {
+        double[] gScores = new double[n * e];
+        for (int t = 0; t < n; t++) {
+            double dot = 0;
+            for (int j = 0; j < k; j++) {
+                dot += gWeights[t * k + j] * weights[t * k + j];
+            }
+            for (int j = 0; j < k; j++) {
+                double gGate = conf.isNormalizeTopK() ? (gWeights[t * k + j] - dot) / gateSum[t] : gWeights[t * k + j];
+                gScores[t * e + (int) topkIdx[t * k + j]] += gGate;
+            }
+        }
+        if (conf.getAuxLossCoefficient() > 0) {
+            for (int c = 0; c < e; c++) {
+                double g = auxScale * conf.getAuxLossCoefficient() * e * (load[c] / (double) (n * k)) / n;
+                for (int t = 0; t < n; t++) {
+                    gScores[t * e + c] += g;
+                }
+            }
+        }
+        double[] gLogits = new double[n * e];
+        for (int t = 0; t < n; t++) {
+            if (conf.getScoreFunction() == ScoreFunction.SIGMOID) {
+                for (int c = 0; c < e; c++) {
+                    double s = scores[t * e + c];
+                    gLogits[t * e + c] = gScores[t * e + c] * s * (1 - s);
+                }
+            } else {
+                double dot = 0;
+                for (int c = 0; c < e; c++) {
+                    dot += gScores[t * e + c] * scores[t * e + c];
+                }
+                for (int c = 0; c < e; c++) {
+                    gLogits[t * e + c] = scores[t * e + c] * (gScores[t * e + c] - dot);
+                }
+            }
+        }
+        INDArray gl = Nd4j.createFromArray(gLogits).reshape(n, e).castTo(x.dataType());
+        return new INDArray[]{gl.mmul(wr.transpose()), x.transpose().mmul(gl)};
+    }
+
+    /** Aux-loss-free balancing step for the selection bias, as a value DL4J subtracts: -rate * sign(mean - load). */
+    double[] biasStep(double rate) {
+        double mean = n * (double) k / e;
+        double[] step = new double[e];
+        for (int c = 0; c < e; c++) {
+            step[c] = -rate * Math.signum(mean - load[c]);
+        }
+        return step;
+    }
+}

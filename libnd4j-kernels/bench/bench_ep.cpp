@@ -354,8 +354,11 @@ int run_cpu(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Options o = parse(argc, argv);
-  if (o.device == "cuda") {
+  // The CUDA bench has flags of its own (table of shapes, backends, sweep), so it parses its arguments itself.
+  bool cuda = false;
+  for (int i = 1; i + 1 < argc; ++i) cuda = cuda || (std::string(argv[i]) == "--device" && std::string(argv[i + 1]) == "cuda");
+  Options o = cuda ? Options{} : parse(argc, argv);
+  if (cuda) {
 #ifdef DEEPEP4J_BENCH_CUDA
     return bench_ep_cuda(argc, argv);
 #else

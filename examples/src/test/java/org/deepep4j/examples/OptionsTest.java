@@ -1,0 +1,75 @@
+package org.deepep4j.examples;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.io.ByteArrayOutputStream;
+import java.io.PrintStream;
+import java.nio.charset.StandardCharsets;
+import org.junit.jupiter.api.Test;
+
+class OptionsTest {
+    @Test
+    void defaultsAreTwoRanksEightExpertsTopTwoDeepep() throws Exception {
+        Options o = Options.parse();
+        assertEquals(2, o.ranks);
+        assertEquals(8, o.experts);
+        assertEquals(2, o.topK);
+        assertEquals("deepep", o.dispatch);
+        assertEquals(4, o.expertsPerRank());
+        assertEquals(o.epochs * o.stepsPerEpoch, o.totalSteps());
+    }
+
+    @Test
+    void parsesSpaceAndEqualsForms() throws Exception {
+        Options o = Options.parse("--ranks", "4", "--experts=16", "--top-k", "3", "--dispatch", "ALLTOALL", "--steps=7",
+                "--epochs", "2", "--lr", "0.5", "--seed", "-3");
+        assertEquals(4, o.ranks);
+        assertEquals(16, o.experts);
+        assertEquals(3, o.topK);
+        assertEquals("alltoall", o.dispatch);
+        assertEquals(14, o.totalSteps());
+        assertEquals(0.5, o.learningRate);
+        assertEquals(-3, o.seed);
+    }
+
+    @Test
+    void badFlagsNameFlagValueAndRule() {
+        assertEquals("unknown flag '--expert'", message("--expert", "4"));
+        assertEquals("--ranks 'two' must be a whole number", message("--ranks", "two"));
+        assertEquals("--ranks 0 must be in 1..64", message("--ranks", "0"));
+        assertEquals("--dispatch 'nccl' must be deepep or alltoall", message("--dispatch", "nccl"));
+        assertEquals("--experts 6 must be a multiple of --ranks 4", message("--ranks", "4", "--experts", "6"));
+        assertEquals("--top-k 9 must be at most --experts 8", message("--top-k", "9"));
+        assertEquals("--top-k 5 must be at most --hidden 4", message("--top-k", "5", "--hidden", "4"));
+        assertEquals("--lr -1 must be a finite number > 0", message("--lr", "-1"));
+        assertEquals("--steps needs a value", message("--steps"));
+    }
+
+    @Test
+    void cliExitsWithTwoOnBadFlagAndZeroOnHelp() {
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        ByteArrayOutputStream err = new ByteArrayOutputStream();
+        int code = Main.run(new String[] {"--tokens", "-5"}, print(out), print(err));
+        assertEquals(2, code);
+        String e = err.toString(StandardCharsets.UTF_8);
+        assertTrue(e.contains("--tokens -5 must be in 1..1048576"), e);
+        assertTrue(e.contains("--help"), e);
+
+        code = Main.run(new String[] {"--help"}, print(out), print(err));
+        assertEquals(0, code);
+        String help = out.toString(StandardCharsets.UTF_8);
+        for (String flag : new String[] {"--ranks", "--experts", "--top-k", "--dispatch", "--epochs", "--steps", "--out"}) {
+            assertTrue(help.contains(flag), "help lacks " + flag);
+        }
+    }
+
+    private static String message(String... args) {
+        return assertThrows(UsageException.class, () -> Options.parse(args)).getMessage();
+    }
+
+    private static PrintStream print(ByteArrayOutputStream b) {
+        return new PrintStream(b, true, StandardCharsets.UTF_8);
+    }
+}

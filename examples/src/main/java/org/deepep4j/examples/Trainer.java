@@ -2,17 +2,9 @@ package org.deepep4j.examples;
 
 import java.io.PrintStream;
 import java.time.Duration;
-import java.util.ArrayList;
 import java.util.LinkedHashMap;
-import java.util.List;
 import java.util.Locale;
 import java.util.Map;
-import java.util.concurrent.ExecutionException;
-import java.util.concurrent.ExecutorService;
-import java.util.concurrent.Executors;
-import java.util.concurrent.Future;
-import java.util.concurrent.TimeUnit;
-import java.util.concurrent.TimeoutException;
 import org.deepep4j.EpBuffer;
 import org.deepep4j.EpConfig;
 import org.deepep4j.EpDispatch;
@@ -38,31 +30,20 @@ public final class Trainer {
         RankWorker[] workers = new RankWorker[o.ranks];
         long start = System.nanoTime();
 
-        ExecutorService pool = Executors.newFixedThreadPool(o.ranks, r -> {
-            Thread t = new Thread(r, "ep-rank");
-            t.setDaemon(true);
-            return t;
-        });
-        try (EpGroup group = EpGroup.inProcess(o.ranks)) {
-            List<Future<?>> futures = new ArrayList<>();
-            for (int r = 0; r < o.ranks; r++) {
-                int rank = r;
-                futures.add(pool.submit(() -> {
-                    Thread.currentThread().setName("ep-rank-" + rank);
-                    // Creating the buffers is collective: every rank's thread creates its own.
-                    try (EpBuffer buffer = group.buffer(rank, cfg)) {
-                        RankWorker w = new RankWorker(o, rank, buffer, data, reduce);
-                        workers[rank] = w;
-                        w.train(done -> {
-                            if (rank == 0) progress(o, w, bar, out, done);
-                        });
-                    }
-                    return null;
-                }));
-            }
-            awaitAll(futures, o);
-        } finally {
-            pool.shutdownNow();
+        // Bound of the whole run: steps take milliseconds; a rank stuck in a collective fails after COLLECTIVE_TIMEOUT.
+        Duration runLimit = Duration.ofSeconds(120 + (long) o.totalSteps() * 10);
+        try (EpGroup group = EpGroup.inProcess(o.ranks); RankThreads ranks = new RankThreads(o.ranks)) {
+            ranks.run(runLimit, rank -> {
+                // Creating the buffers is collective: every rank's thread creates its own.
+                try (EpBuffer buffer = group.buffer(rank, cfg)) {
+                    RankWorker w = new RankWorker(o, rank, buffer, data, reduce);
+                    workers[rank] = w;
+                    w.train(done -> {
+                        if (rank == 0) progress(o, w, bar, out, done);
+                    });
+                }
+                return null;
+            });
         }
         double seconds = (System.nanoTime() - start) / 1e9;
         checkReplicasEqual(workers);
@@ -78,23 +59,6 @@ public final class Trainer {
             if (done < o.totalSteps()) out.print("\r\033[K");
             out.printf(Locale.ROOT, "epoch %d/%d  loss %.5f%n", epoch, o.epochs, mean);
         }
-    }
-
-    /** Waits for every rank; all are awaited so that the first failure is reported once the others have ended too. */
-    private static void awaitAll(List<Future<?>> futures, Options o) throws Exception {
-        // Generous bound: steps are milliseconds each; a rank stuck in a collective fails after COLLECTIVE_TIMEOUT.
-        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(120 + (long) o.totalSteps() * 10);
-        Exception first = null;
-        for (Future<?> f : futures) {
-            try {
-                f.get(Math.max(1, deadline - System.nanoTime()), TimeUnit.NANOSECONDS);
-            } catch (ExecutionException e) {
-                if (first == null) first = e.getCause() instanceof Exception ex ? ex : e;
-            } catch (TimeoutException e) {
-                if (first == null) first = new IllegalStateException("training did not finish in time; a rank is stuck", e);
-            }
-        }
-        if (first != null) throw first;
     }
 
     private static void checkReplicasEqual(RankWorker[] workers) {

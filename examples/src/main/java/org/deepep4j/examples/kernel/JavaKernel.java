@@ -29,8 +29,6 @@ import jdk.jshell.UnresolvedReferenceException;
  * the kernel's classpath (this project's jars, ND4J, XChart) and can show images through {@link Notebook}.
  */
 public final class JavaKernel extends BaseKernel {
-    /** The kernel library logs every message at INFO; kept in a field so the level set in main is not collected away. */
-    private static final java.util.logging.Logger KERNEL_LOG = java.util.logging.Logger.getLogger("io.github.spencerpark");
     private static volatile JavaKernel current;
     private final JShell shell;
 
@@ -46,7 +44,10 @@ public final class JavaKernel extends BaseKernel {
     }
 
     public static void main(String[] args) throws Exception {
-        KERNEL_LOG.setLevel(java.util.logging.Level.WARNING);
+        // The kernel library logs every message at INFO under short names ("ShellChannel", ...): raise the root level.
+        java.util.logging.Logger root = java.util.logging.Logger.getLogger("");
+        root.setLevel(java.util.logging.Level.WARNING);
+        for (java.util.logging.Handler h : root.getHandlers()) h.setLevel(java.util.logging.Level.WARNING);
         if (args.length != 1) {
             System.err.println("usage: JavaKernel <connection file>   (Jupyter starts it; see InstallKernel)");
             System.exit(2);

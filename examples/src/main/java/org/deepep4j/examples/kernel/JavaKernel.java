@@ -174,10 +174,11 @@ public final class JavaKernel extends BaseKernel {
             Manifest m = jf.getManifest();
             String cp = m == null ? null : m.getMainAttributes().getValue("Class-Path");
             if (cp == null) return;
+            // Entries are URIs relative to the jar's folder (Maven's jar plugin) or absolute file: URIs (Surefire).
             for (String rel : cp.trim().split("\\s+")) {
-                addWithManifest(new File(jar.getAbsoluteFile().getParentFile(), rel).getPath(), out);
+                addWithManifest(Path.of(jar.getAbsoluteFile().getParentFile().toURI().resolve(rel)).toString(), out);
             }
-        } catch (IOException e) {
+        } catch (IOException | IllegalArgumentException e) {
             // Not a readable jar: JShell will report what it cannot load.
         }
     }

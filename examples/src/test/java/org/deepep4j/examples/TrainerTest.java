@@ -1,0 +1,78 @@
+package org.deepep4j.examples;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.io.ByteArrayOutputStream;
+import java.io.PrintStream;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.Arrays;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
+
+/** End to end over real in-process ranks: deepep4j's dispatch and combine move every token of the training. */
+class TrainerTest {
+    @Test
+    void lossFallsAndDispatchDeliversExactlyWhatTheRouterChose() throws Exception {
+        Options o = Options.parse("--epochs", "3", "--steps", "6", "--tokens", "64", "--lr", "0.02");
+        ByteArrayOutputStream log = new ByteArrayOutputStream();
+        TrainingResult r = Trainer.train(o, new PrintStream(log, true, StandardCharsets.UTF_8));
+
+        double first = r.epochLoss()[0];
+        double last = r.epochLoss()[2];
+        assertTrue(last < 0.9 * first, "loss per epoch " + Arrays.toString(r.epochLoss()));
+
+        assertEquals((long) o.totalSteps() * o.ranks * o.tokensPerRank * o.topK, checkDeliveredEqualsChosen(o, r));
+
+        String printed = log.toString(StandardCharsets.UTF_8);
+        assertTrue(printed.contains("epoch 3/3  loss"), printed);
+        assertTrue(printed.contains("18/18 steps"), printed);
+        assertTrue(r.phaseNanos().keySet().containsAll(
+                java.util.List.of("route", "dispatch", "experts", "combine", "backward dispatch", "backward combine")),
+                r.phaseNanos().toString());
+    }
+
+    @Test
+    void fourRanksDeliverEveryAssignment() throws Exception {
+        Options o = Options.parse("--ranks", "4", "--experts", "8", "--top-k", "3", "--epochs", "1", "--steps", "2",
+                "--tokens", "40");
+        TrainingResult r = Trainer.train(o, quiet());
+        assertEquals(2 * 4 * 40 * 3, checkDeliveredEqualsChosen(o, r));
+    }
+
+    @Test
+    void cliWritesBothPngsAndPrintsWhere(@TempDir Path dir) throws Exception {
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        ByteArrayOutputStream err = new ByteArrayOutputStream();
+        int code = Main.run(new String[] {"--epochs", "1", "--steps", "3", "--tokens", "32", "--out", dir.toString()},
+                new PrintStream(out, true, StandardCharsets.UTF_8), new PrintStream(err, true, StandardCharsets.UTF_8));
+        String printed = out.toString(StandardCharsets.UTF_8);
+        assertEquals(0, code, printed + err.toString(StandardCharsets.UTF_8));
+        for (String name : new String[] {"loss.png", "expert-load.png"}) {
+            Path png = dir.resolve(name);
+            byte[] head = Arrays.copyOf(Files.readAllBytes(png), 4);
+            assertEquals("\u0089PNG", new String(head, StandardCharsets.ISO_8859_1), name);
+            assertTrue(printed.contains("wrote " + png.toAbsolutePath()), printed);
+        }
+        assertTrue(printed.contains("Per-expert load"), printed);
+        assertTrue(printed.contains("Per-phase time"), printed);
+    }
+
+    /** What the routers chose for each expert (counted where the tokens live) equals what dispatch delivered to it. */
+    private static long checkDeliveredEqualsChosen(Options o, TrainingResult r) {
+        long assignments = 0;
+        for (int e = 0; e < o.experts; e++) {
+            long chosen = 0;
+            for (int t = 0; t < o.tasks; t++) chosen += r.taskExpert()[t][e];
+            assertEquals(chosen, r.receivedPerExpert()[e], "expert " + e);
+            assignments += chosen;
+        }
+        return assignments;
+    }
+
+    private static PrintStream quiet() {
+        return new PrintStream(new ByteArrayOutputStream(), true, StandardCharsets.UTF_8);
+    }
+}

@@ -197,7 +197,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
             return null;
         }
         long t = System.nanoTime();
-        f.shared = new SwiGlu(x, getParam("s_w1"), getParam("s_w3"), getParam("s_w2"));
+        f.shared = new SwiGlu(x, getParam("sW1"), getParam("sW3"), getParam("sW2"));
         times.sharedNs += System.nanoTime() - t;
         return f.shared.y;
     }
@@ -262,9 +262,9 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         }
         long t = System.nanoTime();
         INDArray[] b = f.shared.backward(g);
-        gradientViews.get("s_w1").assign(b[1]);
-        gradientViews.get("s_w3").assign(b[2]);
-        gradientViews.get("s_w2").assign(b[3]);
+        gradientViews.get("sW1").assign(b[1]);
+        gradientViews.get("sW3").assign(b[2]);
+        gradientViews.get("sW2").assign(b[3]);
         times.sharedNs += System.nanoTime() - t;
         return b[0];
     }
@@ -273,9 +273,9 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     private List<INDArray[]> expertParams(boolean gradients) {
         List<INDArray[]> out = new ArrayList<>();
         for (int j = 0; j < layerConf().getNumLocalExperts(); j++) {
-            String k1 = MoEParamInitializer.expertKey(j, "w1");
-            String k3 = MoEParamInitializer.expertKey(j, "w3");
-            String k2 = MoEParamInitializer.expertKey(j, "w2");
+            String k1 = MoEParamInitializer.expertKey(j, "W1");
+            String k3 = MoEParamInitializer.expertKey(j, "W3");
+            String k2 = MoEParamInitializer.expertKey(j, "W2");
             out.add(gradients
                     ? new INDArray[]{gradientViews.get(k1), gradientViews.get(k3), gradientViews.get(k2)}
                     : new INDArray[]{getParam(k1), getParam(k3), getParam(k2)});

@@ -19,8 +19,9 @@ import java.util.regex.Pattern;
 /**
  * Parameters of a {@link MoELayer}, in flattened order:
  * router weights {@code Wr [nIn, E]}, router selection bias {@code br [1, E]} (moved by load statistics, never by a
- * gradient of the loss), then per local expert j {@code e<j>_w1 [nIn, ffn]}, {@code e<j>_w3 [nIn, ffn]},
- * {@code e<j>_w2 [ffn, nIn]}, then the optional shared expert {@code s_w1, s_w3, s_w2}.
+ * gradient of the loss), then per local expert j {@code e<j>W1 [nIn, ffn]}, {@code e<j>W3 [nIn, ffn]},
+ * {@code e<j>W2 [ffn, nIn]}, then the optional shared expert {@code sW1, sW3, sW2}. Keys have no '_' because DL4J
+ * splits gradient keys "layer_param" at it.
  * Expert keys use the local index; on rank r local expert j is global expert {@code r * E/R + j}.
  */
 public final class MoEParamInitializer implements ParamInitializer {
@@ -28,7 +29,7 @@ public final class MoEParamInitializer implements ParamInitializer {
     public static final String ROUTER_WEIGHT = "Wr";
     public static final String ROUTER_BIAS = "br";
     public static final String SHARED_PREFIX = "s";
-    private static final Pattern EXPERT_KEY = Pattern.compile("e(\\d+)_(w[123])");
+    private static final Pattern EXPERT_KEY = Pattern.compile("e(\\d+)(W[123])");
 
     private static final MoEParamInitializer INSTANCE = new MoEParamInitializer();
 
@@ -37,7 +38,7 @@ public final class MoEParamInitializer implements ParamInitializer {
     }
 
     public static String expertKey(int localExpert, String matrix) {
-        return "e" + localExpert + "_" + matrix;
+        return "e" + localExpert + matrix;
     }
 
     /** True for parameters that live on one rank only (routed experts); all others are replicated. */
@@ -55,7 +56,7 @@ public final class MoEParamInitializer implements ParamInitializer {
     public static String withExpertIndex(String key, int localExpert) {
         Matcher m = EXPERT_KEY.matcher(key);
         if (!m.matches()) {
-            throw new IllegalArgumentException("param key=" + key + ": is not an expert key (e<j>_w1|w2|w3)");
+            throw new IllegalArgumentException("param key=" + key + ": is not an expert key (e<j>W1|W2|W3)");
         }
         return expertKey(localExpert, m.group(2));
     }
@@ -82,14 +83,14 @@ public final class MoEParamInitializer implements ParamInitializer {
         m.put(ROUTER_WEIGHT, new long[]{nIn, e});
         m.put(ROUTER_BIAS, new long[]{1, e});
         for (int j = 0; j < c.getNumLocalExperts(); j++) {
-            m.put(expertKey(j, "w1"), new long[]{nIn, c.getFfnSize()});
-            m.put(expertKey(j, "w3"), new long[]{nIn, c.getFfnSize()});
-            m.put(expertKey(j, "w2"), new long[]{c.getFfnSize(), nIn});
+            m.put(expertKey(j, "W1"), new long[]{nIn, c.getFfnSize()});
+            m.put(expertKey(j, "W3"), new long[]{nIn, c.getFfnSize()});
+            m.put(expertKey(j, "W2"), new long[]{c.getFfnSize(), nIn});
         }
         if (c.getSharedExpertFfnSize() > 0) {
-            m.put(SHARED_PREFIX + "_w1", new long[]{nIn, c.getSharedExpertFfnSize()});
-            m.put(SHARED_PREFIX + "_w3", new long[]{nIn, c.getSharedExpertFfnSize()});
-            m.put(SHARED_PREFIX + "_w2", new long[]{c.getSharedExpertFfnSize(), nIn});
+            m.put(SHARED_PREFIX + "W1", new long[]{nIn, c.getSharedExpertFfnSize()});
+            m.put(SHARED_PREFIX + "W3", new long[]{nIn, c.getSharedExpertFfnSize()});
+            m.put(SHARED_PREFIX + "W2", new long[]{c.getSharedExpertFfnSize(), nIn});
         }
         return m;
     }

@@ -1,0 +1,227 @@
+package org.deepep4j.moe.train;
+
+import org.deepep4j.moe.exchange.ExpertExchange;
+import org.deepep4j.moe.exchange.InProcessExchangeGroup;
+import org.deepep4j.moe.layers.MoELayerImpl;
+import org.deeplearning4j.nn.api.Layer;
+import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
+import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
+import org.deeplearning4j.optimize.api.TrainingListener;
+import org.nd4j.linalg.dataset.api.DataSet;
+import org.nd4j.linalg.dataset.api.iterator.DataSetIterator;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.TimeUnit;
+import java.util.function.IntFunction;
+
+/**
+ * Trains a {@link MultiLayerNetwork} with MoE layers expert-parallel on R ranks that are threads of this JVM.
+ * The whole model is built once from the configuration (so its weights do not depend on R); rank r gets a replica with
+ * every replicated parameter and experts [r*E/R, (r+1)*E/R). Each step every rank fits its own minibatch from the
+ * shared iterator (batches are dealt round-robin; a last round with fewer than R batches is dropped), MoE layers move
+ * tokens through the rank's {@link ExpertExchange}, and gradients are averaged before the updater runs.
+ * <pre>
+ * ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(2).network(conf).iterator(it).epochs(3).build();
+ * t.fit();
+ * MultiLayerNetwork trained = t.wholeNetwork();
+ * </pre>
+ */
+public final class ExpertParallelTrainer {
+
+    private static final Logger log = LoggerFactory.getLogger(ExpertParallelTrainer.class);
+
+    private final int ranks;
+    private final MultiLayerConfiguration conf;
+    private final DataSetIterator iterator;
+    private final int epochs;
+    private final List<TrainingListener> listeners;
+    private final IntFunction<ExpertExchange> exchanges;
+    private final Duration timeout;
+    private final MultiLayerNetwork[] replicas;
+    private final MultiLayerNetwork whole;
+
+    private ExpertParallelTrainer(Builder b) {
+        this.ranks = b.ranks;
+        this.conf = b.conf;
+        this.iterator = b.iterator;
+        this.epochs = b.epochs;
+        this.listeners = b.listeners;
+        this.timeout = b.timeout;
+        if (b.exchanges != null) {
+            this.exchanges = b.exchanges;
+        } else {
+            InProcessExchangeGroup group = new InProcessExchangeGroup(ranks, timeout);
+            this.exchanges = group::rank;
+        }
+        whole = new MultiLayerNetwork(conf.clone());
+        whole.init();
+        MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, ranks);
+        replicas = new MultiLayerNetwork[ranks];
+        for (int r = 0; r < ranks; r++) {
+            replicas[r] = new MultiLayerNetwork(sharded.clone());
+            replicas[r].init();
+            ExpertSharding.scatter(whole, replicas[r], r);
+        }
+    }
+
+    public static Builder builder() {
+        return new Builder();
+    }
+
+    /** Runs all epochs on all ranks; rethrows the first failure of any rank. */
+    public void fit() {
+        GradientAverager averager = new GradientAverager(ranks, timeout);
+        RoundRobinBatches batches = new RoundRobinBatches(iterator, ranks);
+        ExecutorService pool = Executors.newFixedThreadPool(ranks, r -> {
+            Thread t = new Thread(r, "ep-rank");
+            t.setDaemon(true);
+            return t;
+        });
+        try {
+            List<Future<?>> futures = new ArrayList<>();
+            for (int r = 0; r < ranks; r++) {
+                final int rank = r;
+                futures.add(pool.submit(() -> {
+                    try {
+                        runRank(rank, averager, batches);
+                    } catch (RuntimeException | Error e) {
+                        averager.abort();
+                        throw e;
+                    }
+                    return null;
+                }));
+            }
+            RuntimeException first = null;
+            for (int r = 0; r < ranks; r++) {
+                try {
+                    futures.get(r).get();
+                } catch (java.util.concurrent.ExecutionException e) {
+                    if (first == null) {
+                        Throwable c = e.getCause();
+                        first = c instanceof RuntimeException ? (RuntimeException) c
+                                : new IllegalStateException("rank " + r + " failed", c);
+                    }
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                    throw new IllegalStateException("interrupted while waiting for rank " + r, e);
+                }
+            }
+            if (first != null) {
+                throw first;
+            }
+        } finally {
+            pool.shutdownNow();
+            try {
+                pool.awaitTermination(timeout.toMillis(), TimeUnit.MILLISECONDS);
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
+            }
+        }
+    }
+
+    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
+        MultiLayerNetwork net = replicas[rank];
+        ExpertExchange ex = exchanges.apply(rank);
+        for (Layer l : net.getLayers()) {
+            if (l instanceof MoELayerImpl) {
+                ((MoELayerImpl) l).setExchange(ex);
+            }
+        }
+        List<TrainingListener> ls = new ArrayList<>();
+        ls.add(averager.listener(rank, net));
+        if (PhaseTimingListener.enabledByEnvironment()) {
+            ls.add(new PhaseTimingListener("rank " + rank + " "));
+        }
+        if (rank == 0) {
+            ls.addAll(listeners);
+        }
+        net.setListeners(ls);
+        for (int epoch = 0; epoch < epochs; epoch++) {
+            for (int step = 0; ; step++) {
+                DataSet d = batches.take(epoch, step, rank);
+                if (d == null) {
+                    break;
+                }
+                net.fit(d);
+            }
+            for (TrainingListener l : ls) {
+                l.onEpochEnd(net);
+            }
+            net.incrementEpochCount();
+        }
+        if (rank == 0) {
+            log.info("expert-parallel training on {} ranks done: {} epochs", ranks, epochs);
+        }
+    }
+
+    /** Rank {@code r}'s replica (its experts only). */
+    public MultiLayerNetwork replica(int r) {
+        return replicas[r];
+    }
+
+    public int ranks() {
+        return ranks;
+    }
+
+    /** The whole model (epSize 1, every expert) with the current parameters of all ranks. */
+    public MultiLayerNetwork wholeNetwork() {
+        for (int r = 0; r < ranks; r++) {
+            ExpertSharding.gather(replicas[r], whole, r);
+        }
+        return whole;
+    }
+
+    /** Configuration of an {@link ExpertParallelTrainer}. */
+    public static final class Builder {
+        private int ranks = 2;
+        private MultiLayerConfiguration conf;
+        private DataSetIterator iterator;
+        private int epochs = 1;
+        private List<TrainingListener> listeners = new ArrayList<>();
+        private IntFunction<ExpertExchange> exchanges;
+        private Duration timeout = Duration.ofSeconds(120);
+
+        /** Number of ranks (threads); MoE layers' numExperts must be divisible by it. */
+        public Builder ranks(int ranks) { this.ranks = ranks; return this; }
+        /** The whole model's configuration (MoE layers with epSize 1). */
+        public Builder network(MultiLayerConfiguration conf) { this.conf = conf; return this; }
+        public Builder iterator(DataSetIterator iterator) { this.iterator = iterator; return this; }
+        public Builder epochs(int epochs) { this.epochs = epochs; return this; }
+        /** Listeners of rank 0's replica. */
+        public Builder listeners(TrainingListener... l) { this.listeners = new ArrayList<>(Arrays.asList(l)); return this; }
+        /**
+         * Where each rank's exchange comes from; called once on the rank's own thread (creating a native EpBuffer is
+         * collective). Default: an {@link InProcessExchangeGroup}.
+         */
+        public Builder exchanges(IntFunction<ExpertExchange> perRank) { this.exchanges = perRank; return this; }
+        /** Bound on every wait between ranks. */
+        public Builder timeout(Duration timeout) { this.timeout = timeout; return this; }
+
+        public ExpertParallelTrainer build() {
+            if (ranks < 1) {
+                throw new IllegalArgumentException("ranks=" + ranks + ": must be >= 1");
+            }
+            if (conf == null) {
+                throw new IllegalArgumentException("network=null: a MultiLayerConfiguration is required");
+            }
+            if (iterator == null) {
+                throw new IllegalArgumentException("iterator=null: a DataSetIterator is required");
+            }
+            if (epochs < 1) {
+                throw new IllegalArgumentException("epochs=" + epochs + ": must be >= 1");
+            }
+            if (timeout == null || timeout.isZero() || timeout.isNegative()) {
+                throw new IllegalArgumentException("timeout=" + timeout + ": must be > 0");
+            }
+            return new ExpertParallelTrainer(this);
+        }
+    }
+}

@@ -20,6 +20,8 @@ public final class ExpertShard {
     /** Parameters per local expert, in the order W1, b1, W2, b2. */
     private final List<INDArray[]> params = new ArrayList<>();
     private final List<INDArray[]> grads = new ArrayList<>();
+    private final INDArray flatParams;
+    private final INDArray flatGrads;
     private Forward last;
 
     /** What the backward pass needs of one forward call. */
@@ -30,16 +32,40 @@ public final class ExpertShard {
         this.localExperts = localExperts;
         this.hidden = hidden;
         this.inner = inner;
+        long[][] shapes = {{hidden, inner}, {1, inner}, {inner, hidden}, {1, hidden}};
+        long perExpert = 0;
+        for (long[] sh : shapes) perExpert += sh[0] * sh[1];
+        // All parameters (and gradients) live in one flat vector each, the arrays per expert are views into it: the
+        // optimizer then updates everything with a handful of ND4J ops instead of a handful per array.
+        flatParams = Nd4j.zeros(DataType.FLOAT, 1, perExpert * localExperts);
+        flatGrads = Nd4j.zeros(DataType.FLOAT, 1, perExpert * localExperts);
+        long offset = 0;
         for (int e = 0; e < localExperts; e++) {
-            // Seeded by global expert id: the same model whatever the number of ranks.
+            INDArray[] p = new INDArray[shapes.length];
+            INDArray[] g = new INDArray[shapes.length];
+            for (int i = 0; i < shapes.length; i++) {
+                long[] stride = {shapes[i][1], 1};
+                p[i] = Nd4j.create(flatParams.data(), shapes[i], stride, offset, 'c');
+                g[i] = Nd4j.create(flatGrads.data(), shapes[i], stride, offset, 'c');
+                offset += shapes[i][0] * shapes[i][1];
+            }
+            // Seeded by global expert id: the same model whatever the number of ranks. Biases start at zero.
             SplittableRandom rnd = new SplittableRandom(seed * 1_000_003L + firstGlobalExpert + e);
-            params.add(new INDArray[] {
-                uniform(rnd, hidden, inner, Math.sqrt(6.0 / hidden)), Nd4j.zeros(DataType.FLOAT, 1, inner),
-                uniform(rnd, inner, hidden, Math.sqrt(6.0 / (inner + hidden))), Nd4j.zeros(DataType.FLOAT, 1, hidden)});
-            grads.add(new INDArray[] {
-                Nd4j.zeros(DataType.FLOAT, hidden, inner), Nd4j.zeros(DataType.FLOAT, 1, inner),
-                Nd4j.zeros(DataType.FLOAT, inner, hidden), Nd4j.zeros(DataType.FLOAT, 1, hidden)});
+            p[0].assign(uniform(rnd, hidden, inner, Math.sqrt(6.0 / hidden)));
+            p[2].assign(uniform(rnd, inner, hidden, Math.sqrt(6.0 / (inner + hidden))));
+            params.add(p);
+            grads.add(g);
         }
+    }
+
+    /** Every parameter of this shard as one vector; {@link #params()} are views into it. */
+    public INDArray flatParams() {
+        return flatParams;
+    }
+
+    /** Gradients in the layout of {@link #flatParams()}, filled by {@link #backward}. */
+    public INDArray flatGrads() {
+        return flatGrads;
     }
 
     public List<INDArray[]> params() {

@@ -1,6 +1,5 @@
 package org.deepep4j.examples;
 
-import java.util.List;
 import java.util.SplittableRandom;
 import java.util.function.IntConsumer;
 import org.deepep4j.EpBuffer;
@@ -26,7 +25,7 @@ final class RankWorker {
     private final INDArray gate;
     private final Adam gateAdam;
     private final ExpertShard experts;
-    private final Adam[][] expertAdam;
+    private final Adam expertAdam;
     final PhaseTimer timer = new PhaseTimer();
     final double[] stepLoss;
     final long[][] taskExpert;
@@ -44,12 +43,7 @@ final class RankWorker {
         this.gateAdam = new Adam(gate, o.learningRate);
         int local = o.expertsPerRank();
         this.experts = new ExpertShard(rank * local, local, o.hidden, o.expertHidden, o.seed);
-        this.expertAdam = new Adam[local][];
-        for (int e = 0; e < local; e++) {
-            INDArray[] p = experts.params().get(e);
-            expertAdam[e] = new Adam[p.length];
-            for (int i = 0; i < p.length; i++) expertAdam[e][i] = new Adam(p[i], o.learningRate);
-        }
+        this.expertAdam = new Adam(experts.flatParams(), o.learningRate);
         this.stepLoss = new double[o.totalSteps()];
         this.taskExpert = new long[o.tasks][o.experts];
         this.receivedPerLocalExpert = new long[local];
@@ -118,12 +112,7 @@ final class RankWorker {
 
             timer.start("update");
             gateAdam.step(gate, gateGrad);
-            List<INDArray[]> params = experts.params();
-            for (int e = 0; e < params.size(); e++) {
-                INDArray[] p = params.get(e);
-                INDArray[] g = experts.grads().get(e);
-                for (int i = 0; i < p.length; i++) expertAdam[e][i].step(p[i], g[i]);
-            }
+            expertAdam.step(experts.flatParams(), experts.flatGrads());
             return loss;
         } finally {
             handle.close();

@@ -35,6 +35,18 @@ class ExpertShardTest {
     }
 
     @Test
+    void parameterArraysAreViewsOfTheFlatVector() {
+        ExpertShard shard = new ExpertShard(0, 2, H, F, 3);
+        long perExpert = H * F + F + F * H + H;
+        assertEquals(2 * perExpert, shard.flatParams().length());
+        shard.params().get(1)[2].putScalar(new long[] {1, 2}, 7.5);
+        // Expert 1's W2 starts after expert 0 and expert 1's W1 and b1; element (1,2) of an [F,H] array is 1*H+2 further.
+        assertEquals(7.5, shard.flatParams().getDouble(perExpert + H * F + F + H + 2));
+        shard.flatParams().putScalar(0, -2.0);
+        assertEquals(-2.0, shard.params().get(0)[0].getDouble(0, 0));
+    }
+
+    @Test
     void gradientsMatchFiniteDifferences() {
         ExpertShard shard = new ExpertShard(0, 2, H, F, 3);
         SplittableRandom rnd = new SplittableRandom(2);

@@ -238,6 +238,7 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
       cuda_must(cudaEventCreate(&e0), "event");
       cuda_must(cudaEventCreate(&e1), "event");
       cudaStream_t s = nullptr;
+      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
       for (int it = 0; it < total; ++it) {
         for (int phase = 0; phase < 2; ++phase) {
           cuda_must(cudaMemsetAsync(flush, it & 0xff, flush_bytes, s), "flush L2");
@@ -258,6 +259,7 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
       deepep4j_handle_destroy(h);
       for (void* p : {d_idx, d_w, d_x, d_xs, flush, rx, rxs, rw, y, out}) cudaFree(p);
       cudaEventDestroy(e0);
+      cudaStreamDestroy(s);
       cudaEventDestroy(e1);
     });
   for (auto& t : th) t.join();
@@ -359,8 +361,8 @@ int bench_ep_cuda(int argc, char** argv) {
   }
   if (o.sweep) {
     std::printf("| tokens | SMs | chunk | ring | dispatch us | GB/s | combine us | GB/s |\n|---|---|---|---|---|---|---|---|\n");
-    for (int32_t sms : {16, 24, 32, 48})
-      for (int32_t chunk : {8, 16, 32})
+    for (int32_t sms : {24, 48, 64})
+      for (int32_t chunk : {16, 32, 64})
         for (int32_t ring : {128, 256}) {
           if (sms > prop.multiProcessorCount) continue;
           Group g(o, DEEPEP4J_BACKEND_DEEPEP, sms, ring, chunk);

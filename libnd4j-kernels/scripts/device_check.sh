@@ -29,8 +29,8 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   run gpu_cross_process 300 "$build/gpu_test_cross_process"
   run gpu_peer_dies 120 "$build/gpu_test_peer_dies"
   san="compute-sanitizer --error-exitcode 9 --target-processes all"
-  run sanitizer_memcheck 300 $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
-  run sanitizer_racecheck 300 $san --tool racecheck "$build/gpu_test_roundtrip" bad_topk
+  run sanitizer_memcheck 300 env DEEPEP4J_TEST_BACKENDS=deepep $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
+  run sanitizer_racecheck 300 env DEEPEP4J_TEST_BACKENDS=deepep $san --tool racecheck "$build/gpu_test_roundtrip" many_steps
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   run bench_ep 400 "$build/bench_ep" --device cuda

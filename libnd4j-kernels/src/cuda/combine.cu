@@ -45,8 +45,11 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   }
   __syncthreads();
   const uint8_t* slots[DEEPEP4J_MAX_RANKS];
-  for (int64_t a = t0; a < t1; a += rg.chunk) {
-    const int64_t b = min(t1, a + rg.chunk);
+  // A round takes up to half a ring of tokens (never more than a ring from one stream), so senders fill the other half
+  // while this one is reduced.
+  const int round = max(rg.chunk, rg.slots / 2);
+  for (int64_t a = t0; a < t1; a += round) {
+    const int64_t b = min(t1, a + round);
     if (warp == 0) {
       for (int d = lane; d < R; d += 32) {
         uint32_t cnt = 0;

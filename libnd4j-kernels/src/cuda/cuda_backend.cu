@@ -41,9 +41,17 @@ CudaHandle::~CudaHandle() {
 CudaBackend::~CudaBackend() {
   if (use_device() != DEEPEP4J_OK) return;
   if (own_stream_) cudaStreamDestroy(own_stream_);
+  if (legacy_done_) cudaEventDestroy(legacy_done_);
   if (mailbox_) cudaFreeHost(mailbox_);
   if (gathered_host_) cudaFreeHost(gathered_host_);
   if (scratch_) cudaFree(scratch_);
+}
+
+cudaStream_t CudaBackend::pick(void* stream) {
+  if (stream) return static_cast<cudaStream_t>(stream);
+  // Errors here surface at the next checked call on the stream.
+  if (cudaEventRecord(legacy_done_, cudaStreamLegacy) == cudaSuccess) cudaStreamWaitEvent(own_stream_, legacy_done_, 0);
+  return own_stream_;
 }
 
 int CudaBackend::use_device() const { return cuda_status(cudaSetDevice(cfg_.device_id), "cudaSetDevice"); }
@@ -62,8 +70,8 @@ int CudaBackend::init() {
     return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT,
                      "num_sms = %d: must be <= %d on CUDA device %d (its SMs, and at most %d channels)", cfg_.num_sms,
                      std::min(sms, 2 * kMaxChannels), cfg_.device_id, kMaxChannels);
-  // A blocking stream keeps the ordering of NULL-stream work while letting ranks on one device run side by side.
-  DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamDefault));
+  DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
+  DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&legacy_done_, cudaEventDisableTiming));
   DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(Mailbox), cudaHostAllocMapped));
   std::memset(mailbox_, 0, sizeof(Mailbox));
   DEEPEP4J_CUDA_TRY(cudaHostGetDevicePointer(reinterpret_cast<void**>(&mailbox_dev_), mailbox_, 0));

@@ -54,7 +54,9 @@ class CudaBackend : public Backend {
   virtual int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t local_experts,
                               uint8_t* gathered, cudaStream_t s) = 0;
 
-  cudaStream_t pick(void* stream) const { return stream ? static_cast<cudaStream_t>(stream) : own_stream_; }
+  // The caller's stream, or for NULL our own non-blocking stream ordered after the legacy default stream's work (a
+  // blocking stream would make every legacy-stream call of another rank on this device wait for our spinning kernels).
+  cudaStream_t pick(void* stream);
   int use_device() const;
   // Waits for `s` until the deadline (the kernels stop themselves before it); then reads and resets the mailbox.
   int finish_step(cudaStream_t s, const char* call);
@@ -69,6 +71,7 @@ class CudaBackend : public Backend {
   int32_t rank_, R_;
   deepep4j_config cfg_;
   cudaStream_t own_stream_ = nullptr;
+  cudaEvent_t legacy_done_ = nullptr;
   Mailbox* mailbox_ = nullptr;        // host view
   Mailbox* mailbox_dev_ = nullptr;    // device view
   unsigned long long* scratch_ = nullptr;  // device: the plan's first bad topk_idx index

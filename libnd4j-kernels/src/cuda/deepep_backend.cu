@@ -4,6 +4,8 @@
 
 #include <cinttypes>
 #include <cstring>
+#include <mutex>
+#include <set>
 
 #include "common/validate.h"
 #include "cuda/cuda_backend.h"
@@ -13,6 +15,19 @@ namespace deepep4j {
 namespace cuda {
 
 namespace {
+
+// Peer access is per (device, peer) for the whole process; ranks of one process share it, so enable it once.
+int enable_peer_access(int device, int peer) {
+  static std::mutex mu;
+  static std::set<std::pair<int, int>> enabled;
+  std::lock_guard<std::mutex> lock(mu);
+  if (enabled.count({device, peer})) return DEEPEP4J_OK;
+  cudaError_t e = cudaDeviceEnablePeerAccess(peer, 0);
+  if (e == cudaErrorPeerAccessAlreadyEnabled) e = cudaSuccess, cudaGetLastError();  // enabled outside deepep4j
+  if (e != cudaSuccess) return cuda_status(e, "cudaDeviceEnablePeerAccess");
+  enabled.insert({device, peer});
+  return DEEPEP4J_OK;
+}
 
 class DeepepBackend : public CudaBackend {
  public:
@@ -53,9 +68,7 @@ class DeepepBackend : public CudaBackend {
           if (!can)
             return set_error(DEEPEP4J_ERR_UNAVAILABLE, "device %d cannot access device %d (rank %d) as a peer",
                              cfg_.device_id, b.device_id, r);
-          cudaError_t e = cudaDeviceEnablePeerAccess(b.device_id, 0);
-          if (e == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
-          else DEEPEP4J_CUDA_TRY(e);
+          if (int st = enable_peer_access(cfg_.device_id, b.device_id)) return st;
         }
         peers_.region[r] = reinterpret_cast<uint8_t*>(b.region);
       } else {

@@ -68,10 +68,8 @@ __device__ __forceinline__ bool send_stream(const Step& st, const Rings& rg, con
     for (int i = start + g.warp_in_group; i < end; i += g.warps_per_group)
       write(i, rg.slot(region, c, st.rank, st.num_ranks, base + uint32_t(i)));
     g.sync();
-    if (g.leader()) {
-      __threadfence_system();
-      st_release_sys(tail, base + uint32_t(end));
-    }
+    // The release store is cumulative: the group's slot writes, ordered before it by the barrier, become visible first.
+    if (g.leader()) st_release_sys(tail, base + uint32_t(end));
   }
   g.sync();
   return true;

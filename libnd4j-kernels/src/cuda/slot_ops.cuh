@@ -11,21 +11,21 @@
 namespace deepep4j {
 namespace cuda {
 
-// Copies `bytes` (a multiple of 16) with one warp; four loads in flight per lane before their stores.
+// Copies `bytes` (a multiple of 16) with one warp; eight 16-byte loads per lane in flight before their stores, so a
+// few warps keep enough bytes moving to cover NVLink and HBM latency.
 template <bool kSrcShared>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
+  constexpr int kUnroll = 8;
   const int64_t n = bytes / 16;
   int4* d = reinterpret_cast<int4*>(dst);
   const int4* s = reinterpret_cast<const int4*>(src);
   int64_t i = lane;
-  for (; i + 96 < n; i += 128) {
-    int4 a, b, c, e;
-    if (kSrcShared) {
-      a = ld_cg16(s + i), b = ld_cg16(s + i + 32), c = ld_cg16(s + i + 64), e = ld_cg16(s + i + 96);
-    } else {
-      a = __ldg(s + i), b = __ldg(s + i + 32), c = __ldg(s + i + 64), e = __ldg(s + i + 96);
-    }
-    d[i] = a, d[i + 32] = b, d[i + 64] = c, d[i + 96] = e;
+  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = kSrcShared ? ld_cg16(s + i + 32 * u) : __ldg(s + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
   }
   for (; i < n; i += 32) d[i] = kSrcShared ? ld_cg16(s + i) : __ldg(s + i);
 }
@@ -106,23 +106,38 @@ __device__ __forceinline__ void reduce_token(const uint8_t* const* slots, int nu
   constexpr int kPer = 16 / sizeof(T);
   const int64_t n = io.row_bytes / 16;
   int4* out = reinterpret_cast<int4*>(io.out + t * io.row_bytes);
-  for (int64_t i = lane; i < n; i += 32) {
-    float acc[kPer];
+  constexpr int kUnroll = 2;  // two vectors per lane in flight from every rank
+  for (int64_t i0 = lane; i0 < n; i0 += 32 * kUnroll) {
+    float acc[kUnroll][kPer];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) acc[j] = 0.0f;
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) acc[u][j] = 0.0f;
     for (int d = 0; d < num_ranks; ++d) {
       if (slots[d] == nullptr) continue;
-      float sc = __ldcg(reinterpret_cast<const float*>(slots[d] + lay.scale_off));
-      int4 v = ld_cg16(slots[d] + i * 16);
-      const T* e = reinterpret_cast<const T*>(&v);
+      const float sc = __ldcg(reinterpret_cast<const float*>(slots[d] + lay.scale_off));
+      int4 v[kUnroll];
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) acc[j] += sc * to_f(e[j]);
+      for (int u = 0; u < kUnroll; ++u) v[u] = make_int4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (i0 + u * 32 < n) v[u] = ld_cg16(slots[d] + (i0 + u * 32) * 16);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const T* e = reinterpret_cast<const T*>(&v[u]);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) acc[u][j] += sc * to_f(e[j]);
+      }
     }
-    int4 r;
-    T* o = reinterpret_cast<T*>(&r);
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) o[j] = from_f<T>(acc[j]);
-    out[i] = r;
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i0 + u * 32 >= n) break;
+      int4 r;
+      T* o = reinterpret_cast<T*>(&r);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) o[j] = from_f<T>(acc[u][j]);
+      out[i0 + u * 32] = r;
+    }
   }
   if (io.out_topk_weights != nullptr)
     for (int k = lane; k < K; k += 32) {

@@ -200,6 +200,16 @@ inline void run_and_verify(const Group& g, const ref::Shape& s, const std::vecto
 
 inline const char* backend_name(int32_t b) { return b == DEEPEP4J_BACKEND_ALLTOALL ? "alltoall" : "deepep"; }
 
+// Backends to test: both, or those named in DEEPEP4J_TEST_BACKENDS (e.g. "deepep" under compute-sanitizer, whose
+// instrumentation NCCL's start-up does not survive).
+inline std::vector<int32_t> backends() {
+  const char* env = std::getenv("DEEPEP4J_TEST_BACKENDS");
+  std::vector<int32_t> out;
+  for (int32_t b : {DEEPEP4J_BACKEND_DEEPEP, DEEPEP4J_BACKEND_ALLTOALL})
+    if (env == nullptr || std::strstr(env, backend_name(b)) != nullptr) out.push_back(b);
+  return out;
+}
+
 }  // namespace gpu
 
 namespace gpu {

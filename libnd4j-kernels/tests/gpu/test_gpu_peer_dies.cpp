@@ -74,9 +74,7 @@ void threads_case(int32_t backend) {
 
 }  // namespace
 
-TEST(deepep_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_DEEPEP); }
-TEST(alltoall_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_ALLTOALL); }
-
+// Runs first: a process that has used CUDA cannot fork CUDA ranks.
 // The peer process exits after notify; its region stays mapped by the survivor until the survivor lets go.
 TEST(deepep_peer_process_exits) {
   ref::Shape s = small_shape();
@@ -96,5 +94,8 @@ TEST(deepep_peer_process_exits) {
   CHECK_MSG(codes[0] == 0, "survivor exited with %d", codes[0]);
   CHECK_MSG(codes[1] == 0, "quiet rank exited with %d", codes[1]);
 }
+
+TEST(deepep_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_DEEPEP); }
+TEST(alltoall_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_ALLTOALL); }
 
 GPU_TEST_MAIN()

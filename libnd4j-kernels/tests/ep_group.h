@@ -132,9 +132,13 @@ inline void combine_into(deepep4j_buffer* b, deepep4j_handle* h, const ref::Shap
   res->combined.out_topk_weights.assign(o.combine_weights ? size_t(n * K) : 0, -99.0f);
   res->y_topk_weights.clear();
   if (o.combine_weights) res->y_topk_weights = res->recv.topk_weights;
+  // Weights of non-local entries must not count: give them a value that would show if they did.
+  std::vector<float> scale_weights = res->recv.topk_weights;
+  for (size_t i = 0; i < scale_weights.size(); ++i)
+    if (res->recv.topk_idx[i] < 0) scale_weights[i] = 100.0f;
   deepep4j_combine_args c{};
   c.y = res->y.data();
-  c.recv_topk_weights = o.weighted_combine ? res->recv.topk_weights.data() : nullptr;
+  c.recv_topk_weights = o.weighted_combine ? scale_weights.data() : nullptr;
   c.y_topk_weights = o.combine_weights ? res->y_topk_weights.data() : nullptr;
   c.out = res->combined.out.data();
   c.out_topk_weights = o.combine_weights ? res->combined.out_topk_weights.data() : nullptr;

@@ -1,0 +1,14 @@
+package org.deepep4j.moe.train;
+
+import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
+import org.nd4j.linalg.api.ndarray.INDArray;
+
+/** Test access to package-private trainer parts. */
+public final class ExpertParallelTestAccess {
+    private ExpertParallelTestAccess() {
+    }
+
+    public static INDArray replicatedMask(MultiLayerNetwork net) {
+        return GradientAverager.replicatedMask(net);
+    }
+}

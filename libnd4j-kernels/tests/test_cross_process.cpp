@@ -1,9 +1,23 @@
 // test_cross_process.cpp — ranks as separate processes (fork; blobs exchanged through pipes): the same results as
 // threads, and a peer that dies mid-step ends in a timeout on the survivors instead of a hang.
+#include <dirent.h>
+
 #include "ep_group.h"
 #include "proc_group.h"
 
 namespace {
+
+// Shared-memory names this process created that are still linked (the backend names them deepep4j.<pid>.*).
+int linked_names_of_this_process() {
+  std::string prefix = "deepep4j." + std::to_string(getpid()) + ".";
+  int n = 0;
+  if (DIR* d = opendir("/dev/shm")) {
+    while (dirent* e = readdir(d))
+      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) ++n;
+    closedir(d);
+  }
+  return n;
+}
 
 void cross_process_step(int32_t R, int32_t dtype) {
   ref::Shape s;
@@ -20,6 +34,9 @@ void cross_process_step(int32_t R, int32_t dtype) {
       R, cfg,
       [&](int32_t r, deepep4j_buffer* b) {
         // Every process rebuilds every rank's inputs from the seed, so it can check its own results alone.
+        // Once every peer has mapped the region its name is gone, so a crash leaks no shared memory.
+        CHECK_MSG(linked_names_of_this_process() == 0, "rank %d: %d shared-memory name(s) still linked after connect", r,
+                  linked_names_of_this_process());
         std::vector<ref::RankInput> in = ep::make_inputs(s, tokens, seed);
         for (int step = 0; step < 2; ++step) {
           ep::StepOptions o;
@@ -38,6 +55,22 @@ void cross_process_step(int32_t R, int32_t dtype) {
 }  // namespace
 
 TEST(two_processes) { cross_process_step(2, DEEPEP4J_FLOAT32); }
+
+// In one process: connected or not, destroying the buffers leaves no shared-memory name behind.
+TEST(no_names_left_in_process) {
+  ref::Shape s;
+  s.num_ranks = 3;
+  deepep4j_config cfg = ep::small_config(s);
+  {
+    ep::Group g(3, cfg);
+    CHECK_EQ(linked_names_of_this_process(), 0);
+  }
+  deepep4j_buffer* lone = nullptr;
+  REQUIRE_OK(deepep4j_buffer_create(1, 3, &cfg, &lone));  // never connected: its name must go with it
+  CHECK_EQ(linked_names_of_this_process(), 1);             // (and the probe does see a linked name)
+  deepep4j_buffer_destroy(lone);
+  CHECK_EQ(linked_names_of_this_process(), 0);
+}
 TEST(three_processes_bf16) { cross_process_step(3, DEEPEP4J_BFLOAT16); }
 TEST(four_processes_fp16) { cross_process_step(4, DEEPEP4J_FLOAT16); }
 

@@ -96,6 +96,23 @@ TEST(reference_all_rank_counts_and_dtypes) {
   }
 }
 
+// fp8 e4m3 dispatch moves bytes and their fp32 scales unchanged (combine is fp32/bf16/fp16 only).
+TEST(fp8_dispatch_carries_bytes_and_scales) {
+  for (int32_t R : {1, 2, 3}) {
+    ref::Shape s;
+    s.num_ranks = R;
+    s.num_experts = 4 * R;
+    s.num_topk = 3;
+    s.hidden = 256;
+    s.dtype = DEEPEP4J_FP8_E4M3;
+    ep::StepOptions o;
+    o.run_combine = false;
+    std::vector<int64_t> tokens;
+    for (int32_t r = 0; r < R; ++r) tokens.push_back(r == 1 ? 0 : 77 + r);
+    ep::run_and_verify(s, tokens, ep::small_config(s, 8, 4), o, 55 + R, t::fmt("fp8 R=%d", R));
+  }
+}
+
 // Tokens whose every top-k entry is -1 go nowhere and combine to zero; a step where no token goes anywhere works.
 TEST(tokens_routed_nowhere) {
   ref::Shape s;

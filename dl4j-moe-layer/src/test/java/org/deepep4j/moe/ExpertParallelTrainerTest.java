@@ -1,0 +1,83 @@
+package org.deepep4j.moe;
+
+import org.deepep4j.moe.train.ExpertParallelTrainer;
+import org.deepep4j.moe.train.PhaseTimingListener;
+import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
+import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
+import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
+import org.junit.jupiter.api.Test;
+import org.nd4j.linalg.api.buffer.DataType;
+import org.nd4j.linalg.api.ndarray.INDArray;
+import org.nd4j.linalg.dataset.DataSet;
+import org.nd4j.linalg.factory.Nd4j;
+import org.nd4j.linalg.learning.config.Adam;
+
+import java.util.List;
+
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+/** Expert-parallel training in fp32: two ranks train the same model as one rank, async combine changes nothing. */
+class ExpertParallelTrainerTest {
+
+    private static final int EXAMPLES = 64;
+
+    private static List<DataSet> data() {
+        DataSet all = new DataSet(Nets.input(DataType.FLOAT, 31, EXAMPLES, Nets.N_IN),
+                Nets.labels(DataType.FLOAT, 32, EXAMPLES));
+        return all.asList();
+    }
+
+    private static MultiLayerNetwork train(int ranks, int batch, boolean async, PhaseTimingListener timing) {
+        MultiLayerConfiguration conf = Nets.ff(DataType.FLOAT, new Adam(1e-2),
+                Nets.moe().sharedExpertFfnSize(4).asyncCombine(async));
+        ExpertParallelTrainer.Builder b = ExpertParallelTrainer.builder().ranks(ranks).network(conf)
+                .iterator(new ListDataSetIterator<>(data(), batch)).epochs(2);
+        if (timing != null) {
+            b.listeners(timing);
+        }
+        ExpertParallelTrainer t = b.build();
+        t.fit();
+        return t.wholeNetwork();
+    }
+
+    @Test
+    void twoRanksTrainLikeOne() {
+        MultiLayerNetwork initial = new MultiLayerNetwork(Nets.ff(DataType.FLOAT, new Adam(1e-2),
+                Nets.moe().sharedExpertFfnSize(4)));
+        initial.init();
+        MultiLayerNetwork one = train(1, 16, false, null);
+        MultiLayerNetwork two = train(2, 8, false, null);
+        double moved = one.params().sub(initial.params()).norm2Number().doubleValue();
+        assertTrue(moved > 1e-2, "training moved the parameters by " + moved);
+        INDArray diff = one.params().sub(two.params());
+        double maxDiff = diff.amaxNumber().doubleValue();
+        assertTrue(maxDiff < 1e-4, "EP=1 and EP=2 parameters differ by up to " + maxDiff);
+        INDArray x = Nets.input(DataType.FLOAT, 33, 5, Nets.N_IN);
+        assertTrue(one.output(x).equalsWithEps(two.output(x), 1e-4));
+    }
+
+    @Test
+    void asyncCombineGivesIdenticalResults() {
+        PhaseTimingListener timing = new PhaseTimingListener();
+        MultiLayerNetwork sync = train(2, 8, false, null);
+        MultiLayerNetwork async = train(2, 8, true, timing);
+        assertEquals(sync.params(), async.params());
+        assertFalse(timing.lastTimes().isEmpty(), "phase timing was reported");
+        assertTrue(timing.lastTimes().get(1).expertMs() > 0);
+    }
+
+    @Test
+    void badTrainerSettingsAreRejected() {
+        MultiLayerConfiguration conf = Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe());
+        IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,
+                () -> ExpertParallelTrainer.builder().ranks(3).network(conf)
+                        .iterator(new ListDataSetIterator<>(data(), 8)).build());
+        assertTrue(e.getMessage().contains("numExperts=4") && e.getMessage().contains("epSize=3"), e.getMessage());
+        e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,
+                () -> ExpertParallelTrainer.builder().ranks(0).network(conf).build());
+        assertTrue(e.getMessage().contains("ranks=0"), e.getMessage());
+    }
+}

@@ -96,6 +96,34 @@ TEST(reference_all_rank_counts_and_dtypes) {
   }
 }
 
+// Random configurations: ring depth, chunk, channels, copy threads, shapes and options all drawn at once.
+TEST(random_sweep) {
+  std::mt19937_64 rng(4242);
+  for (int run = 0; run < 150; ++run) {
+    ref::Shape s;
+    const int32_t ranks[] = {1, 2, 3, 4, 5, 8};
+    s.num_ranks = ranks[rng() % 6];
+    s.num_experts = s.num_ranks * int32_t(1 + rng() % 6);
+    s.num_topk = int32_t(1 + rng() % std::min(9, s.num_experts));
+    const int32_t dtypes[] = {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT16};
+    s.dtype = dtypes[rng() % 3];
+    s.hidden = (s.dtype == DEEPEP4J_FLOAT32 ? 4 : 8) * int64_t(1 + rng() % 40);
+    int32_t chunk = int32_t(1 + rng() % 6), ring = chunk + int32_t(rng() % 10), sms = 2 * int32_t(1 + rng() % 4);
+    deepep4j_config cfg = ep::small_config(s, ring, chunk, sms);
+    cfg.num_threads = int32_t(rng() % 4);
+    std::vector<int64_t> tokens;
+    for (int32_t r = 0; r < s.num_ranks; ++r) tokens.push_back(rng() % 5 == 0 ? 0 : int64_t(rng() % 120));
+    ep::StepOptions o;
+    o.weighted_combine = rng() % 2 == 0;
+    o.combine_weights = rng() % 3 == 0;
+    o.send_weights = o.weighted_combine || o.combine_weights || rng() % 2 == 0;
+    ep::run_and_verify(s, tokens, cfg, o, rng(),
+                       t::fmt("sweep %d: R=%d E=%d K=%d H=%lld dtype=%d ring=%d chunk=%d sms=%d threads=%d", run,
+                              s.num_ranks, s.num_experts, s.num_topk, (long long)s.hidden, s.dtype, ring, chunk, sms,
+                              cfg.num_threads));
+  }
+}
+
 // fp8 e4m3 dispatch moves bytes and their fp32 scales unchanged (combine is fp32/bf16/fp16 only).
 TEST(fp8_dispatch_carries_bytes_and_scales) {
   for (int32_t R : {1, 2, 3}) {

@@ -204,6 +204,13 @@ typedef struct deepep4j_combine_args {
 DEEPEP4J_API int deepep4j_combine(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
                                   const deepep4j_combine_args* args, void* stream);
 
+/* ---------------------------------------------------------------- local failures in a collective */
+/* Collective. A rank whose own checks failed before it could make the step's call (a binding's shape check, say)
+   joins the step the other ranks are making with this failure, so every rank returns the same error instead of
+   waiting for it: the others get DEEPEP4J_ERR_PEER_ERROR with "rank r reported ...: <message>". Returns `status`
+   (which must not be DEEPEP4J_OK) with `message` as this rank's last error. */
+DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const char* message);
+
 /* ---------------------------------------------------------------- handle */
 DEEPEP4J_API int64_t deepep4j_handle_num_tokens(const deepep4j_handle* h);      /* N */
 DEEPEP4J_API int64_t deepep4j_handle_num_recv_tokens(const deepep4j_handle* h); /* M */

@@ -191,6 +191,14 @@ int deepep4j_combine(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtyp
   return guarded("deepep4j_combine", [&] { return buf->backend->combine(handle, dtype, args, stream); });
 }
 
+int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const char* message) {
+  if (int st = need_buffer(buf, true, "deepep4j_fail_step")) return st;
+  if (status == DEEPEP4J_OK)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "status = DEEPEP4J_OK: fail_step needs a failure status");
+  const char* msg = message ? message : "(no message)";
+  return guarded("deepep4j_fail_step", [&] { return buf->backend->fail_step(status, msg); });
+}
+
 int64_t deepep4j_handle_num_tokens(const deepep4j_handle* h) { return h ? h->num_tokens : -1; }
 int64_t deepep4j_handle_num_recv_tokens(const deepep4j_handle* h) { return h ? h->num_recv_tokens : -1; }
 int32_t deepep4j_handle_num_topk(const deepep4j_handle* h) { return h ? h->num_topk : -1; }

@@ -39,6 +39,9 @@ class Backend {
                               Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert, void* stream) = 0;
   virtual int dispatch(Handle* h, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) = 0;
   virtual int combine(Handle* h, int32_t dtype, const deepep4j_combine_args* a, void* stream) = 0;
+  // Joins the peers' current collective step with a local failure (deepep4j_fail_step). A backend without a
+  // step exchange reports the failure locally only.
+  virtual int fail_step(int32_t status, const char* message) { return set_error(status, "%s", message); }
 };
 
 // Factories. The CUDA one lives in src/cuda/ (or src/cuda_unavailable.cpp when the library is built without CUDA,

@@ -396,6 +396,18 @@ class CpuBackend final : public Backend {
     return run_transfer(tr);
   }
 
+  int fail_step(int32_t status, const char* message) override {
+    StepData mine{};
+    Check c;
+    c.status = status;
+    c.message = message;
+    fill_header(&mine, c, kStepNotify, 0, 0, 0, 0, 0, 0, 0);
+    std::vector<const StepData*> all;
+    int st = exchange(mine, &all, nullptr);
+    if (st != DEEPEP4J_OK) return st;
+    return verdict(all, kStepNotify);  // this rank's own failure unless a lower rank failed too
+  }
+
  private:
   // ------------------------------------------------------------------------------------------------ step exchange
   Check check_ring(int64_t slot_bytes, const char* what) const {

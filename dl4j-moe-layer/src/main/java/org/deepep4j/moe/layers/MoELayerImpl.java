@@ -38,6 +38,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     private transient ExecutorService combineThread;
     private transient Forward cache;
     private transient double lastAuxLoss;
+    private transient int[] lastLoad;
     private transient RoutingMode routingMode = RoutingMode.NORMAL;
     private transient INDArray recordedRouting;
     private transient PhaseTimes times = new PhaseTimes();
@@ -111,7 +112,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
 
     /** Tokens per global expert chosen in the last forward of this rank. */
     public int[] lastLoad() {
-        return cache == null ? null : cache.router.load.clone();
+        return lastLoad == null ? null : lastLoad.clone();
     }
 
     @Override
@@ -156,6 +157,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         f.router = new Router(c, x, getParam(MoEParamInitializer.ROUTER_WEIGHT),
                 getParam(MoEParamInitializer.ROUTER_BIAS), replay);
         lastAuxLoss = f.router.auxLoss;
+        lastLoad = f.router.load;
         if (routingMode == RoutingMode.RECORD) {
             recordedRouting = f.router.topkIdxArray();
         }

@@ -35,6 +35,8 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   run bench_ep 400 "$build/bench_ep" --device cuda
   cat "$out/bench_ep.log"
+  run bench_ep_64sms 300 "$build/bench_ep" --device cuda --backends deepep --num-sms 64 --chunk 32
+  cat "$out/bench_ep_64sms.log"
 fi
 if [ "$what" = sweep ]; then
   run bench_sweep 500 "$build/bench_ep" --device cuda --tokens 512,4096 --sweep

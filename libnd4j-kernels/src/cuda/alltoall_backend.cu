@@ -41,7 +41,10 @@ class AlltoallBackend : public CudaBackend {
     cudaStreamSynchronize(own_stream_);
     // Abort rather than destroy: it never waits for peers, which may be gone.
     if (comm_) nccl_->CommAbort(comm_);
-    for (void* p : {(void*)send_stage_, (void*)recv_stage_, (void*)small_dev_}) cudaFree(p);
+    if (send_stage_) cudaFreeAsync(send_stage_, own_stream_);
+    if (recv_stage_) cudaFreeAsync(recv_stage_, own_stream_);
+    cudaStreamSynchronize(own_stream_);
+    cudaFree(small_dev_);
     if (small_host_) cudaFreeHost(small_host_);
   }
 
@@ -109,7 +112,7 @@ class AlltoallBackend : public CudaBackend {
     RankBases to{}, from{};
     int64_t sent = 0, recvd = 0;
     blocks(*h, &to, &sent, &from, &recvd);
-    if (int st = reserve(sent * slot, recvd * slot)) return st;
+    if (int st = reserve(sent * slot, recvd * slot, s)) return st;
     if (check.ok()) {
       io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
       io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
@@ -145,7 +148,7 @@ class AlltoallBackend : public CudaBackend {
     RankBases to{}, from{};
     int64_t sent = 0, recvd = 0;
     blocks(*h, &from, &recvd, &to, &sent);
-    if (int st = reserve(sent * slot, recvd * slot)) return st;
+    if (int st = reserve(sent * slot, recvd * slot, s)) return st;
     if (check.ok()) {
       io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
       io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
@@ -243,17 +246,18 @@ class AlltoallBackend : public CudaBackend {
     }
   }
 
-  int reserve(int64_t send_bytes, int64_t recv_bytes) {
+  // Grows the staging buffers, stream-ordered (no device-wide sync that could wait on another rank's kernels).
+  int reserve(int64_t send_bytes, int64_t recv_bytes, cudaStream_t s) {
     if (send_bytes > send_cap_) {
-      cudaFree(send_stage_);
+      if (send_stage_) cudaFreeAsync(send_stage_, s);
       send_stage_ = nullptr, send_cap_ = 0;
-      DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&send_stage_), size_t(send_bytes)));
+      DEEPEP4J_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&send_stage_), size_t(send_bytes), s));
       send_cap_ = send_bytes;
     }
     if (recv_bytes > recv_cap_) {
-      cudaFree(recv_stage_);
+      if (recv_stage_) cudaFreeAsync(recv_stage_, s);
       recv_stage_ = nullptr, recv_cap_ = 0;
-      DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&recv_stage_), size_t(recv_bytes)));
+      DEEPEP4J_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&recv_stage_), size_t(recv_bytes), s));
       recv_cap_ = recv_bytes;
     }
     return DEEPEP4J_OK;

@@ -51,11 +51,18 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   for (int64_t a = t0; a < t1; a += round) {
     const int64_t b = min(t1, a + round);
     if (warp == 0) {
+      // Rows this round needs from each rank: ballots over the round's token masks (lane d counts rank d, d + 32).
+      uint32_t cnt[2] = {0, 0};
+      for (int64_t base = a; base < b; base += 32) {
+        const uint64_t m = base + lane < b ? h.token_mask[base + lane] : 0ull;
+        for (int d = 0; d < R; ++d) {
+          const uint32_t c = __popc(__ballot_sync(0xffffffffu, (m >> d) & 1ull));
+          if (d % 32 == lane) cnt[d / 32] += c;
+        }
+      }
       for (int d = lane; d < R; d += 32) {
-        uint32_t cnt = 0;
-        for (int64_t t = a; t < b; ++t) cnt += uint32_t(h.token_mask[t] >> d & 1ull);
-        s_need[d] += cnt;
-        if (cnt && !wait_reach(tails(own) + c * R + d, s_base[d] + s_need[d], deadline)) {
+        s_need[d] += cnt[d / 32];
+        if (cnt[d / 32] && !wait_reach(tails(own) + c * R + d, s_base[d] + s_need[d], deadline)) {
           record_timeout(st, 4, d);
           s_abort[0] = 1;
         }

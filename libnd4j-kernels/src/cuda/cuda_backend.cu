@@ -33,8 +33,10 @@ CudaHandle::~CudaHandle() {
   int prev = 0;
   cudaGetDevice(&prev);
   cudaSetDevice(device);
-  if (arena) cudaFree(arena);
-  if (r.recv_local) cudaFree(r.recv_local);
+  // Stream-ordered frees: a plain cudaFree would wait for the whole device, including the spinning kernels of other
+  // ranks that share it, which may be waiting for this thread.
+  if (arena) cudaFreeAsync(arena, cudaStreamLegacy);
+  if (r.recv_local) cudaFreeAsync(r.recv_local, cudaStreamLegacy);
   cudaSetDevice(prev);
 }
 
@@ -159,7 +161,12 @@ int CudaBackend::get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t
   Check c = check_routing(topk_idx, n, k, e, R_, false);
   if (!c.ok()) return set_error(c.status, "%s", c.message.c_str());
   if (int st = use_device()) return st;
-  DEEPEP4J_CUDA_TRY(launch_layout(topk_idx, n, k, e, R_, per_rank, per_expert, in_rank, pick(stream)));
+  cudaStream_t s = pick(stream);
+  DEEPEP4J_CUDA_TRY(launch_layout(topk_idx, n, k, e, R_, per_rank, per_expert, in_rank, s));
+  if (stream == nullptr) {  // the caller reads the results in NULL-stream order
+    DEEPEP4J_CUDA_TRY(cudaEventRecord(legacy_done_, s));
+    DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(cudaStreamLegacy, legacy_done_, 0));
+  }
   return ok();
 }
 
@@ -187,7 +194,7 @@ int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, 
     size_t sizes[] = {N * 8, N * k * 4, N * R_ * 4, N * R_ * 4, RC * 4, size_t(e) * 4, RC * 4, RC * 4, RC * 4};
     size_t total = 0;
     for (size_t v : sizes) total += align256(v);
-    DEEPEP4J_CUDA_TRY(cudaMalloc(&h->arena, total));
+    DEEPEP4J_CUDA_TRY(cudaMallocAsync(&h->arena, total, s));
     uint8_t* p = static_cast<uint8_t*>(h->arena);
     void** ptrs[] = {(void**)&r.token_mask, (void**)&r.topk,          (void**)&r.send_pos,
                      (void**)&r.send_list,  (void**)&r.send_counts,   (void**)&r.expert_counts,
@@ -270,7 +277,7 @@ int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, 
   DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.recv_offset, recv_offset.data(), RC * 4, cudaMemcpyHostToDevice, s));
   DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.recv_counts, h->recv_counts_host.data(), RC * 4, cudaMemcpyHostToDevice, s));
   DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.send_prefix, send_prefix.data(), RC * 4, cudaMemcpyHostToDevice, s));
-  if (M > 0) DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&h->r.recv_local), size_t(M) * 4));
+  if (M > 0) DEEPEP4J_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&h->r.recv_local), size_t(M) * 4, s));
   if (int st = wait_stream(s, now_ms() + cfg_.timeout_ms, call)) return st;
   h->num_tokens = n, h->num_recv_tokens = M, h->num_topk = k, h->num_experts = e, h->hidden = hidden;
   h->dtype = dtype, h->num_ranks = R_;

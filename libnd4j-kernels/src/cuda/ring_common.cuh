@@ -57,11 +57,16 @@ __device__ __forceinline__ bool send_stream(const Step& st, const Rings& rg, con
   if (g.leader()) *s_word = ld_acquire_sys(tail);  // our own count from earlier steps
   g.sync();
   const uint32_t base = *s_word;
+  uint32_t seen_head = base;  // leader only: the last head read; the remote read is repeated only when short of room
   for (int start = 0; start < n; start += rg.chunk) {
     const int end = min(n, start + rg.chunk);
-    if (g.leader() && !wait_reach(head, base + uint32_t(end) - uint32_t(rg.slots), deadline)) {
-      record_timeout(st, where, dest);
-      *s_abort = 1;
+    const uint32_t need = base + uint32_t(end) - uint32_t(rg.slots);
+    if (g.leader() && int32_t(seen_head - need) < 0) {
+      if (!wait_reach(head, need, deadline)) {
+        record_timeout(st, where, dest);
+        *s_abort = 1;
+      }
+      seen_head = ld_acquire_sys(head);
     }
     g.sync();
     if (*s_abort) return false;

@@ -33,7 +33,8 @@ struct Dev {
   size_t bytes = 0;
   Dev() = default;
   explicit Dev(size_t n) : bytes(n) {
-    if (n) CUDA_OK(cudaMalloc(&p, n));
+    // Stream-ordered: cudaMalloc/cudaFree may wait for the whole device, including another rank's spinning kernel.
+    if (n) CUDA_OK(cudaMallocAsync(&p, n, cudaStreamLegacy));
   }
   template <class T>
   explicit Dev(const std::vector<T>& v) : Dev(v.size() * sizeof(T)) {
@@ -46,7 +47,7 @@ struct Dev {
     return *this;
   }
   ~Dev() {
-    if (p) cudaFree(p);
+    if (p) cudaFreeAsync(p, cudaStreamLegacy);
   }
   template <class T>
   T* as() const { return static_cast<T*>(p); }
@@ -163,7 +164,7 @@ inline void run_rank(deepep4j_buffer* b, int device, int32_t rank, const ref::Sh
   in_rank.fill(0xEE);
   REQUIRE_OK(deepep4j_get_dispatch_layout(b, idx.as<int64_t>(), in.n, K, E, per_rank.as<int32_t>(),
                                           per_expert.as<int32_t>(), in_rank.as<uint8_t>(), nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
   per_rank.get(&res->layout.per_rank);
   per_expert.get(&res->layout.per_expert);
   in_rank.get(&res->layout.in_rank);

@@ -87,10 +87,6 @@ public final class Options {
         if (o.topK > o.experts) {
             throw new UsageException("--top-k " + o.topK + " must be at most --experts " + o.experts);
         }
-        if (o.topK > o.hidden) {
-            // The router's weight gradients travel home as rows of width H (see RankWorker).
-            throw new UsageException("--top-k " + o.topK + " must be at most --hidden " + o.hidden);
-        }
         return o;
     }
 

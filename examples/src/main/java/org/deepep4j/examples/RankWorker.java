@@ -3,12 +3,12 @@ package org.deepep4j.examples;
 import java.util.SplittableRandom;
 import java.util.function.IntConsumer;
 import org.deepep4j.EpBuffer;
+import org.deepep4j.EpCombineResult;
 import org.deepep4j.EpDispatchResult;
 import org.deepep4j.EpHandle;
 import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.factory.Nd4j;
-import org.nd4j.linalg.indexing.NDArrayIndex;
 import org.nd4j.linalg.ops.transforms.Transforms;
 
 /**
@@ -89,22 +89,18 @@ final class RankWorker {
             timer.start("backward dispatch");
             // Combine sums rows from the ranks a token visited, so its backward is a dispatch of the output
             // gradient along the same routes: the cached handle replays them.
-            INDArray gradExpertOut = buffer.dispatch(gradOut, handle).recvX();
+            INDArray gradExpertOut = buffer.dispatch(gradOut, handle);
 
             timer.start("experts backward");
             float[] gradSlotWeights = experts.backward(gradExpertOut);
 
             timer.start("backward combine");
-            // Each slot's weight gradient is known where its expert lives; combine sums them home (every other
-            // rank contributes 0 for that slot). Padded to H columns so it moves like any token row.
+            // Each slot's weight gradient is known where its expert lives; combine's top-k column sums them home
+            // (every other rank contributes 0 for that slot). The rows themselves carry nothing here: zeros.
             int m = (int) d.recvX().size(0);
-            INDArray padded = Nd4j.zeros(DataType.FLOAT, m, o.hidden);
-            if (m > 0) {
-                padded.get(NDArrayIndex.all(), NDArrayIndex.interval(0, o.topK))
-                        .assign(Nd4j.create(gradSlotWeights, new long[] {m, o.topK}, DataType.FLOAT));
-            }
-            INDArray home = buffer.combine(padded, handle, null);
-            float[] gradWeights = home.get(NDArrayIndex.all(), NDArrayIndex.interval(0, o.topK)).dup().data().asFloat();
+            INDArray slotGrads = Nd4j.create(gradSlotWeights, new long[] {m, o.topK}, DataType.FLOAT);
+            EpCombineResult home = buffer.combine(Nd4j.zeros(DataType.FLOAT, m, o.hidden), handle, null, slotGrads);
+            float[] gradWeights = home.outTopkWeights().data().asFloat();
 
             timer.start("router backward");
             INDArray gateGrad = reduce.mean(rank, router.backward(routing, gradWeights));

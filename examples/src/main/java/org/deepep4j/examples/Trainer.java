@@ -32,8 +32,8 @@ public final class Trainer {
 
         // Bound of the whole run: steps take milliseconds; a rank stuck in a collective fails after COLLECTIVE_TIMEOUT.
         Duration runLimit = Duration.ofSeconds(120 + (long) o.totalSteps() * 10);
-        try (EpGroup group = EpGroup.inProcess(o.ranks); RankThreads ranks = new RankThreads(o.ranks)) {
-            ranks.run(runLimit, rank -> {
+        try (EpGroup group = EpGroup.inProcess(o.ranks)) {
+            group.runOnAllRanks(rank -> {
                 // Creating the buffers is collective: every rank's thread creates its own.
                 try (EpBuffer buffer = group.buffer(rank, cfg)) {
                     RankWorker w = new RankWorker(o, rank, buffer, data, reduce);
@@ -43,7 +43,7 @@ public final class Trainer {
                     });
                 }
                 return null;
-            });
+            }, runLimit);
         }
         double seconds = (System.nanoTime() - start) / 1e9;
         checkReplicasEqual(workers);

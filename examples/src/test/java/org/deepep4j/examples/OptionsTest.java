@@ -42,7 +42,6 @@ class OptionsTest {
         assertEquals("--dispatch 'nccl' must be deepep or alltoall", message("--dispatch", "nccl"));
         assertEquals("--experts 6 must be a multiple of --ranks 4", message("--ranks", "4", "--experts", "6"));
         assertEquals("--top-k 9 must be at most --experts 8", message("--top-k", "9"));
-        assertEquals("--top-k 5 must be at most --hidden 4", message("--top-k", "5", "--hidden", "4"));
         assertEquals("--lr -1 must be a finite number > 0", message("--lr", "-1"));
         assertEquals("--steps needs a value", message("--steps"));
     }

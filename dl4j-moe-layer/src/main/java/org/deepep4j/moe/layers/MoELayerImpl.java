@@ -140,6 +140,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
             Forward f = new Forward();
             f.inputShape = input.shape();
             INDArray tokens = toTokens(input, "input");
+            releaseCache();
             INDArray y = forward(tokens, f);
             cache = f;
             out = fromTokens(y, f.inputShape);
@@ -341,6 +342,18 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     @Override
     public void clear() {
         super.clear();
+        releaseCache();
+    }
+
+    /** Frees the previous forward's dispatch handle (native memory when the exchange is an EpBuffer). */
+    private void releaseCache() {
+        if (cache != null && cache.dispatched != null) {
+            try {
+                cache.dispatched.close();
+            } catch (Exception e) {
+                throw new IllegalStateException("MoELayer: closing the dispatch handle failed", e);
+            }
+        }
         cache = null;
     }
 

@@ -4,6 +4,7 @@ import java.util.SplittableRandom;
 import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.factory.Nd4j;
+import org.nd4j.linalg.indexing.NDArrayIndex;
 import org.nd4j.linalg.ops.transforms.Transforms;
 
 /**
@@ -20,7 +21,8 @@ public final class TaskMixture {
     private final int hidden;
     private final long seed;
     private final float[][] signatures;
-    private final INDArray[] maps;
+    /** [H, T*H]: columns t*H .. t*H+H-1 hold A_t transposed. */
+    private final INDArray allMaps;
 
     public TaskMixture(int tasks, int hidden, long seed) {
         if (tasks < 1) throw new IllegalArgumentException("tasks " + tasks + " must be >= 1");
@@ -30,7 +32,7 @@ public final class TaskMixture {
         this.seed = seed;
         SplittableRandom rnd = new SplittableRandom(seed);
         signatures = new float[tasks][hidden];
-        maps = new INDArray[tasks];
+        allMaps = Nd4j.create(DataType.FLOAT, hidden, (long) tasks * hidden);
         for (int t = 0; t < tasks; t++) {
             double norm = 0;
             for (int h = 0; h < hidden; h++) {
@@ -42,7 +44,9 @@ public final class TaskMixture {
             for (int h = 0; h < hidden; h++) signatures[t][h] *= scale;
             float[] a = new float[hidden * hidden];
             for (int i = 0; i < a.length; i++) a[i] = (float) (gaussian(rnd) * 1.5 / Math.sqrt(hidden));
-            maps[t] = Nd4j.create(a, new long[] {hidden, hidden}, DataType.FLOAT);
+            INDArray map = Nd4j.create(a, new long[] {hidden, hidden}, DataType.FLOAT);
+            allMaps.get(NDArrayIndex.all(), NDArrayIndex.interval((long) t * hidden, (long) (t + 1) * hidden))
+                    .assign(map.transpose());
         }
     }
 
@@ -52,6 +56,11 @@ public final class TaskMixture {
 
     public int hidden() {
         return hidden;
+    }
+
+    /** A_t transposed, [H, H]: the target of a task-t token x is tanh(x A_t^T). */
+    INDArray mapTransposed(int t) {
+        return allMaps.get(NDArrayIndex.all(), NDArrayIndex.interval((long) t * hidden, (long) (t + 1) * hidden));
     }
 
     /** The batch of {@code tokens} tokens that rank {@code rank} sees at global step {@code step}; same inputs, same batch. */
@@ -67,14 +76,13 @@ public final class TaskMixture {
             }
         }
         INDArray xs = Nd4j.create(x, new long[] {tokens, hidden}, DataType.FLOAT);
-        // Every task's map on the whole batch, then each row keeps its own task's: T small matmuls beat N row products.
-        INDArray ys = Nd4j.zeros(DataType.FLOAT, tokens, hidden);
-        for (int t = 0; t < tasks; t++) {
-            float[] mask = new float[tokens];
-            for (int n = 0; n < tokens; n++) mask[n] = task[n] == t ? 1f : 0f;
-            INDArray yt = Transforms.tanh(xs.mmul(maps[t].transpose()), false);
-            ys.addi(yt.muliColumnVector(Nd4j.create(mask, new long[] {tokens, 1}, DataType.FLOAT)));
+        // Every task's map on the whole batch in one matmul ([N, T*H]); each row then keeps its own task's H columns.
+        float[] all = xs.mmul(allMaps).data().asFloat();
+        float[] y = new float[tokens * hidden];
+        for (int n = 0; n < tokens; n++) {
+            System.arraycopy(all, (n * tasks + task[n]) * hidden, y, n * hidden, hidden);
         }
+        INDArray ys = Transforms.tanh(Nd4j.create(y, new long[] {tokens, hidden}, DataType.FLOAT), false);
         return new Batch(xs, ys, task);
     }
 

@@ -6,6 +6,8 @@ import static org.junit.jupiter.api.Assertions.assertNotEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import org.junit.jupiter.api.Test;
+import org.nd4j.linalg.api.ndarray.INDArray;
+import org.nd4j.linalg.ops.transforms.Transforms;
 
 class TaskMixtureTest {
     @Test
@@ -29,6 +31,18 @@ class TaskMixtureTest {
         // Targets are tanh of something: strictly inside (-1, 1) and not all zero.
         assertTrue(b.y().amaxNumber().doubleValue() < 1.0);
         assertTrue(b.y().amaxNumber().doubleValue() > 0.1);
+    }
+
+    @Test
+    void eachTargetIsTanhOfItsOwnTasksMap() {
+        TaskMixture data = new TaskMixture(4, 5, 21);
+        TaskMixture.Batch b = data.batch(1, 3, 12);
+        for (int n = 0; n < 12; n++) {
+            INDArray expected = Transforms.tanh(b.x().getRow(n, true).mmul(data.mapTransposed(b.task()[n])));
+            for (int h = 0; h < 5; h++) {
+                assertEquals(expected.getDouble(0, h), b.y().getDouble(n, h), 1e-5, "token " + n + " column " + h);
+            }
+        }
     }
 
     @Test

@@ -3,8 +3,10 @@
 //
 //   bench_ep [--device cpu|cuda] [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256] [--ranks 2]
 //            [--dtype fp32|bf16|fp16] [--iters 10] [--warmup 2] [--threads 0] [--num-sms 20] [--ring-tokens 128]
-//            [--chunk 16] [--seed 1]
+//            [--chunk 16] [--seed 1] [--cached 0|1]
 //
+// --cached 1 runs notify once and reuses its handle for every iteration (backward's pattern); by default every
+// iteration makes a fresh handle (forward's pattern), as a training step does.
 // Metric (DeepEP's): GB/s = rows a rank receives (dispatch) or sends back (combine) x hidden x element size / time,
 // the rank's own rows included; time = slowest rank of each iteration, averaged over iterations. The memcpy row copies
 // the same bytes per rank with the same number of threads per rank, all ranks at once.
@@ -45,13 +47,14 @@ struct Options {
   int32_t ring_tokens = 128;
   int32_t chunk = 16;
   uint64_t seed = 1;
+  bool cached = false;
 };
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "bench_ep: %s\nusage: bench_ep [--device cpu|cuda] [--tokens N] [--hidden H] [--topk K] [--experts E]\n"
                "                [--ranks R] [--dtype fp32|bf16|fp16] [--iters I] [--warmup W] [--threads T]\n"
-               "                [--num-sms S] [--ring-tokens T] [--chunk C] [--seed S]\n",
+               "                [--num-sms S] [--ring-tokens T] [--chunk C] [--seed S] [--cached 0|1]\n",
                why);
   std::exit(2);
 }
@@ -88,6 +91,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--ring-tokens") o.ring_tokens = int32_t(parse_int("--ring-tokens", v, 1, 1 << 20));
     else if (a == "--chunk") o.chunk = int32_t(parse_int("--chunk", v, 1, 1 << 20));
     else if (a == "--seed") o.seed = uint64_t(parse_int("--seed", v, 0, INT64_MAX));
+    else if (a == "--cached") o.cached = parse_int("--cached", v, 0, 1) == 1;
     else usage(("unknown flag " + a).c_str());
   }
   if (o.device != "cpu" && o.device != "cuda") usage(("--device = " + o.device + ": must be cpu or cuda").c_str());
@@ -252,13 +256,15 @@ int run_cpu(const Options& o) {
       // notify (layout included: it is what a caller runs before every fresh dispatch)
       barrier.wait();
       double t0 = now_us();
-      std::vector<int32_t> per_rank(static_cast<size_t>(R)), per_expert(static_cast<size_t>(E));
-      must(deepep4j_get_dispatch_layout(k.buf, k.idx.data(), N, K, E, per_rank.data(), per_expert.data(), nullptr,
-                                        nullptr),
-           "deepep4j_get_dispatch_layout", r);
-      if (k.handle) deepep4j_handle_destroy(k.handle);
-      must(deepep4j_notify_dispatch(k.buf, k.idx.data(), N, K, E, H, dtype, &k.handle, &k.m, nullptr, nullptr),
-           "deepep4j_notify_dispatch", r);
+      if (!o.cached || it == 0) {
+        std::vector<int32_t> per_rank(static_cast<size_t>(R)), per_expert(static_cast<size_t>(E));
+        must(deepep4j_get_dispatch_layout(k.buf, k.idx.data(), N, K, E, per_rank.data(), per_expert.data(), nullptr,
+                                          nullptr),
+             "deepep4j_get_dispatch_layout", r);
+        if (k.handle) deepep4j_handle_destroy(k.handle);
+        must(deepep4j_notify_dispatch(k.buf, k.idx.data(), N, K, E, H, dtype, &k.handle, &k.m, nullptr, nullptr),
+             "deepep4j_notify_dispatch", r);
+      }
       double t1 = now_us();
       if (k.recv_x.size() != size_t(k.m) * row) {
         k.recv_x.assign(size_t(k.m) * row, 0);
@@ -327,8 +333,9 @@ int run_cpu(const Options& o) {
   auto gbs = [&](double us) { return bytes / (us * 1e3); };
 
   std::printf("# bench_ep  device cpu  deepep4j %s  ranks %d (threads)  tokens/rank %lld  hidden %lld  top-%d of %d "
-              "experts  dtype %s\n",
-              deepep4j_version(), R, (long long)N, (long long)H, K, E, o.dtype.c_str());
+              "experts  dtype %s  handle %s\n",
+              deepep4j_version(), R, (long long)N, (long long)H, K, E, o.dtype.c_str(),
+              o.cached ? "cached (one notify)" : "fresh each iteration");
   std::printf("# copy threads/rank %d  channels %d  ring %d tokens  chunk %d  buffer %.1f MiB/rank  iters %d (+%d "
               "warm-up)  hw threads %u\n",
               threads_per_rank, eff.num_sms / 2, eff.ring_tokens, eff.max_send_tokens_per_chunk,
@@ -338,7 +345,7 @@ int run_cpu(const Options& o) {
   std::printf("  (%.1f MB/rank)\n", bytes / 1e6);
   std::printf("#\n# %-26s %12s %12s %10s %11s\n", "op", "avg_us", "best_us", "GB/s", "of memcpy");
   std::printf("  %-26s %12.1f %12.1f %10.2f %10.0f%%\n", "memcpy (same bytes)", mc.avg, mc.min, gbs(mc.avg), 100.0);
-  std::printf("  %-26s %12.1f %12.1f %10s %11s\n", "layout + notify", no.avg, no.min, "-", "-");
+  if (!o.cached) std::printf("  %-26s %12.1f %12.1f %10s %11s\n", "layout + notify", no.avg, no.min, "-", "-");
   std::printf("  %-26s %12.1f %12.1f %10.2f %10.0f%%\n", "dispatch", di.avg, di.min, gbs(di.avg),
               100.0 * mc.avg / di.avg);
   std::printf("  %-26s %12.1f %12.1f %10.2f %10.0f%%\n", "combine", co.avg, co.min, gbs(co.avg),

@@ -67,6 +67,14 @@ class AlltoallBackend : public CudaBackend {
     if (int st = read_blobs(blobs, lens, &all)) return st;
     if (!all[0].has_nccl_id)
       return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[0]: carries no NCCL id (rank 0 must use backend alltoall)");
+    for (int a = 0; a < R_; ++a)
+      for (int b = a + 1; b < R_; ++b)
+        if (all[size_t(a)].pid == all[size_t(b)].pid && all[size_t(a)].process_nonce == all[size_t(b)].process_nonce &&
+            all[size_t(a)].device_id == all[size_t(b)].device_id)
+          return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                           "device_id = %d: ranks %d and %d both use it; backend = alltoall (NCCL) needs one GPU per "
+                           "rank (backend = deepep allows ranks to share a GPU)",
+                           all[size_t(a)].device_id, a, b);
     ncclUniqueId id;
     std::memcpy(&id, all[0].nccl_id, sizeof(id));
     auto state = std::make_shared<InitState>();

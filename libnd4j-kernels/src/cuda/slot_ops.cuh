@@ -106,7 +106,7 @@ __device__ __forceinline__ void reduce_token(const uint8_t* const* slots, int nu
   constexpr int kPer = 16 / sizeof(T);
   const int64_t n = io.row_bytes / 16;
   int4* out = reinterpret_cast<int4*>(io.out + t * io.row_bytes);
-  constexpr int kUnroll = 2;  // two vectors per lane in flight from every rank
+  constexpr int kUnroll = 4;  // four vectors per lane in flight from every rank: the reduce is latency-bound
   for (int64_t i0 = lane; i0 < n; i0 += 32 * kUnroll) {
     float acc[kUnroll][kPer];
 #pragma unroll

@@ -14,6 +14,26 @@ ref::Shape shape(int32_t R, int32_t E, int32_t K, int64_t H, int32_t dtype) {
 void all_dtypes(int32_t R, int32_t ring, int32_t chunk, int32_t num_sms) {
   for (int32_t backend : gpu::backends())
     for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT16, DEEPEP4J_FP8_E4M3}) {
+      if (backend == DEEPEP4J_BACKEND_ALLTOALL && R > gpu::device_count()) {
+        // NCCL refuses two ranks on one GPU; the library says so before NCCL is asked.
+        ref::Shape s = shape(R, 4 * R, 3, 136, dtype);
+        deepep4j_config c = gpu::cuda_config(s, backend, ring, chunk, num_sms);
+        std::vector<deepep4j_buffer*> b(size_t(R), nullptr);
+        std::vector<std::vector<uint8_t>> blobs(size_t(R), std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES));
+        std::vector<size_t> lens(static_cast<size_t>(R));
+        std::vector<const void*> ptrs;
+        for (int32_t r = 0; r < R; ++r) {
+          c.device_id = r % gpu::device_count();
+          REQUIRE_OK(deepep4j_buffer_create(r, R, &c, &b[size_t(r)]));
+          REQUIRE_OK(deepep4j_buffer_export(b[size_t(r)], blobs[size_t(r)].data(), blobs[size_t(r)].size(),
+                                            &lens[size_t(r)]));
+          ptrs.push_back(blobs[size_t(r)].data());
+        }
+        CHECK_ERR(deepep4j_buffer_connect(b[0], ptrs.data(), lens.data()), DEEPEP4J_ERR_INVALID_ARGUMENT,
+                  "one GPU per rank");
+        for (auto* x : b) deepep4j_buffer_destroy(x);
+        break;
+      }
       ref::Shape s = shape(R, 4 * R, 3, dtype == DEEPEP4J_FP8_E4M3 ? 256 : 136, dtype);
       gpu::Group g(R, gpu::cuda_config(s, backend, ring, chunk, num_sms));
       std::vector<int64_t> tokens;

@@ -31,13 +31,17 @@ final class Nets {
 
     /** dense(tanh) -> MoE -> softmax output, feed-forward input [mb, 6]. */
     static MultiLayerConfiguration ff(DataType type, IUpdater updater, MoELayer.Builder moe) {
+        return ff(type, updater, moe, N_IN);
+    }
+
+    static MultiLayerConfiguration ff(DataType type, IUpdater updater, MoELayer.Builder moe, int nIn) {
         return new NeuralNetConfiguration.Builder().seed(42).dataType(type).updater(updater)
                 .weightInit(WeightInit.XAVIER).list()
-                .layer(new DenseLayer.Builder().nOut(N_IN).activation(Activation.TANH).build())
+                .layer(new DenseLayer.Builder().nOut(nIn).activation(Activation.TANH).build())
                 .layer(moe.build())
                 .layer(new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
                         .activation(Activation.SOFTMAX).build())
-                .setInputType(InputType.feedForward(N_IN)).build();
+                .setInputType(InputType.feedForward(nIn)).build();
     }
 
     /** MoE directly on recurrent input [mb, 6, T] -> RNN softmax output. */

@@ -29,7 +29,8 @@ import java.util.function.IntFunction;
  * shared iterator (batches are dealt round-robin; a last round with fewer than R batches is dropped), MoE layers move
  * tokens through the rank's {@link ExpertExchange}, and gradients are averaged before the updater runs.
  * <pre>
- * ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(2).network(conf).iterator(it).epochs(3).build();
+ * ExpertParallelTrainer t = ExpertParallelTrainer.builder().group(EpGroup.inProcess(2), EpConfig.defaults())
+ *         .network(conf).iterator(it).epochs(3).build();
  * t.fit();
  * MultiLayerNetwork trained = t.wholeNetwork();
  * </pre>
@@ -144,6 +145,15 @@ public final class ExpertParallelTrainer {
             ls.addAll(listeners);
         }
         net.setListeners(ls);
+        try {
+            fitRank(net, ls, batches, rank);
+        } finally {
+            net.clear();
+            ex.close();
+        }
+    }
+
+    private void fitRank(MultiLayerNetwork net, List<TrainingListener> ls, RoundRobinBatches batches, int rank) {
         for (int epoch = 0; epoch < epochs; epoch++) {
             for (int step = 0; ; step++) {
                 DataSet d = batches.take(epoch, step, rank);
@@ -202,6 +212,22 @@ public final class ExpertParallelTrainer {
          * collective). Default: an {@link InProcessExchangeGroup}.
          */
         public Builder exchanges(IntFunction<ExpertExchange> perRank) { this.exchanges = perRank; return this; }
+        /**
+         * Moves tokens through deepep4j's native engine: one {@link org.deepep4j.EpBuffer} per rank of an in-process
+         * {@link org.deepep4j.EpGroup}, made with {@code config} on the rank's thread and closed after {@link #fit()}.
+         */
+        public Builder group(org.deepep4j.EpGroup group, org.deepep4j.EpConfig config) {
+            if (group == null || !group.isInProcess()) {
+                throw new IllegalArgumentException("group=" + group + ": must be an in-process EpGroup (ranks as threads)");
+            }
+            if (config == null) {
+                throw new IllegalArgumentException("config=null: an EpConfig is required");
+            }
+            this.ranks = group.size();
+            this.exchanges = rank -> new org.deepep4j.moe.exchange.EpBufferExchange(group.buffer(rank, config), true);
+            return this;
+        }
+
         /** Bound on every wait between ranks. */
         public Builder timeout(Duration timeout) { this.timeout = timeout; return this; }
 

@@ -1,6 +1,9 @@
 package org.deepep4j.moe.bench;
 
+import org.deepep4j.EpConfig;
+import org.deepep4j.EpGroup;
 import org.deepep4j.moe.conf.MoELayer;
+import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.exchange.ExpertExchange;
 import org.deepep4j.moe.exchange.InProcessExchangeGroup;
 import org.deepep4j.moe.layers.MoELayerImpl;
@@ -31,8 +34,9 @@ import java.util.function.IntFunction;
 /**
  * Where a MoE layer's forward+backward time goes on CPU: routing, dispatch, expert compute, combine (and the share of
  * routing + dispatch + combine). Ranks are threads; dispatch and combine include waiting for the slower rank.
- * Usage: {@code OverheadBenchmark [hidden ffn experts topK ranks tokensPerRank iterations]},
- * default 512 1024 8 2 2 1024 10 (fp32).
+ * Usage: {@code OverheadBenchmark [hidden ffn experts topK ranks tokensPerRank iterations [native|java]]},
+ * default 512 1024 8 2 2 1024 10 native (fp32): {@code native} moves tokens with deepep4j's EpBuffer (CPU ranks),
+ * {@code java} with the plain-ND4J in-process exchange.
  */
 public final class OverheadBenchmark {
 
@@ -74,7 +78,8 @@ public final class OverheadBenchmark {
                     net.init();
                     net.initGradientsView();
                     MoELayerImpl moe = (MoELayerImpl) net.getLayer(0);
-                    moe.setExchange(exchanges.apply(rank));
+                    ExpertExchange ex = exchanges.apply(rank);
+                    moe.setExchange(ex);
                     Nd4j.getRandom().setSeed(100 + rank);
                     INDArray x = Nd4j.randn(DataType.FLOAT, tokens, hidden);
                     INDArray eps = Nd4j.randn(DataType.FLOAT, tokens, hidden).muli(1e-3);
@@ -95,6 +100,8 @@ public final class OverheadBenchmark {
                             res.totalMs += total / 1e6 / iterations;
                         }
                     }
+                    moe.clear();
+                    ex.close();
                     return res;
                 }));
             }
@@ -113,10 +120,22 @@ public final class OverheadBenchmark {
         for (int i = 0; i < args.length && i < a.length; i++) {
             a[i] = Integer.parseInt(args[i]);
         }
-        InProcessExchangeGroup group = new InProcessExchangeGroup(a[4], Duration.ofMinutes(5));
-        Result r = run(a[0], a[1], a[2], a[3], a[4], a[5], a[6], group::rank);
-        System.out.printf("MoE layer on CPU, fp32: hidden %d, ffn %d, %d experts, top-%d, %d ranks (threads), %d tokens per"
-                + " rank, %d iterations, %d cores%n", a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+        String mode = args.length > 7 ? args[7] : "native";
+        Result r;
+        if ("native".equals(mode)) {
+            EpConfig cfg = EpConfig.builder().bufferSizeGb(0.25).timeout(Duration.ofMinutes(5)).build();
+            try (EpGroup group = EpGroup.inProcess(a[4])) {
+                r = run(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+                        rank -> new EpBufferExchange(group.buffer(rank, cfg), true));
+            }
+        } else if ("java".equals(mode)) {
+            InProcessExchangeGroup group = new InProcessExchangeGroup(a[4], Duration.ofMinutes(5));
+            r = run(a[0], a[1], a[2], a[3], a[4], a[5], a[6], group::rank);
+        } else {
+            throw new IllegalArgumentException("exchange=" + mode + ": must be native or java");
+        }
+        System.out.printf("MoE layer on CPU, fp32, %s exchange: hidden %d, ffn %d, %d experts, top-%d, %d ranks (threads),"
+                + " %d tokens per rank, %d iterations, %d cores%n", mode, a[0], a[1], a[2], a[3], a[4], a[5], a[6],
                 Runtime.getRuntime().availableProcessors());
         System.out.println("rank 0: " + r);
     }

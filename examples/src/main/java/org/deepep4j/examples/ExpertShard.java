@@ -25,7 +25,7 @@ public final class ExpertShard {
     private Forward last;
 
     /** What the backward pass needs of one forward call. */
-    private record Forward(int rows, int topK, long[] ids, float[] weights, INDArray[] gather, INDArray[] inputs,
+    private record Forward(int rows, int topK, long[] ids, float[] weights, int[][] expertRows, INDArray[] inputs,
                            INDArray[] activations, INDArray[] outputs, int[][] slots) {}
 
     public ExpertShard(int firstGlobalExpert, int localExperts, int hidden, int inner, long seed) {
@@ -87,33 +87,32 @@ public final class ExpertShard {
         int k = (int) recvIdx.size(1);
         long[] ids = m == 0 ? new long[0] : recvIdx.data().asLong();
         float[] w = m == 0 ? new float[0] : recvW.castTo(DataType.FLOAT).data().asFloat();
-        INDArray[] gather = new INDArray[localExperts];
         INDArray[] inputs = new INDArray[localExperts];
         INDArray[] acts = new INDArray[localExperts];
         INDArray[] outs = new INDArray[localExperts];
         int[][] slots = new int[localExperts][];
-        INDArray y = Nd4j.zeros(DataType.FLOAT, m, hidden);
+        int[][] rows = new int[localExperts][];
+        float[] y = new float[m * hidden];
         for (int e = 0; e < localExperts; e++) {
             slots[e] = slotsOf(ids, e);
             int me = slots[e].length;
             if (me == 0) continue;
-            // One-hot gather matrix [me, M]: rows in, and its weighted transpose puts outputs back (the sizes are small).
-            float[] g = new float[me * m];
-            float[] weighted = new float[me * m];
-            for (int j = 0; j < me; j++) {
-                int row = slots[e][j] / k;
-                g[j * m + row] = 1f;
-                weighted[j * m + row] = w[slots[e][j]];
-            }
-            gather[e] = Nd4j.create(g, new long[] {me, m}, DataType.FLOAT);
+            rows[e] = new int[me];
+            for (int j = 0; j < me; j++) rows[e][j] = slots[e][j] / k;
             INDArray[] p = params.get(e);
-            inputs[e] = gather[e].mmul(recvX);
+            inputs[e] = Nd4j.pullRows(recvX, 1, rows[e]);
             acts[e] = Transforms.relu(inputs[e].mmul(p[0]).addiRowVector(p[1]), false);
             outs[e] = acts[e].mmul(p[2]).addiRowVector(p[3]);
-            y.addi(Nd4j.create(weighted, new long[] {me, m}, DataType.FLOAT).transpose().mmul(outs[e]));
+            // Scatter-add of weight * output into the expert's rows: plain Java over a few thousand floats.
+            float[] o = outs[e].data().asFloat();
+            for (int j = 0; j < me; j++) {
+                float wj = w[slots[e][j]];
+                int dst = rows[e][j] * hidden;
+                for (int h = 0; h < hidden; h++) y[dst + h] += wj * o[j * hidden + h];
+            }
         }
-        last = new Forward(m, k, ids, w, gather, inputs, acts, outs, slots);
-        return y;
+        last = new Forward(m, k, ids, w, rows, inputs, acts, outs, slots);
+        return Nd4j.create(y, new long[] {m, hidden}, DataType.FLOAT);
     }
 
     /**
@@ -131,7 +130,7 @@ public final class ExpertShard {
                 continue;
             }
             INDArray[] p = params.get(e);
-            INDArray gradOut = f.gather()[e].mmul(gradY);
+            INDArray gradOut = Nd4j.pullRows(gradY, 1, f.expertRows()[e]);
             float[] dw = gradOut.mul(f.outputs()[e]).sum(1).data().asFloat();
             int[] slots = f.slots()[e];
             float[] slotW = new float[slots.length];

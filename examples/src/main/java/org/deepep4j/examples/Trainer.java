@@ -9,6 +9,7 @@ import org.deepep4j.EpBuffer;
 import org.deepep4j.EpConfig;
 import org.deepep4j.EpDispatch;
 import org.deepep4j.EpGroup;
+import org.nd4j.linalg.factory.Nd4j;
 
 /** Trains the MoE model expert-parallel over in-process ranks: one thread per rank, each with its own EpBuffer. */
 public final class Trainer {
@@ -24,6 +25,11 @@ public final class Trainer {
                 .bufferSizeGb(0.0625)
                 .timeout(COLLECTIVE_TIMEOUT)
                 .build();
+        // Ranks are threads that each compute their own share; ND4J's own worker threads on top of them would only
+        // compete for the same cores (small matmuls got ~10x slower on 2 cores), so each op runs on its caller's thread.
+        Nd4j.getEnvironment().setMaxMasterThreads(1);
+        Nd4j.getEnvironment().setMaxThreads(1);
+        if (Nd4j.factory().blas() instanceof org.nd4j.nativeblas.Nd4jBlas blas) blas.setMaxThreads(1);
         TaskMixture data = new TaskMixture(o.tasks, o.hidden, o.seed);
         ReplicaReduce reduce = new ReplicaReduce(o.ranks, COLLECTIVE_TIMEOUT);
         ProgressBar bar = new ProgressBar(out, o.totalSteps());

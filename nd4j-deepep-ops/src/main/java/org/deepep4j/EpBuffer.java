@@ -31,12 +31,26 @@ public final class EpBuffer implements AutoCloseable {
   private final PointerPointer<Pointer> handleOut = new PointerPointer<>(1);
   private final LongPointer numRecvOut = new LongPointer(1);
   private ExecutorService combineThread;
+  private static final java.util.concurrent.atomic.AtomicInteger NEXT_ID = new java.util.concurrent.atomic.AtomicInteger(1);
+  private static final java.util.Map<Integer, EpBuffer> OPEN = new java.util.concurrent.ConcurrentHashMap<>();
+  private final int id = NEXT_ID.getAndIncrement();
 
   private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer) {
     this.group = group;
     this.rank = rank;
     this.config = config;
     this.buffer = buffer;
+    OPEN.put(id, this);
+  }
+
+  /** A number naming this open buffer in this JVM: graph ops carry it as an attribute to find their rank's buffer. */
+  public int id() { return id; }
+
+  /** The open buffer with this {@link #id()}; fails naming the id when it is unknown or closed. */
+  public static EpBuffer byId(int id) {
+    EpBuffer b = OPEN.get(id);
+    if (b == null) throw new IllegalArgumentException("bufferId = " + id + ": no open EpBuffer has this id in this JVM");
+    return b;
   }
 
   /** Creates the native buffer, exchanges handle blobs through the group and connects. Every rank fails alike. */
@@ -170,28 +184,48 @@ public final class EpBuffer implements AutoCloseable {
    * [r * E / R, (r + 1) * E / R).
    */
   public synchronized EpDispatchResult dispatch(INDArray x, INDArray topkIdx, INDArray topkWeights, int numExperts) {
+    EpHandle handle = prepareDispatch(x, topkIdx, topkWeights, numExperts);
+    return dispatchPrepared(handle, x, topkWeights, null, null, null);
+  }
+
+  /**
+   * Collective, first half of {@link #dispatch(INDArray, INDArray, INDArray, int)}: exchanges the counts and returns
+   * the handle, whose {@link EpHandle#numRecvTokens()} is M, the row count of the outputs (graph engines size their
+   * outputs with it). Finish with {@link #dispatchPrepared}.
+   */
+  public synchronized EpHandle prepareDispatch(INDArray x, INDArray topkIdx, INDArray topkWeights, int numExperts) {
     String bad = checkDispatch(x, topkIdx, topkWeights);
     if (bad != null) throw failStep(bad);
-    INDArray xs = NativeArrays.dense(x, x.dataType());
     INDArray idx = NativeArrays.dense(topkIdx, DataType.LONG);
-    INDArray w = NativeArrays.dense(topkWeights, DataType.FLOAT);
-    long n = xs.size(0);
-    long h = xs.size(1);
+    long n = x.size(0);
+    long h = x.size(1);
     int k = (int) idx.size(1);
-    int dtype = Dtypes.toNative(xs.dataType(), "x");
+    int dtype = Dtypes.toNative(x.dataType(), "x");
     int localExperts = Math.max(1, numExperts / group.size());
-    EpHandle handle;
     try (IntPointer perExpert = new IntPointer(localExperts)) {
       Status.check(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
           dtype, handleOut, numRecvOut, perExpert, 0L));
       int[] counts = new int[localExperts];
       perExpert.get(counts);
-      handle = new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
+      return new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
     }
+  }
+
+  /**
+   * Collective, second half: moves the rows of {@code x} along the prepared handle. The outputs {@code recvX} [M, H],
+   * {@code recvIdx} [M, K] long and {@code recvW} [M, K] float are written in place when given dense with the right
+   * shape and type, else allocated. On failure the handle is closed.
+   */
+  public synchronized EpDispatchResult dispatchPrepared(EpHandle handle, INDArray x, INDArray topkWeights, INDArray recvX,
+                                                        INDArray recvIdx, INDArray recvW) {
+    INDArray xs = NativeArrays.dense(x, x.dataType());
+    INDArray w = NativeArrays.dense(topkWeights, DataType.FLOAT);
     long m = handle.numRecvTokens();
-    INDArray recvX = NativeArrays.create(xs.dataType(), m, h);
-    INDArray recvIdx = NativeArrays.create(DataType.LONG, m, k);
-    INDArray recvW = w == null ? null : NativeArrays.create(DataType.FLOAT, m, k);
+    int k = handle.numTopk();
+    int dtype = Dtypes.toNative(xs.dataType(), "x");
+    recvX = NativeArrays.outputOrNew(recvX, xs.dataType(), m, handle.hidden());
+    recvIdx = NativeArrays.outputOrNew(recvIdx, DataType.LONG, m, k);
+    recvW = w == null ? null : NativeArrays.outputOrNew(recvW, DataType.FLOAT, m, k);
     dispatchArgs.x(NativeArrays.address(xs)).x_scales(0).topk_weights(NativeArrays.address(w))
         .recv_x(NativeArrays.address(recvX)).recv_x_scales(0).recv_topk_idx(NativeArrays.address(recvIdx))
         .recv_topk_weights(NativeArrays.address(recvW)).recv_src_token(0).recv_src_rank(0);
@@ -319,6 +353,7 @@ public final class EpBuffer implements AutoCloseable {
   /** Frees the native buffer. Handles of this buffer must not be used afterwards. */
   @Override
   public synchronized void close() {
+    OPEN.remove(id);
     if (combineThread != null) combineThread.shutdownNow();
     if (buffer != null) {
       DeepEp4jNative.deepep4j_buffer_destroy(buffer);

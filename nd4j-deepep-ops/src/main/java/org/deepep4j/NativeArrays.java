@@ -33,4 +33,11 @@ final class NativeArrays {
       return Nd4j.createUninitialized(type, shape);
     }
   }
+
+  /** {@code out} when it is dense C-order of this type and shape (written in place), else a new array. */
+  static INDArray outputOrNew(INDArray out, DataType type, long... shape) {
+    if (out != null && out.dataType() == type && java.util.Arrays.equals(out.shape(), shape)
+        && (out.isEmpty() || (out.ordering() == 'c' && Shape.hasDefaultStridesForShape(out)))) return out;
+    return create(type, shape);
+  }
 }

@@ -3,17 +3,17 @@ package org.deepep4j.examples;
 import java.nio.file.Path;
 import java.util.Locale;
 
-/** Settings of one training run, parsed from command-line flags. Defaults finish in about two minutes on 2 CPU cores. */
+/** Settings of one training run, parsed from command-line flags. Defaults: 600 steps, about a minute on 2 CPU cores. */
 public final class Options {
     public int ranks = 2;
     public int experts = 8;
     public int topK = 2;
     public String dispatch = "deepep";
-    public int epochs = 6;
-    public int stepsPerEpoch = 40;
-    public int tokensPerRank = 256;
-    public int hidden = 32;
-    public int expertHidden = 64;
+    public int epochs = 10;
+    public int stepsPerEpoch = 60;
+    public int tokensPerRank = 512;
+    public int hidden = 64;
+    public int expertHidden = 128;
     public int tasks = 8;
     public double learningRate = 0.01;
     public long seed = 42;
@@ -32,11 +32,11 @@ public final class Options {
             "  --experts E        experts in total, a multiple of --ranks [8]",
             "  --top-k K          experts per token, 1..E [2]",
             "  --dispatch B       dispatch backend: deepep | alltoall (alltoall needs CUDA GPUs) [deepep]",
-            "  --epochs N         epochs [6]",
-            "  --steps N          steps per epoch [40]",
-            "  --tokens N         tokens per rank per step [256]",
-            "  --hidden H         token width [32]",
-            "  --expert-hidden F  width of each expert's inner layer [64]",
+            "  --epochs N         epochs [10]",
+            "  --steps N          steps per epoch [60]",
+            "  --tokens N         tokens per rank per step [512]",
+            "  --hidden H         token width [64]",
+            "  --expert-hidden F  width of each expert's inner layer [128]",
             "  --tasks T          tasks in the data set, 1..64 [8]",
             "  --lr X             Adam learning rate, > 0 [0.01]",
             "  --seed S           seed of data and initial weights [42]",

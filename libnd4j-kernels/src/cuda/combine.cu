@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   __shared__ uint32_t s_word[kMaxGroups];
   __shared__ uint32_t s_base[DEEPEP4J_MAX_RANKS], s_need[DEEPEP4J_MAX_RANKS];
   if (threadIdx.x < kMaxGroups) s_abort[threadIdx.x] = 0;
-  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(&st.mailbox->status) != 0;
+  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0;
   __syncthreads();
   if (s_skip) return;
   const uint64_t deadline = global_ns() + st.timeout_ns;

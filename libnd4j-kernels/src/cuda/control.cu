@@ -85,8 +85,7 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
     out->status = status;
     if (status != 0)
       for (int i = 0; i < int(sizeof(out->message)); ++i) out->message[i] = message[i];
-    __threadfence_system();
-    st_release_sys(flags(st.peers.region[r]) + st.rank, st.epoch);
+    st_release_sys(flags(st.peers.region[r]) + st.rank, st.epoch);  // release: status lands before the flag
     const uint32_t* flag = flags(st.peers.region[st.rank]) + r;
     bool arrived = true;
     while (int32_t(ld_acquire_sys(flag) - st.epoch) < 0)
@@ -101,7 +100,10 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0)
+    *step_failed(st.peers.region[st.rank]) =
+        s_failed_peer < DEEPEP4J_MAX_RANKS || s_timed_out < DEEPEP4J_MAX_RANKS ? 1 : 0;
+  if (threadIdx.x == 0 && (s_failed_peer < DEEPEP4J_MAX_RANKS || s_timed_out < DEEPEP4J_MAX_RANKS)) {
     Mailbox* mb = st.mailbox;
     if (s_failed_peer < DEEPEP4J_MAX_RANKS) {
       const PeerStatus* ps = status_slot(st.peers.region[st.rank], st.epoch, s_failed_peer);
@@ -146,7 +148,7 @@ __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_
   }
   __syncthreads();
   barrier_body(st, 0, nullptr, deadline);
-  if (st.mailbox->status != 0) return;
+  if (*step_failed(st.peers.region[st.rank]) != 0) return;
   for (int s = 0; s < st.num_ranks; ++s) {
     const int32_t* src = reinterpret_cast<const int32_t*>(notify_slot(st.peers.region[st.rank], parity, s));
     int32_t* dst = reinterpret_cast<int32_t*>(gathered + s * slot_bytes);

@@ -1,6 +1,7 @@
 // region.h — layout of one rank's device region (peers write into it over NVLink) and of the messages kept there.
 //
 //   [0, 256)                 barrier flags: uint32 per source rank, the last barrier epoch that source reached
+//   [kStepFailed, +4)        nonzero when this rank's last barrier failed (read by the step's kernels; device-local)
 //   [kStatus, +2*64*256)     per (epoch parity, source rank): the status + message a source published at its barrier
 //   [kCounters, ...)         ring counters per (channel, source): tail (written by the source), head (by this rank)
 //   [kNotify, ...)           per (notify parity, source rank): the counts of a notify step (NotifySlot)
@@ -23,7 +24,8 @@ namespace cuda {
 
 constexpr int kMaxChannels = 64;  // num_sms / 2 on CUDA
 constexpr size_t kFlags = 0;
-constexpr size_t kStatus = 256;
+constexpr size_t kStatus = 512;
+constexpr size_t kStepFailed = 256;
 constexpr size_t kStatusBytes = 256;
 constexpr size_t kCounters = kStatus + 2 * DEEPEP4J_MAX_RANKS * kStatusBytes;
 constexpr size_t kCounterBytes = 2 * kMaxChannels * DEEPEP4J_MAX_RANKS * sizeof(uint32_t);
@@ -58,6 +60,7 @@ DEEPEP4J_HD inline uint32_t* flags(uint8_t* region) { return reinterpret_cast<ui
 DEEPEP4J_HD inline PeerStatus* status_slot(uint8_t* region, uint32_t epoch, int src) {
   return reinterpret_cast<PeerStatus*>(region + kStatus + ((epoch & 1) * DEEPEP4J_MAX_RANKS + src) * kStatusBytes);
 }
+DEEPEP4J_HD inline int32_t* step_failed(uint8_t* region) { return reinterpret_cast<int32_t*>(region + kStepFailed); }
 DEEPEP4J_HD inline uint32_t* tails(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kCounters); }
 DEEPEP4J_HD inline uint32_t* heads(uint8_t* region) {
   return reinterpret_cast<uint32_t*>(region + kCounters) + kMaxChannels * DEEPEP4J_MAX_RANKS;

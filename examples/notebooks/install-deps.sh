@@ -3,10 +3,12 @@
 # The Java kernel itself is built by Maven; nothing here downloads Python packages. Quick when everything is present.
 set -euo pipefail
 
+# Debian's jupyter runs on /usr/bin/python3; check that interpreter (a python3 earlier on PATH may be another one).
+py=/usr/bin/python3
 need=()
 command -v jupyter >/dev/null 2>&1 || need+=(jupyter-core)
-python3 -c 'import nbconvert, nbclient' >/dev/null 2>&1 || need+=(python3-nbconvert jupyter-nbconvert)
-python3 -c 'import jupyter_client' >/dev/null 2>&1 || need+=(python3-jupyter-client jupyter-client)
+"$py" -c 'import nbconvert, nbclient' >/dev/null 2>&1 || need+=(python3-nbconvert jupyter-nbconvert)
+"$py" -c 'import jupyter_client' >/dev/null 2>&1 || need+=(python3-jupyter-client jupyter-client)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "notebook dependencies already installed: $(jupyter nbconvert --version 2>/dev/null | head -1 | sed 's/^/nbconvert /')"

@@ -4,10 +4,8 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import java.io.File;
 import java.io.IOException;
 import java.net.ServerSocket;
-import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.HashMap;
 import java.util.Map;
@@ -20,31 +18,6 @@ class MultiProcessTest {
     try (ServerSocket s = new ServerSocket(0)) {
       return s.getLocalPort();
     }
-  }
-
-  @Test
-  void twoJvmsFormOneGroupOverLoopback() throws Exception {
-    int port = freePort();
-    String java = System.getProperty("java.home") + File.separator + "bin" + File.separator + "java";
-    Process other = new ProcessBuilder(java, "-Xmx1g", "-cp", System.getProperty("java.class.path"),
-        TwoProcessRank.class.getName(), "1", "2", Integer.toString(port), "s3cret")
-        .redirectErrorStream(true).start();
-    CompletableFuture<String> otherOutput = CompletableFuture.supplyAsync(() -> {
-      try {
-        return new String(other.getInputStream().readAllBytes(), StandardCharsets.UTF_8);
-      } catch (IOException e) {
-        return e.toString();
-      }
-    });
-    try (EpGroup group = EpGroup.tcp(0, 2, "127.0.0.1", port, "s3cret", Duration.ofSeconds(60))) {
-      assertEquals(2, group.size());
-      assertEquals(0, group.processRank());
-      TwoProcessRank.run(group, 0);
-    }
-    assertTrue(other.waitFor(60, TimeUnit.SECONDS), "rank 1 did not exit");
-    String out = otherOutput.get(10, TimeUnit.SECONDS);
-    assertEquals(0, other.exitValue(), out);
-    assertTrue(out.contains("rank 1 received") && out.contains("OK"), out);
   }
 
   @Test

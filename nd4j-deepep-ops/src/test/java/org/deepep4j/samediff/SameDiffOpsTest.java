@@ -123,6 +123,7 @@ class SameDiffOpsTest {
       SDVariable out = DeepEp.of(sd).combine(d, y, d.recvTopkWeights());
       out.mul(out).sum().rename("loss");
       sd.setLossVariables("loss");
+      sd.createGradFunction();
       DataType before = Nd4j.dataType();
       Nd4j.setDefaultDataTypes(DataType.DOUBLE, DataType.DOUBLE);  // GradCheckUtil insists; our graph stays fp32
       try {

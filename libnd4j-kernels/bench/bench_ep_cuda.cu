@@ -361,9 +361,9 @@ int bench_ep_cuda(int argc, char** argv) {
   }
   if (o.sweep) {
     std::printf("| tokens | SMs | chunk | ring | dispatch us | GB/s | combine us | GB/s |\n|---|---|---|---|---|---|---|---|\n");
-    for (int32_t sms : {24, 48, 64})
-      for (int32_t chunk : {16, 32, 64})
-        for (int32_t ring : {128, 256}) {
+    for (int32_t sms : {24, 32, 48, 64})
+      for (int32_t chunk : {12, 24, 48})
+        for (int32_t ring : {96, 192}) {
           if (sms > prop.multiProcessorCount) continue;
           Group g(o, DEEPEP4J_BACKEND_DEEPEP, sms, ring, chunk);
           for (int64_t t : o.tokens) {

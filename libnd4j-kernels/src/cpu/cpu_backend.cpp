@@ -61,8 +61,6 @@ struct CpuHandle : deepep4j_handle {
   std::vector<int64_t> topk_idx;                   // [N*K] copy of the notify's routing (callers may free theirs)
   std::vector<int64_t> recv_local_idx;             // [M*K] local expert ids, filled by the first dispatch
   bool has_recv_local_idx = false;
-  std::vector<float> scratch;                      // fp32 accumulators for a bf16/fp16 combine
-  std::vector<uint8_t> touched;                    // [N] combine: token has received its first row
 };
 
 // Spin, then yield, then sleep: ranks may outnumber cores.
@@ -132,8 +130,9 @@ class CpuBackend final : public Backend {
     ring_bytes_ = ring_bytes_of(cfg_.buffer_bytes, R_, C_);
     if (cfg_.max_hidden_bytes > 0) {
       const int64_t mhb = cfg_.max_hidden_bytes;  // 64-bit: INT32_MAX + 15 must not overflow
-      int64_t slot = 16 * ((8 + 12 * DEEPEP4J_MAX_TOPK + 15) / 16) + 16 * ((mhb + 15) / 16) +
-                     16 * ((mhb / DEEPEP4J_FP8_BLOCK * 4 + 15) / 16);
+      // A row of up to max_hidden_bytes with K = DEEPEP4J_MAX_TOPK; fp8 scales (dtype unknown here) are checked when
+      // a step names its dtype, so every minimum this message gives is accepted.
+      int64_t slot = 16 * ((8 + 12 * DEEPEP4J_MAX_TOPK + 15) / 16) + 16 * ((mhb + 15) / 16);
       // Rings are rounded down to 64 bytes, so the minimum rounds each ring's chunk up to 64.
       int64_t need = ((slot * cfg_.max_send_tokens_per_chunk + 63) & ~int64_t(63)) * int64_t(R_) * C_;
       if ((int64_t)ring_bytes_ < slot * cfg_.max_send_tokens_per_chunk)
@@ -390,8 +389,10 @@ class CpuBackend final : public Backend {
     int st = exchange(mine, &all, nullptr);
     if (st != DEEPEP4J_OK) return st;
     if ((st = verdict(all, kStepCombine)) != DEEPEP4J_OK) return st;
-    if (dtype != DEEPEP4J_FLOAT32) h->scratch.resize(size_t(h->num_tokens) * h->hidden);
-    h->touched.resize(size_t(h->num_tokens));
+    // Accumulators live in the backend and only grow, so a fresh handle per step costs no page faults.
+    if (dtype != DEEPEP4J_FLOAT32 && scratch_.size() < size_t(h->num_tokens) * h->hidden)
+      scratch_.resize(size_t(h->num_tokens) * h->hidden);
+    if (touched_.size() < size_t(h->num_tokens)) touched_.resize(size_t(h->num_tokens));
     Transfer tr = combine_transfer(h, dtype, a, slot);
     return run_transfer(tr);
   }
@@ -604,7 +605,8 @@ class CpuBackend final : public Backend {
     const uint8_t* y = static_cast<const uint8_t*>(a->y);
     uint8_t* out = static_cast<uint8_t*>(a->out);
     const bool f32 = dtype == DEEPEP4J_FLOAT32;
-    float* acc_base = f32 ? reinterpret_cast<float*>(out) : h->scratch.data();
+    float* acc_base = f32 ? reinterpret_cast<float*>(out) : scratch_.data();
+    uint8_t* touched = touched_.data();
 
     auto scale_of = [=](int64_t m) {
       if (!a->recv_topk_weights) return 1.0f;
@@ -616,8 +618,8 @@ class CpuBackend final : public Backend {
     // Adds one returned row to its token's accumulator (sources arrive in rank order).
     auto accumulate = [=](int d, int c, int64_t i, const uint8_t* yrow, const float* ytopk, float scale) {
       int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
-      add_row(acc_base + tok * H, yrow, dtype, H, scale, !h->touched[tok]);
-      h->touched[tok] = 1;
+      add_row(acc_base + tok * H, yrow, dtype, H, scale, !touched[tok]);
+      touched[tok] = 1;
       if (a->out_topk_weights)
         for (int j = 0; j < K; ++j) a->out_topk_weights[tok * K + j] += ytopk[j];
     };
@@ -645,13 +647,13 @@ class CpuBackend final : public Backend {
     };
     t.channel_begin = [=](int c) {
       int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
-      std::fill(h->touched.begin() + lo, h->touched.begin() + hi, 0);
+      std::fill(touched + lo, touched + hi, 0);
       if (a->out_topk_weights) std::fill(a->out_topk_weights + lo * K, a->out_topk_weights + hi * K, 0.0f);
     };
     t.channel_end = [=](int c) {
       int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
       for (int64_t tok = lo; tok < hi; ++tok) {
-        if (!h->touched[tok]) std::fill(acc_base + tok * H, acc_base + (tok + 1) * H, 0.0f);  // visited no rank
+        if (!touched[tok]) std::fill(acc_base + tok * H, acc_base + (tok + 1) * H, 0.0f);  // visited no rank
         if (!f32) store_row(out + tok * row, acc_base + tok * H, dtype, H);
       }
     };
@@ -815,6 +817,8 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<ShmRegion>> peers_;
   std::vector<RegionView> views_;
   std::unique_ptr<WorkerPool> pool_;
+  std::vector<float> scratch_;   // combine: fp32 accumulators for bf16/fp16 outputs
+  std::vector<uint8_t> touched_;  // combine: token has received its first row
 };
 
 }  // namespace

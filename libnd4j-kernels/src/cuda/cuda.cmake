@@ -25,12 +25,16 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp)
 set(DEEPEP4J_CUDA_WARNINGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-fvisibility-inlines-hidden)
 
-foreach(target deepep4j deepep4j_static)
-  target_sources(${target} PRIVATE ${DEEPEP4J_CUDA_SOURCES})
+# Compiled once into the object library that both deepep4j and deepep4j_static are linked from.
+target_sources(deepep4j_objects PRIVATE ${DEEPEP4J_CUDA_SOURCES})
+foreach(target deepep4j_objects deepep4j deepep4j_static)
   # These targets were made before CUDA was enabled, so they need the CUDA properties set here.
   set_target_properties(${target} PROPERTIES CUDA_RUNTIME_LIBRARY Static CUDA_VISIBILITY_PRESET hidden
                                              CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
-  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEEPEP4J_CUDA_WARNINGS}>)
+endforeach()
+target_compile_options(deepep4j_objects PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEEPEP4J_CUDA_WARNINGS}>)
+target_link_libraries(deepep4j_objects PUBLIC CUDA::cudart_static)
+foreach(target deepep4j deepep4j_static)
   target_link_libraries(${target} PUBLIC CUDA::cudart_static ${CMAKE_DL_LIBS})
 endforeach()
 

@@ -28,6 +28,13 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   if (sender) {
     for (int d = g.group; d < R; d += g.groups) {
       const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
+      if (d == st.rank) {  // own tokens: no ring, no receiver
+        const int n = h.send_counts[d * C + c];
+        const int64_t row0 = h.recv_offset[d * C + c];
+        for (int i = g.warp_in_group; i < n; i += g.warps_per_group)
+          copy_own_token(io, h, list[i], row0 + i, d, L, g.lane);
+        continue;
+      }
       auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane); };
       if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
                        &s_abort[g.group], write))
@@ -37,6 +44,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   }
   uint8_t* own = st.peers.region[st.rank];
   for (int s = g.group; s < R; s += g.groups) {
+    if (s == st.rank) continue;  // the sender block copied these rows directly
     const uint32_t* tail = tails(own) + c * R + s;
     uint32_t* head = heads(own) + c * R + s;
     const int n = h.recv_counts[s * C + c];

@@ -71,6 +71,31 @@ __device__ __forceinline__ void read_dispatch_slot(const uint8_t* slot, const Di
   warp_copy<true>(io.recv_x + m * io.row_bytes, slot + lay.row_off, io.row_bytes, lane);
 }
 
+// A token this rank sends to itself skips the ring: row t of x goes straight to received row m.
+__device__ __forceinline__ void copy_own_token(const DispatchIo& io, const Routing& h, int64_t t, int64_t m, int me,
+                                               int L, int lane) {
+  const int K = h.num_topk;
+  uint32_t local_bits = 0;
+  for (int k = 0; k < K; ++k) {
+    const int32_t e = h.topk[t * K + k];
+    const bool local = e >= 0 && e / L == me;
+    if (local) local_bits |= 1u << k;
+    if (k % 32 == lane) {
+      if (io.recv_topk_idx) io.recv_topk_idx[m * K + k] = local ? e - me * L : -1;
+      if (io.recv_topk_weights)
+        io.recv_topk_weights[m * K + k] = (local && io.topk_weights != nullptr) ? io.topk_weights[t * K + k] : 0.0f;
+    }
+  }
+  if (lane == 0) {
+    h.recv_local[m] = local_bits;
+    if (io.recv_src_token) io.recv_src_token[m] = t;
+    if (io.recv_src_rank) io.recv_src_rank[m] = me;
+  }
+  for (int i = lane; i < io.num_scales; i += 32)
+    io.recv_x_scales[m * io.num_scales + i] = io.x_scales[t * io.num_scales + i];
+  warp_copy<false>(io.recv_x + m * io.row_bytes, io.x + t * io.row_bytes, io.row_bytes, lane);
+}
+
 // Writes received row m as a combine slot: the row, the returned weights and the row's scale.
 __device__ __forceinline__ void write_combine_slot(uint8_t* slot, const CombineSlot& lay, const CombineIo& io,
                                                    const Routing& h, int64_t m, int lane) {

@@ -175,7 +175,11 @@ public class MoELayer extends FeedForwardLayer {
     public LayerMemoryReport getMemoryReport(InputType inputType) {
         InputType outputType = getOutputType(-1, inputType);
         long numParams = initializer().numParams(this);
-        long updaterState = (long) getIUpdater().stateSize(numParams);
+        long updaterState = 0;
+        for (Map.Entry<String, long[]> p : MoEParamInitializer.shapes(this).entrySet()) {
+            IUpdater u = getUpdaterByParam(p.getKey());
+            updaterState += u == null ? 0 : u.stateSize(p.getValue()[0] * p.getValue()[1]);
+        }
         // per example: router scores + per chosen expert the two hidden activations and the output, plus output
         long perEx = numExperts + (long) topK * (2L * ffnSize + nIn) + nIn;
         return new LayerMemoryReport.Builder(layerName, MoELayer.class, inputType, outputType)

@@ -30,6 +30,7 @@ public final class EpBuffer implements AutoCloseable {
   private final DeepEp4jNative.CombineArgs combineArgs = new DeepEp4jNative.CombineArgs();
   private final PointerPointer<Pointer> handleOut = new PointerPointer<>(1);
   private final LongPointer numRecvOut = new LongPointer(1);
+  private IntPointer perExpert = new IntPointer(64);  // reused: per-call native allocations cost more than the step
   private ExecutorService combineThread;
   private static final java.util.concurrent.atomic.AtomicInteger NEXT_ID = new java.util.concurrent.atomic.AtomicInteger(1);
   private static final java.util.Map<Integer, EpBuffer> OPEN = new java.util.concurrent.ConcurrentHashMap<>();
@@ -140,7 +141,7 @@ public final class EpBuffer implements AutoCloseable {
   public EpConfig config() { return config; }
   public EpGroup group() { return group; }
 
-  private DeepEp4jNative.Buffer nativeBuffer() {
+  DeepEp4jNative.Buffer nativeBuffer() {
     if (buffer == null) throw new IllegalStateException("EpBuffer of rank " + rank + ": already closed");
     return buffer;
   }
@@ -202,13 +203,15 @@ public final class EpBuffer implements AutoCloseable {
     int k = (int) idx.size(1);
     int dtype = Dtypes.toNative(x.dataType(), "x");
     int localExperts = Math.max(1, numExperts / group.size());
-    try (IntPointer perExpert = new IntPointer(localExperts)) {
-      Status.check(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
-          dtype, handleOut, numRecvOut, perExpert, 0L));
-      int[] counts = new int[localExperts];
-      perExpert.get(counts);
-      return new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
+    if (perExpert.capacity() < localExperts) {
+      perExpert.close();
+      perExpert = new IntPointer(localExperts);
     }
+    Status.check(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
+        dtype, handleOut, numRecvOut, perExpert, 0L));
+    int[] counts = new int[localExperts];
+    perExpert.get(counts);
+    return new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
   }
 
   /**
@@ -363,5 +366,6 @@ public final class EpBuffer implements AutoCloseable {
     combineArgs.close();
     handleOut.close();
     numRecvOut.close();
+    perExpert.close();
   }
 }

@@ -43,7 +43,7 @@ class GradientCheckEp1Test {
     @Test
     void feedForwardTopOneWithoutRenormalisation() {
         MultiLayerNetwork net = new MultiLayerNetwork(Nets.ff(DataType.DOUBLE, new NoOp(),
-                Nets.moe().topK(1).normalizeTopK(false)));
+                Nets.moe().topK(1).normalizeTopK(false).asyncCombine(true)));
         net.init();
         assertTrue(check(net, Nets.input(DataType.DOUBLE, 3, 9, Nets.N_IN), Nets.labels(DataType.DOUBLE, 4, 9)));
     }

@@ -174,7 +174,8 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         if (c.isAsyncCombine()) {
             Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(ex, f, f.experts.y, null));
             INDArray shared = sharedForward(x, f);
-            return await(pending).out.add(shared == null ? Nd4j.zeros(x.dataType(), 0) : shared);
+            INDArray out = await(pending).out;
+            return shared == null ? out : out.add(shared);
         }
         INDArray out = timedCombine(ex, f, f.experts.y, null).out;
         INDArray shared = sharedForward(x, f);

@@ -139,6 +139,8 @@ public final class EpBuffer implements AutoCloseable {
   public int rank() { return rank; }
   public int numRanks() { return group.size(); }
   public EpConfig config() { return config; }
+  /** The device whose memory the buffer and its arrays use. */
+  public EpDevice device() { return EpDevice.CPU; }
   public EpGroup group() { return group; }
 
   DeepEp4jNative.Buffer nativeBuffer() {

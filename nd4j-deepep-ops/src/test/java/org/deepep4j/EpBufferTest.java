@@ -186,6 +186,7 @@ class EpBufferTest {
       INDArray x = Nd4j.rand(DataType.FLOAT, 3, 8);
       EpDispatchResult d = buf.dispatch(x, Nd4j.zeros(DataType.LONG, 3, 1), null, 2);
       assertNull(d.recvTopkWeights());
+      assertEquals(EpDevice.CPU, buf.device());
       d.handle().close();
       IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> buf.combine(d.recvX(), d.handle()));
       assertTrue(e.getMessage().contains("handle: already closed"), e.getMessage());

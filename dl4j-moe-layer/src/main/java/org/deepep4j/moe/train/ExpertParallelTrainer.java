@@ -48,9 +48,12 @@ public final class ExpertParallelTrainer {
     private final Duration timeout;
     private final MultiLayerNetwork[] replicas;
     private final MultiLayerNetwork whole;
+    /** Set when the ranks are processes: this process runs rank {@code processGroup.processRank()} only. */
+    private final org.deepep4j.EpGroup processGroup;
 
     private ExpertParallelTrainer(Builder b) {
         this.ranks = b.ranks;
+        this.processGroup = b.processGroup;
         this.conf = b.conf;
         this.iterator = b.iterator;
         this.epochs = b.epochs;
@@ -67,6 +70,9 @@ public final class ExpertParallelTrainer {
         MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, ranks);
         replicas = new MultiLayerNetwork[ranks];
         for (int r = 0; r < ranks; r++) {
+            if (processGroup != null && r != processGroup.processRank()) {
+                continue; // another process holds that replica
+            }
             replicas[r] = new MultiLayerNetwork(sharded.clone());
             replicas[r].init();
             ExpertSharding.scatter(whole, replicas[r], r);
@@ -79,6 +85,11 @@ public final class ExpertParallelTrainer {
 
     /** Runs all epochs on all ranks; rethrows the first failure of any rank. */
     public void fit() {
+        if (processGroup != null) {
+            runRank(processGroup.processRank(), new GradientAverager(processGroup, timeout),
+                    new RoundRobinBatches(iterator, ranks));
+            return;
+        }
         GradientAverager averager = new GradientAverager(ranks, timeout);
         RoundRobinBatches batches = new RoundRobinBatches(iterator, ranks);
         ExecutorService pool = Executors.newFixedThreadPool(ranks, r -> {
@@ -172,8 +183,12 @@ public final class ExpertParallelTrainer {
         }
     }
 
-    /** Rank {@code r}'s replica (its experts only). */
+    /** Rank {@code r}'s replica (its experts only); in a multi-process group only this process's rank. */
     public MultiLayerNetwork replica(int r) {
+        if (replicas[r] == null) {
+            throw new IllegalArgumentException("rank=" + r + ": its replica lives in another process (this process is rank "
+                    + processGroup.processRank() + ")");
+        }
         return replicas[r];
     }
 
@@ -183,6 +198,10 @@ public final class ExpertParallelTrainer {
 
     /** The whole model (epSize 1, every expert) with the current parameters of all ranks. */
     public MultiLayerNetwork wholeNetwork() {
+        if (processGroup != null) {
+            throw new IllegalStateException("wholeNetwork: in a multi-process group each process holds only its experts;"
+                    + " use replica(rank)");
+        }
         for (int r = 0; r < ranks; r++) {
             ExpertSharding.gather(replicas[r], whole, r);
         }
@@ -198,6 +217,7 @@ public final class ExpertParallelTrainer {
         private List<TrainingListener> listeners = new ArrayList<>();
         private IntFunction<ExpertExchange> exchanges;
         private Duration timeout = Duration.ofSeconds(120);
+        private org.deepep4j.EpGroup processGroup;
 
         /** Number of ranks (threads); MoE layers' numExperts must be divisible by it. */
         public Builder ranks(int ranks) { this.ranks = ranks; return this; }
@@ -213,13 +233,17 @@ public final class ExpertParallelTrainer {
          */
         public Builder exchanges(IntFunction<ExpertExchange> perRank) { this.exchanges = perRank; return this; }
         /**
-         * Moves tokens through deepep4j's native engine: one {@link org.deepep4j.EpBuffer} per rank of an in-process
-         * {@link org.deepep4j.EpGroup}, made with {@code config} on the rank's thread and closed after {@link #fit()}.
+         * Moves tokens through deepep4j's native engine: one {@link org.deepep4j.EpBuffer} per rank of
+         * {@code group}, made with {@code config} on the rank's thread and closed after {@link #fit()}. With an
+         * in-process group all ranks run here; with a multi-process group ({@code EpGroup.fromEnvironment()}) this
+         * process runs its own rank, reads the same iterator as the others and keeps the batches dealt to it, and
+         * gradients are averaged through the group.
          */
         public Builder group(org.deepep4j.EpGroup group, org.deepep4j.EpConfig config) {
-            if (group == null || !group.isInProcess()) {
-                throw new IllegalArgumentException("group=" + group + ": must be an in-process EpGroup (ranks as threads)");
+            if (group == null) {
+                throw new IllegalArgumentException("group=null: an EpGroup is required");
             }
+            this.processGroup = group.isInProcess() ? null : group;
             if (config == null) {
                 throw new IllegalArgumentException("config=null: an EpConfig is required");
             }

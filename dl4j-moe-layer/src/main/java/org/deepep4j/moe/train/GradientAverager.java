@@ -28,12 +28,53 @@ final class GradientAverager {
     private final Duration timeout;
     private final CyclicBarrier barrier;
     private final INDArray[] published;
+    private final org.deepep4j.EpGroup processGroup;
 
+    /** Ranks are threads of this JVM. */
     GradientAverager(int size, Duration timeout) {
         this.size = size;
         this.timeout = timeout;
         this.barrier = new CyclicBarrier(size);
         this.published = new INDArray[size];
+        this.processGroup = null;
+    }
+
+    /** Ranks are processes of {@code group}: gradients travel through its all-gather. */
+    GradientAverager(org.deepep4j.EpGroup group, Duration timeout) {
+        this.size = group.size();
+        this.timeout = timeout;
+        this.barrier = null;
+        this.published = null;
+        this.processGroup = group;
+    }
+
+    /** Sum over ranks of every rank's {@code g}. */
+    private INDArray sumOverRanks(int rank, INDArray g) {
+        if (processGroup != null) {
+            double[] mine = g.castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
+            java.nio.ByteBuffer bytes = java.nio.ByteBuffer.allocate(mine.length * 8);
+            bytes.asDoubleBuffer().put(mine);
+            double[] sum = new double[mine.length];
+            for (byte[] other : processGroup.allGather(rank, bytes.array())) {
+                if (other.length != bytes.capacity()) {
+                    throw new IllegalStateException("gradient all-reduce rank " + rank + ": a peer sent " + other.length
+                            + " bytes, expected " + bytes.capacity() + " (the ranks' models differ)");
+                }
+                java.nio.DoubleBuffer d = java.nio.ByteBuffer.wrap(other).asDoubleBuffer();
+                for (int i = 0; i < sum.length; i++) {
+                    sum[i] += d.get(i);
+                }
+            }
+            return Nd4j.createFromArray(sum).reshape(g.shape()).castTo(g.dataType());
+        }
+        published[rank] = g;
+        sync(rank);
+        INDArray sum = published[0].dup();
+        for (int r = 1; r < size; r++) {
+            sum.addi(published[r]);
+        }
+        sync(rank);
+        return sum;
     }
 
     /** The listener for rank {@code rank}'s replica. */
@@ -43,13 +84,7 @@ final class GradientAverager {
             @Override
             public void onGradientCalculation(Model model) {
                 INDArray g = net.getFlattenedGradients();
-                published[rank] = g;
-                sync(rank);
-                INDArray sum = published[0].dup();
-                for (int r = 1; r < size; r++) {
-                    sum.addi(published[r]);
-                }
-                sync(rank);
+                INDArray sum = sumOverRanks(rank, g);
                 // replicated: sum / R; expert: own / R
                 INDArray local = g.mul(replicated.rsub(1.0));
                 g.assign(sum.muli(replicated).addi(local).divi(size));
@@ -93,6 +128,8 @@ final class GradientAverager {
     }
 
     void abort() {
-        barrier.reset();
+        if (barrier != null) {
+            barrier.reset();
+        }
     }
 }

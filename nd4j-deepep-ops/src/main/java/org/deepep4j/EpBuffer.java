@@ -35,6 +35,7 @@ public final class EpBuffer implements AutoCloseable {
   private static final java.util.concurrent.atomic.AtomicInteger NEXT_ID = new java.util.concurrent.atomic.AtomicInteger(1);
   private static final java.util.Map<Integer, EpBuffer> OPEN = new java.util.concurrent.ConcurrentHashMap<>();
   private final int id = NEXT_ID.getAndIncrement();
+  private final java.util.Set<EpHandle> liveHandles = java.util.concurrent.ConcurrentHashMap.newKeySet();
 
   private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer) {
     this.group = group;
@@ -213,7 +214,9 @@ public final class EpBuffer implements AutoCloseable {
         dtype, handleOut, numRecvOut, perExpert, 0L));
     int[] counts = new int[localExperts];
     perExpert.get(counts);
-    return new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
+    EpHandle handle = new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
+    liveHandles.add(handle);
+    return handle;
   }
 
   /**
@@ -355,10 +358,15 @@ public final class EpBuffer implements AutoCloseable {
     return a == null ? "null" : Arrays.toString(a.shape());
   }
 
-  /** Frees the native buffer. Handles of this buffer must not be used afterwards. */
+  void forget(EpHandle h) {
+    liveHandles.remove(h);
+  }
+
+  /** Frees the handles still open, then the native buffer. */
   @Override
   public synchronized void close() {
     OPEN.remove(id);
+    for (EpHandle h : liveHandles.toArray(new EpHandle[0])) h.close();
     if (combineThread != null) combineThread.shutdownNow();
     if (buffer != null) {
       DeepEp4jNative.deepep4j_buffer_destroy(buffer);

@@ -55,6 +55,7 @@ public final class EpHandle implements AutoCloseable {
     if (handle != null) {
       DeepEp4jNative.deepep4j_handle_destroy(handle);
       handle = null;
+      owner.forget(this);
     }
   }
 }

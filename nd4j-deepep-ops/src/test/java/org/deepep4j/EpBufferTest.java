@@ -181,6 +181,17 @@ class EpBufferTest {
   }
 
   @Test
+  void closingTheBufferFreesItsOpenHandles() {
+    EpDispatchResult d;
+    try (EpGroup group = EpGroup.inProcess(1); EpBuffer buf = group.buffer(0, SMALL)) {
+      d = buf.dispatch(Nd4j.rand(DataType.FLOAT, 3, 8), Nd4j.zeros(DataType.LONG, 3, 1), null, 2);
+      assertTrue(!d.handle().isClosed());
+    }
+    assertTrue(d.handle().isClosed());
+    d.handle().close();  // no-op after the buffer freed it
+  }
+
+  @Test
   void closedHandleAndForeignHandleAreRejected() {
     try (EpGroup group = EpGroup.inProcess(1); EpBuffer buf = group.buffer(0, SMALL)) {
       INDArray x = Nd4j.rand(DataType.FLOAT, 3, 8);

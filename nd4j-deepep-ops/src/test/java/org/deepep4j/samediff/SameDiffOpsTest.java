@@ -82,12 +82,14 @@ class SameDiffOpsTest {
     }
   }
 
-  @Test
-  void eagerOpsEqualTheBufferApi() {
+  @ParameterizedTest
+  @ValueSource(strings = {"FLOAT", "BFLOAT16", "HALF"})
+  void eagerOpsEqualTheBufferApi(String type) {
+    DataType dtype = DataType.valueOf(type);
     try (EpGroup group = EpGroup.inProcess(2)) {
       group.runOnAllRanks(rank -> {
         try (EpBuffer buf = group.buffer(rank, SMALL)) {
-          INDArray x = Nd4j.rand(DataType.FLOAT, 6, 4);
+          INDArray x = Nd4j.rand(DataType.FLOAT, 6, 8).castTo(dtype);
           INDArray idx = Nd4j.create(topk(6, 2, 4, rank), new long[] {6, 2}, DataType.LONG);
           EpDispatchOp op = new EpDispatchOp(x, idx, null, buf.id(), 4);
           INDArray[] viaOp = Nd4j.exec(op);
@@ -95,6 +97,7 @@ class SameDiffOpsTest {
           assertEquals(viaApi.recvX(), viaOp[0]);
           assertEquals(viaApi.recvTopkIdx(), viaOp[1]);
           assertEquals(2, viaOp.length);
+          assertEquals(dtype, viaOp[0].dataType());
           viaApi.handle().close();
         }
         return null;

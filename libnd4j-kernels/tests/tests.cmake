@@ -19,3 +19,10 @@ add_test(NAME cpu_exported_symbols
          COMMAND ${CMAKE_COMMAND} -DLIB=$<TARGET_FILE:deepep4j> -DHEADER=${CMAKE_CURRENT_LIST_DIR}/../include/deepep4j.h
                  -P ${CMAKE_CURRENT_LIST_DIR}/exported_symbols.cmake)
 set_tests_properties(cpu_exported_symbols PROPERTIES TIMEOUT 60 LABELS cpu)
+
+# Ranks of one process copy rows directly by default; these runs force every row through the rings instead, so the
+# ring protocol (the one separate processes always use) is covered by the in-process tests too.
+foreach(name roundtrip cached chunked bad_input peer_failure)
+  add_test(NAME cpu_${name}_rings COMMAND test_${name})
+  set_tests_properties(cpu_${name}_rings PROPERTIES TIMEOUT 240 LABELS cpu ENVIRONMENT DEEPEP4J_CPU_DIRECT=0)
+endforeach()

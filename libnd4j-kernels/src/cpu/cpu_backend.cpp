@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -47,6 +48,7 @@ struct Blob {
   int32_t num_ranks;
   deepep4j_config config;
   uint64_t region_bytes;
+  int32_t direct_copies;  // 1: rows between ranks of one process skip the rings (DEEPEP4J_CPU_DIRECT != 0)
   char name[64];
 };
 static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
@@ -159,6 +161,8 @@ class CpuBackend final : public Backend {
       threads = std::max(1, int(hw) / R_);
     }
     pool_ = std::make_unique<WorkerPool>(std::min(threads, C_));
+    const char* direct = getenv("DEEPEP4J_CPU_DIRECT");
+    direct_wanted_ = !(direct && std::strcmp(direct, "0") == 0);
     return ok();
   }
 
@@ -174,6 +178,7 @@ class CpuBackend final : public Backend {
     b.num_ranks = R_;
     b.config = cfg_;
     b.region_bytes = own_.size();
+    b.direct_copies = direct_wanted_ ? 1 : 0;
     snprintf(b.name, sizeof(b.name), "%s", own_.name().c_str());
     std::memcpy(out, &b, sizeof(b));
     *len = sizeof(b);
@@ -213,6 +218,12 @@ class CpuBackend final : public Backend {
       DEEPEP4J_SAME(max_hidden_bytes, "%d")
 #undef DEEPEP4J_SAME
     }
+    // Ranks of one process copy rows straight between their arrays (one copy instead of two through a ring),
+    // when every rank wants it; rows between processes always go through the rings.
+    direct_ = true;
+    for (int r = 0; r < R_; ++r) direct_ = direct_ && all[r].direct_copies == 1;
+    peer_direct_.assign(R_, false);
+    for (int r = 0; r < R_; ++r) peer_direct_[r] = r == rank_ || (direct_ && all[r].pid == (int32_t)getpid());
     views_.assign(R_, RegionView{});
     peers_.clear();
     peers_.resize(R_);
@@ -354,16 +365,19 @@ class CpuBackend final : public Backend {
     if (c.ok()) c = check_ring(slot, "dispatch");
     // A rank with no tokens has no weights to give (an empty array may well be NULL): its choice does not count.
     int flags = (c.ok() && h->num_tokens > 0) ? (kFlagKnown1 | (a->topk_weights != nullptr ? 1 : 0)) : 0;
+    if (!h->has_recv_local_idx) h->recv_local_idx.assign(size_t(h->num_recv_tokens) * h->num_topk, -1);
     StepData mine{};
     fill_header(&mine, c, kStepDispatch, h->num_tokens, h->hidden, h->num_topk, h->num_experts, dtype, flags, h->seq);
+    if (c.ok())
+      publish(&mine, {a->recv_x, a->recv_topk_idx, a->recv_topk_weights, a->recv_src_token, a->recv_src_rank,
+                      a->recv_x_scales, h->recv_local_idx.data()});
     std::vector<const StepData*> all;
-    int st = exchange(mine, &all, nullptr);
+    int st = exchange(mine, &all, [&](int d, StepData* s) { publish_offsets(h, d, s); });
     if (st != DEEPEP4J_OK) return st;
     if ((st = verdict(all, kStepDispatch)) != DEEPEP4J_OK) return st;
 
-    if (!h->has_recv_local_idx) h->recv_local_idx.assign(size_t(h->num_recv_tokens) * h->num_topk, -1);
-    Transfer tr = dispatch_transfer(h, dtype, a, slot);
-    st = run_transfer(tr);
+    Transfer tr = dispatch_transfer(h, dtype, a, slot, all);
+    st = finish_step(run_transfer(tr), kStepDispatch);
     if (st == DEEPEP4J_OK) h->has_recv_local_idx = true;
     return st;
   }
@@ -385,16 +399,19 @@ class CpuBackend final : public Backend {
       flags = kFlagKnown2 | (a->out_topk_weights ? 2 : 0);
     StepData mine{};
     fill_header(&mine, c, kStepCombine, h->num_tokens, h->hidden, h->num_topk, h->num_experts, dtype, flags, h->seq);
+    if (c.ok())
+      publish(&mine, {a->y, a->recv_topk_weights, a->y_topk_weights,
+                      h->has_recv_local_idx ? h->recv_local_idx.data() : nullptr});
     std::vector<const StepData*> all;
-    int st = exchange(mine, &all, nullptr);
+    int st = exchange(mine, &all, [&](int d, StepData* s) { publish_offsets(h, d, s); });
     if (st != DEEPEP4J_OK) return st;
     if ((st = verdict(all, kStepCombine)) != DEEPEP4J_OK) return st;
     // Accumulators live in the backend and only grow, so a fresh handle per step costs no page faults.
     if (dtype != DEEPEP4J_FLOAT32 && scratch_.size() < size_t(h->num_tokens) * h->hidden)
       scratch_.resize(size_t(h->num_tokens) * h->hidden);
     if (touched_.size() < size_t(h->num_tokens)) touched_.resize(size_t(h->num_tokens));
-    Transfer tr = combine_transfer(h, dtype, a, slot);
-    return run_transfer(tr);
+    Transfer tr = combine_transfer(h, dtype, a, slot, all);
+    return finish_step(run_transfer(tr), kStepCombine);
   }
 
   int fail_step(int32_t status, const char* message) override {
@@ -410,6 +427,29 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // ------------------------------------------------------------------------------------------------ direct copies
+  // Addresses a rank of the same process reads or writes during this step (dispatch: outputs; combine: inputs).
+  void publish(StepData* d, std::initializer_list<const void*> ptrs) const {
+    d->pid = getpid();
+    int i = 0;
+    for (const void* p : ptrs) d->ptrs[i++] = reinterpret_cast<uint64_t>(p);
+  }
+  // Where rows exchanged with reader d start in this rank's receive order, per channel.
+  void publish_offsets(const CpuHandle* h, int d, StepData* s) const {
+    if (d < (int)h->recv_begin.size())
+      for (int c = 0; c < C_; ++c) s->row_offsets[c] = h->recv_begin[d][c];
+  }
+  // Ranks of one process touch each other's arrays during a step, so none returns before all are done.
+  int finish_step(int st, int kind) {
+    if (!direct_ || st != DEEPEP4J_OK) return st;
+    StepData mine{};
+    fill_header(&mine, Check{}, kind, 0, 0, 0, 0, 0, 0, 0);
+    std::vector<const StepData*> all;
+    int e = exchange(mine, &all, nullptr);
+    if (e != DEEPEP4J_OK) return e;
+    return verdict(all, kind);
+  }
+
   // ------------------------------------------------------------------------------------------------ step exchange
   Check check_ring(int64_t slot_bytes, const char* what) const {
     int64_t slots = std::min<int64_t>(cfg_.ring_tokens, int64_t(ring_bytes_) / slot_bytes);
@@ -523,15 +563,29 @@ class CpuBackend final : public Backend {
     // rows this rank receives from rank s on channel c, and consumes row i of them from `slot`
     std::function<int64_t(int s, int c)> recv_count;
     std::function<void(int s, int c, int64_t i, const uint8_t* slot)> unpack;
-    // rows that stay on this rank: handled without a ring, in order (called at the receiver's turn for `rank_`)
-    std::function<void(int c, int64_t i)> self_copy;
+    // rows exchanged with a direct peer (this rank, or one of its process) skip the rings: row i of channel c is
+    // pushed to peer p by the sender (unordered transfers) or pulled from p by the receiver at p's turn (ordered)
+    std::function<void(int p, int c, int64_t i)> direct_copy;
     bool ordered_sources = false;                // combine: consume sources in rank order (deterministic sums)
     std::function<void(int c)> channel_begin;    // before a channel moves data
     std::function<void(int c)> channel_end;      // after a channel received everything
     int kind = 0;
   };
 
-  Transfer dispatch_transfer(CpuHandle* h, int32_t dtype, const deepep4j_dispatch_args* a, int64_t slot) {
+  // Where dispatch writes a received row: this rank's own outputs, or (direct copies) those of a rank of its process.
+  struct DispatchOut {
+    uint8_t* recv_x;
+    int64_t* recv_topk_idx;
+    float* recv_topk_weights;
+    int64_t* recv_src_token;
+    int32_t* recv_src_rank;
+    float* recv_x_scales;
+    int64_t* local_idx;
+    const int64_t* row_offsets;  // first row of this rank's rows per channel, in the owner's receive order
+  };
+
+  Transfer dispatch_transfer(CpuHandle* h, int32_t dtype, const deepep4j_dispatch_args* a, int64_t slot,
+                             const std::vector<const StepData*>& all) {
     Transfer t;
     t.kind = kStepDispatch;
     t.slot_bytes = slot;
@@ -545,18 +599,27 @@ class CpuBackend final : public Backend {
     const int64_t nscales = fp8 ? H / DEEPEP4J_FP8_BLOCK : 0;
     const int32_t epr = h->num_experts / R_;
     const uint8_t* x = static_cast<const uint8_t*>(a->x);
-    uint8_t* recv_x = static_cast<uint8_t*>(a->recv_x);
 
-    // Writes row `m` of the receive side from a token's data (shared by the ring and the self path).
-    auto deliver = [=](int s, int64_t m, int64_t src_token, const int64_t* local_idx, const float* weights,
-                       const uint8_t* xrow, const float* scales) {
-      std::memcpy(recv_x + m * row, xrow, size_t(row));
-      if (a->recv_topk_idx) std::memcpy(a->recv_topk_idx + m * K, local_idx, sizeof(int64_t) * K);
-      std::memcpy(h->recv_local_idx.data() + m * K, local_idx, sizeof(int64_t) * K);
-      if (a->recv_topk_weights) std::memcpy(a->recv_topk_weights + m * K, weights, sizeof(float) * K);
-      if (a->recv_src_token) a->recv_src_token[m] = src_token;
-      if (a->recv_src_rank) a->recv_src_rank[m] = s;
-      if (fp8) std::memcpy(a->recv_x_scales + m * nscales, scales, sizeof(float) * nscales);
+    // Every direct peer's outputs as it published them (this rank's from its own arguments).
+    auto outs = std::make_shared<std::vector<DispatchOut>>(R_);
+    for (int p = 0; p < R_; ++p) {
+      if (!peer_direct_[p]) continue;
+      const uint64_t* q = all[p]->ptrs;
+      (*outs)[p] = DispatchOut{reinterpret_cast<uint8_t*>(q[0]), reinterpret_cast<int64_t*>(q[1]),
+                               reinterpret_cast<float*>(q[2]), reinterpret_cast<int64_t*>(q[3]),
+                               reinterpret_cast<int32_t*>(q[4]), reinterpret_cast<float*>(q[5]),
+                               reinterpret_cast<int64_t*>(q[6]), all[p]->row_offsets};
+    }
+    // Writes row `m` of rank `o`'s receive side from a token's data (rings, self and direct copies alike).
+    auto deliver = [=](const DispatchOut& o, int s, int64_t m, int64_t src_token, const int64_t* local_idx,
+                       const float* weights, const uint8_t* xrow, const float* scales) {
+      std::memcpy(o.recv_x + m * row, xrow, size_t(row));
+      if (o.recv_topk_idx) std::memcpy(o.recv_topk_idx + m * K, local_idx, sizeof(int64_t) * K);
+      std::memcpy(o.local_idx + m * K, local_idx, sizeof(int64_t) * K);
+      if (o.recv_topk_weights) std::memcpy(o.recv_topk_weights + m * K, weights, sizeof(float) * K);
+      if (o.recv_src_token) o.recv_src_token[m] = src_token;
+      if (o.recv_src_rank) o.recv_src_rank[m] = s;
+      if (fp8) std::memcpy(o.recv_x_scales + m * nscales, scales, sizeof(float) * nscales);
     };
     // Local expert ids and weights of token t as seen by rank d.
     auto route = [=](int d, int64_t t, int64_t* local_idx, float* weights) {
@@ -567,6 +630,8 @@ class CpuBackend final : public Backend {
         weights[j] = (local && a->topk_weights) ? a->topk_weights[t * K + j] : 0.0f;
       }
     };
+    const DispatchOut self{static_cast<uint8_t*>(a->recv_x), a->recv_topk_idx, a->recv_topk_weights, a->recv_src_token,
+                           a->recv_src_rank, a->recv_x_scales, h->recv_local_idx.data(), nullptr};
     t.send_count = [=](int d, int c) { return h->send_begin[d][c + 1] - h->send_begin[d][c]; };
     t.pack = [=](int d, int c, int64_t i, uint8_t* s) {
       int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
@@ -577,22 +642,35 @@ class CpuBackend final : public Backend {
     };
     t.recv_count = [=](int s, int c) { return h->recv_begin[s][c + 1] - h->recv_begin[s][c]; };
     t.unpack = [=](int s, int c, int64_t i, const uint8_t* sl) {
-      deliver(s, h->recv_begin[s][c] + i, *reinterpret_cast<const int64_t*>(sl),
+      deliver(self, s, h->recv_begin[s][c] + i, *reinterpret_cast<const int64_t*>(sl),
               reinterpret_cast<const int64_t*>(sl + 8), reinterpret_cast<const float*>(sl + 8 + 8 * K), sl + meta,
               reinterpret_cast<const float*>(sl + meta + row_pad));
     };
-    t.self_copy = [=](int c, int64_t i) {
-      int64_t tok = h->send_tokens[rank_][h->send_begin[rank_][c] + i];
+    // Pushes row i of channel c straight into rank d's outputs (d = this rank included).
+    t.direct_copy = [=](int d, int c, int64_t i) {
+      int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
       int64_t local_idx[DEEPEP4J_MAX_TOPK];
       float weights[DEEPEP4J_MAX_TOPK];
-      route(rank_, tok, local_idx, weights);
-      deliver(rank_, h->recv_begin[rank_][c] + i, tok, local_idx, weights, x + tok * row,
+      route(d, tok, local_idx, weights);
+      int64_t m = d == rank_ ? h->recv_begin[rank_][c] + i : (*outs)[d].row_offsets[c] + i;
+      deliver(d == rank_ ? self : (*outs)[d], rank_, m, tok, local_idx, weights, x + tok * row,
               fp8 ? a->x_scales + tok * nscales : nullptr);
     };
     return t;
   }
 
-  Transfer combine_transfer(CpuHandle* h, int32_t dtype, const deepep4j_combine_args* a, int64_t slot) {
+  // What combine reads from a rank: its rows y, the weights of a weighted combine, the returned top-k values, its
+  // local expert ids, and where this rank's rows start in its receive order (per channel).
+  struct CombineIn {
+    const uint8_t* y;
+    const float* recv_topk_weights;
+    const float* y_topk_weights;
+    const int64_t* local_idx;
+    const int64_t* row_offsets;
+  };
+
+  Transfer combine_transfer(CpuHandle* h, int32_t dtype, const deepep4j_combine_args* a, int64_t slot,
+                            const std::vector<const StepData*>& all) {
     Transfer t;
     t.kind = kStepCombine;
     t.slot_bytes = slot;
@@ -608,11 +686,23 @@ class CpuBackend final : public Backend {
     float* acc_base = f32 ? reinterpret_cast<float*>(out) : scratch_.data();
     uint8_t* touched = touched_.data();
 
-    auto scale_of = [=](int64_t m) {
-      if (!a->recv_topk_weights) return 1.0f;
+    auto ins = std::make_shared<std::vector<CombineIn>>(R_);
+    for (int p = 0; p < R_; ++p) {
+      if (p == rank_) {
+        (*ins)[p] = CombineIn{y, a->recv_topk_weights, a->y_topk_weights, h->recv_local_idx.data(), nullptr};
+      } else if (peer_direct_[p]) {
+        const uint64_t* q = all[p]->ptrs;
+        (*ins)[p] = CombineIn{reinterpret_cast<const uint8_t*>(q[0]), reinterpret_cast<const float*>(q[1]),
+                              reinterpret_cast<const float*>(q[2]), reinterpret_cast<const int64_t*>(q[3]),
+                              all[p]->row_offsets};
+      }
+    }
+    // The combine scale of row m of rank `in`: 1, or the sum of its weights on that rank's local experts.
+    auto scale_of = [=](const CombineIn& in, int64_t m) {
+      if (!in.recv_topk_weights) return 1.0f;
       float s = 0.0f;
       for (int j = 0; j < K; ++j)
-        if (h->recv_local_idx[m * K + j] >= 0) s += a->recv_topk_weights[m * K + j];
+        if (in.local_idx[m * K + j] >= 0) s += in.recv_topk_weights[m * K + j];
       return s;
     };
     // Adds one returned row to its token's accumulator (sources arrive in rank order).
@@ -633,17 +723,19 @@ class CpuBackend final : public Backend {
         std::memcpy(tail, a->y_topk_weights + m * K, sizeof(float) * K);
       else
         std::memset(tail, 0, sizeof(float) * K);
-      tail[K] = scale_of(m);
+      tail[K] = scale_of((*ins)[rank_], m);
     };
     t.recv_count = [=](int d, int c) { return h->send_begin[d][c + 1] - h->send_begin[d][c]; };
     t.unpack = [=](int d, int c, int64_t i, const uint8_t* sl) {
       const float* tail = reinterpret_cast<const float*>(sl + row_pad);
       accumulate(d, c, i, sl, tail, tail[K]);
     };
-    t.self_copy = [=](int c, int64_t i) {
-      int64_t m = h->recv_begin[rank_][c] + i;
+    // Pulls row i of channel c straight from rank d's y (d = this rank included), at d's turn.
+    t.direct_copy = [=](int d, int c, int64_t i) {
+      const CombineIn& in = (*ins)[d];
+      int64_t m = (d == rank_ ? h->recv_begin[rank_][c] : in.row_offsets[c]) + i;
       float zeros[DEEPEP4J_MAX_TOPK] = {};
-      accumulate(rank_, c, i, y + m * row, a->y_topk_weights ? a->y_topk_weights + m * K : zeros, scale_of(m));
+      accumulate(d, c, i, in.y + m * row, in.y_topk_weights ? in.y_topk_weights + m * K : zeros, scale_of(in, m));
     };
     t.channel_begin = [=](int c) {
       int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
@@ -702,13 +794,15 @@ class CpuBackend final : public Backend {
       std::vector<RecvState> rc;
       for (int p = 0; p < R_; ++p) {
         int64_t ns = tr.send_count(p, c);
-        if (p != rank_ && ns > 0) {
+        if (peer_direct_[p] && !tr.ordered_sources) {  // pushed straight into p's arrays, before any ring work
+          for (int64_t i = 0; i < ns; ++i) tr.direct_copy(p, c, i);
+        } else if (!peer_direct_[p] && ns > 0) {
           RingHeader* hdr = views_[p].ring_header(rank_, c);
           uint64_t tail = hdr->tail.load(std::memory_order_relaxed);  // only this rank writes it
           sends.push_back(SendState{p, c, 0, ns, hdr, views_[p].ring_data(rank_, c), tail, tail});
         }
         int64_t nr = tr.recv_count(p, c);
-        if (nr > 0) {
+        if (nr > 0 && !(peer_direct_[p] && !tr.ordered_sources)) {  // pushed rows need no receive step
           RingHeader* hdr = views_[rank_].ring_header(p, c);
           uint64_t head = hdr->head.load(std::memory_order_relaxed);
           rc.push_back(RecvState{p, c, 0, nr, hdr, views_[rank_].ring_data(p, c), head, head});
@@ -716,15 +810,6 @@ class CpuBackend final : public Backend {
       }
       recvs.push_back(std::move(rc));
     }
-    // Rows staying on this rank skip the rings. Unordered transfers copy them first; ordered ones at their turn.
-    if (!tr.ordered_sources)
-      for (size_t ci = 0; ci < channels.size(); ++ci)
-        for (auto& r : recvs[ci])
-          if (r.peer == rank_) {
-            for (int64_t i = 0; i < r.count; ++i) tr.self_copy(r.channel, i);
-            r.done = r.count;
-          }
-
     std::vector<size_t> cursor(channels.size(), 0);  // ordered: the source each channel consumes now
     Deadline deadline(cfg_.timeout_ms);
     Backoff backoff;
@@ -756,8 +841,8 @@ class CpuBackend final : public Backend {
             continue;
           }
           pending = true;
-          if (r.peer == rank_) {  // ordered transfer: this rank's own rows, at their turn
-            for (int64_t i = 0; i < r.count; ++i) tr.self_copy(r.channel, i);
+          if (peer_direct_[r.peer]) {  // ordered transfer: pulled from a direct peer, at its turn
+            for (int64_t i = 0; i < r.count; ++i) tr.direct_copy(r.peer, r.channel, i);
             r.done = r.count;
             progress = true;
           } else {
@@ -817,6 +902,9 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<ShmRegion>> peers_;
   std::vector<RegionView> views_;
   std::unique_ptr<WorkerPool> pool_;
+  bool direct_wanted_ = true;       // this rank allows direct copies (DEEPEP4J_CPU_DIRECT != 0)
+  bool direct_ = false;             // every rank allows them
+  std::vector<bool> peer_direct_;   // [R] rows to/from this rank skip the rings (self; same process when direct_)
   std::vector<float> scratch_;   // combine: fp32 accumulators for bf16/fp16 outputs
   std::vector<uint8_t> touched_;  // combine: token has received its first row
 };

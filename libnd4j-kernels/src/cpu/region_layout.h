@@ -37,6 +37,10 @@ struct StepData {
   int32_t dtype;
   int32_t flags;                               // dispatch: 1 = weights sent; combine: 1 = weighted, 2 = topk returned;
                                                // kFlagKnown1/2: bit 1/2 counts (the rank has rows it applies to)
+  int64_t pid;                                 // writer's process: ranks of one process copy rows directly
+  uint64_t ptrs[8];                            // dispatch: the writer's outputs; combine: its inputs (same process)
+  int64_t row_offsets[kMaxChannels];           // dispatch/combine: first row, in the writer's receive order, of the
+                                               // reader's rows on each channel
   int32_t rows_per_channel[kMaxChannels];      // notify: rows the writer sends the reader, per channel
   int32_t rows_per_expert[kMaxLocalExperts];   // notify: (token, k) entries for each of the reader's local experts
   char message[kMessageBytes];

@@ -567,6 +567,7 @@ class CpuBackend final : public Backend {
     // pushed to peer p by the sender (unordered transfers) or pulled from p by the receiver at p's turn (ordered)
     std::function<void(int p, int c, int64_t i)> direct_copy;
     bool ordered_sources = false;                // combine: consume sources in rank order (deterministic sums)
+    std::function<int64_t(int p, int c, int64_t i)> token_of;  // combine: the token row i of (p, c) belongs to
     std::function<void(int c)> channel_begin;    // before a channel moves data
     std::function<void(int c)> channel_end;      // after a channel received everything
     int kind = 0;
@@ -730,6 +731,7 @@ class CpuBackend final : public Backend {
       const float* tail = reinterpret_cast<const float*>(sl + row_pad);
       accumulate(d, c, i, sl, tail, tail[K]);
     };
+    t.token_of = [=](int d, int c, int64_t i) { return int64_t(h->send_tokens[d][h->send_begin[d][c] + i]); };
     // Pulls row i of channel c straight from rank d's y (d = this rank included), at d's turn.
     t.direct_copy = [=](int d, int c, int64_t i) {
       const CombineIn& in = (*ins)[d];
@@ -810,6 +812,23 @@ class CpuBackend final : public Backend {
       }
       recvs.push_back(std::move(rc));
     }
+    // Ordered transfer whose sources are all direct: walk the channel token by token, adding each token's rows in
+    // source order while its accumulator is still in cache (same sums, same order, one pass over the output).
+    if (tr.ordered_sources)
+      for (auto& rc : recvs) {
+        bool all_direct = !rc.empty();
+        for (auto& r : rc) all_direct = all_direct && peer_direct_[r.peer];
+        if (!all_direct) continue;
+        for (;;) {
+          int64_t tok = INT64_MAX;
+          for (auto& r : rc)
+            if (r.done < r.count) tok = std::min(tok, tr.token_of(r.peer, r.channel, r.done));
+          if (tok == INT64_MAX) break;
+          for (auto& r : rc)
+            if (r.done < r.count && tr.token_of(r.peer, r.channel, r.done) == tok) tr.direct_copy(r.peer, r.channel, r.done++);
+        }
+      }
+
     std::vector<size_t> cursor(channels.size(), 0);  // ordered: the source each channel consumes now
     Deadline deadline(cfg_.timeout_ms);
     Backoff backoff;

@@ -105,9 +105,13 @@ class DeepepBackend : public CudaBackend {
       io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
     }
     Step st = step(++epoch_);
+    // The barrier finishes before the ring kernel is queued: see exchange_counts.
     DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
-    if (check.ok()) DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
     int fin = finish_step(s, call);
+    if (check.ok() && fin == DEEPEP4J_OK) {
+      DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
+      fin = finish_step(s, call);
+    }
     if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
     if (fin != DEEPEP4J_OK) return fin;
     h->dispatched = true;
@@ -136,9 +140,13 @@ class DeepepBackend : public CudaBackend {
       io.out_topk_weights = a->out_topk_weights;
     }
     Step st = step(++epoch_);
+    // The barrier finishes before the ring kernel is queued: see exchange_counts.
     DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
-    if (check.ok()) DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
     int fin = finish_step(s, call);
+    if (check.ok() && fin == DEEPEP4J_OK) {
+      DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
+      fin = finish_step(s, call);
+    }
     if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
     return fin == DEEPEP4J_OK ? ok() : fin;
   }
@@ -157,8 +165,13 @@ class DeepepBackend : public CudaBackend {
   int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t local_experts, uint8_t* gathered,
                       cudaStream_t s) override {
     Step st = step(++epoch_);
+    // Nothing is queued behind a kernel that spins for peers until it has finished. Ranks of one process that share
+    // a GPU share its hardware work queues; an operation waiting for our spinning kernel at the head of such a queue
+    // would hold back the other rank's launches, so that rank could not reach the barrier we wait in (a hang until
+    // timeout_ms, seen with two ranks per GPU).
     DEEPEP4J_CUDA_TRY(launch_notify(st, header, h ? &h->r : nullptr, local_experts, gathered_dev_,
                                     int64_t(kNotifySlotBytes), s));
+    if (int fin = finish_step(s, "deepep4j_notify_dispatch")) return fin;
     DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(gathered, gathered_dev_, size_t(R_) * kNotifySlotBytes,
                                       cudaMemcpyDeviceToHost, s));
     return finish_step(s, "deepep4j_notify_dispatch");

@@ -452,7 +452,7 @@ class CpuBackend final : public Backend {
 
   // ------------------------------------------------------------------------------------------------ step exchange
   Check check_ring(int64_t slot_bytes, const char* what) const {
-    int64_t slots = std::min<int64_t>(cfg_.ring_tokens, int64_t(ring_bytes_) / slot_bytes);
+    int64_t slots = ring_slots(slot_bytes);
     if (slots < cfg_.max_send_tokens_per_chunk)
       return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
                          "buffer_bytes = %" PRId64 ": each of the %d rings holds %zu bytes, less than one %s chunk of "

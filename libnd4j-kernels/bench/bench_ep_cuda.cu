@@ -2,8 +2,12 @@
 // r % devices) for both backends, printed beside the raw peer-to-peer copy bandwidth measured in the same run.
 //
 //   bench_ep --device cuda [--tokens 128,512,4096,8192] [--hidden 7168] [--topk 8] [--experts 256] [--ranks 2]
-//            [--dtypes bf16,fp8] [--backends deepep,alltoall] [--num-sms 24] [--ring-tokens 0] [--chunk 0]
-//            [--iters 20] [--warmup 5] [--seed 1] [--sweep]
+//            [--dtypes bf16,fp8] [--backends deepep-sm,deepep-ce,alltoall] [--num-sms 24] [--ring-tokens 0]
+//            [--chunk 0] [--buffer-mb 0] [--iters 20] [--warmup 5] [--seed 1] [--sweep]
+//
+// Backends: deepep-sm = the NVLink backend with SM ring kernels (DEEPEP4J_CUDA_TRANSFER=sm), deepep-ce = the same
+// with copy-engine transfers (copy_engine), deepep = its default (auto), alltoall = NCCL. --buffer-mb 0 sizes the
+// buffer by buffer_size_hint for the rings, and for copy engines large enough for every source's whole step.
 //
 // Metric (DeepEP's): GB/s = rows a rank receives in dispatch (= rows it sends back in combine), self-copy included,
 // x hidden x bytes per element (fp8: + the fp32 scales) / time. Time: CUDA events around one call, after warm-up, L2
@@ -33,8 +37,9 @@ struct Opts {
   std::vector<int64_t> tokens{128, 512, 4096, 8192};
   int64_t hidden = 7168;
   int32_t topk = 8, experts = 256, ranks = 2;
-  std::vector<std::string> dtypes{"bf16", "fp8"}, backends{"deepep", "alltoall"};
+  std::vector<std::string> dtypes{"bf16", "fp8"}, backends{"deepep-sm", "deepep-ce", "alltoall"};
   int32_t num_sms = 24, ring_tokens = 0, chunk = 0;
+  int64_t buffer_mb = 0;
   int iters = 20, warmup = 5;
   uint64_t seed = 1;
   bool sweep = false;
@@ -84,6 +89,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--num-sms") o.num_sms = int32_t(num(a, v, 2, 256));
     else if (a == "--ring-tokens") o.ring_tokens = int32_t(num(a, v, 0, 1 << 16));
     else if (a == "--chunk") o.chunk = int32_t(num(a, v, 0, 1 << 16));
+    else if (a == "--buffer-mb") o.buffer_mb = num(a, v, 0, 1 << 20);
     else if (a == "--iters") o.iters = int(num(a, v, 1, 10000));
     else if (a == "--warmup") o.warmup = int(num(a, v, 0, 10000));
     else if (a == "--seed") o.seed = uint64_t(num(a, v, 0, 1ll << 62));
@@ -92,7 +98,8 @@ Opts parse(int argc, char** argv) {
   for (auto& d : o.dtypes)
     if (d != "bf16" && d != "fp8" && d != "fp32") die("--dtypes: " + d + " is not one of bf16, fp8, fp32");
   for (auto& b : o.backends)
-    if (b != "deepep" && b != "alltoall") die("--backends: " + b + " is not one of deepep, alltoall");
+    if (b != "deepep" && b != "deepep-sm" && b != "deepep-ce" && b != "alltoall")
+      die("--backends: " + b + " is not one of deepep, deepep-sm, deepep-ce, alltoall");
   if (o.topk > o.experts || o.experts % o.ranks) die("--topk <= --experts and --experts % --ranks == 0 required");
   return o;
 }
@@ -132,7 +139,10 @@ int device_of(int rank) {
 
 struct Group {
   std::vector<deepep4j_buffer*> bufs;
-  Group(const Opts& o, int32_t backend, int32_t num_sms, int32_t ring, int32_t chunk) : bufs(size_t(o.ranks)) {
+  Group(const Opts& o, const std::string& name, int32_t num_sms, int32_t ring, int32_t chunk) : bufs(size_t(o.ranks)) {
+    const int32_t backend = name == "alltoall" ? DEEPEP4J_BACKEND_ALLTOALL : DEEPEP4J_BACKEND_DEEPEP;
+    // Read by deepep4j_buffer_create.
+    setenv("DEEPEP4J_CUDA_TRANSFER", name == "deepep-sm" ? "sm" : name == "deepep-ce" ? "copy_engine" : "auto", 1);
     deepep4j_config c;
     deepep4j_config_init(&c);
     c.device = DEEPEP4J_DEVICE_CUDA;
@@ -143,6 +153,12 @@ struct Group {
     c.timeout_ms = 30000;
     int64_t bytes = 0;
     must(deepep4j_buffer_size_hint(o.hidden, DEEPEP4J_BFLOAT16, o.ranks, &c, &bytes), "buffer_size_hint", 0);
+    if (name != "deepep-sm" && name != "alltoall") {
+      // Every source's whole step in its landing zone: rows of up to 2 bytes per element plus slot metadata.
+      int64_t most = *std::max_element(o.tokens.begin(), o.tokens.end());
+      bytes = std::max<int64_t>(bytes, int64_t(o.ranks) * most * (o.hidden * 2 + 1024));
+    }
+    if (o.buffer_mb > 0) bytes = o.buffer_mb << 20;
     c.buffer_bytes = bytes;
     std::vector<std::vector<uint8_t>> blobs(size_t(o.ranks), std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES));
     std::vector<size_t> lens(size_t(o.ranks));
@@ -365,7 +381,7 @@ int bench_ep_cuda(int argc, char** argv) {
       for (int32_t chunk : {12, 24, 48})
         for (int32_t ring : {96, 192}) {
           if (sms > prop.multiProcessorCount) continue;
-          Group g(o, DEEPEP4J_BACKEND_DEEPEP, sms, ring, chunk);
+          Group g(o, "deepep-sm", sms, ring, chunk);
           for (int64_t t : o.tokens) {
             Result r = run_shape(o, g, t, "bf16");
             std::printf("| %lld | %d | %d | %d | %.1f | %.1f | %.1f | %.1f |\n", (long long)t, sms, chunk, ring,
@@ -378,8 +394,7 @@ int bench_ep_cuda(int argc, char** argv) {
   std::printf("| backend | dtype | tokens | dispatch us | dispatch GB/s | combine us | combine GB/s |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   for (const std::string& be : o.backends) {
-    Group g(o, be == "alltoall" ? DEEPEP4J_BACKEND_ALLTOALL : DEEPEP4J_BACKEND_DEEPEP, o.num_sms, o.ring_tokens,
-            o.chunk);
+    Group g(o, be, o.num_sms, o.ring_tokens, o.chunk);
     for (const std::string& dt : o.dtypes)
       for (int64_t t : o.tokens) {
         Result r = run_shape(o, g, t, dt);

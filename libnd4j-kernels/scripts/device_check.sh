@@ -26,11 +26,13 @@ run() {  # name, timeout seconds, command...
 }
 if [ "$what" = all ] || [ "$what" = tests ]; then
   run gpu_roundtrip 300 "$build/gpu_test_roundtrip"
+  run gpu_roundtrip_sm 300 env DEEPEP4J_CUDA_TRANSFER=sm "$build/gpu_test_roundtrip"
   run gpu_cross_process 300 "$build/gpu_test_cross_process"
   run gpu_peer_dies 120 "$build/gpu_test_peer_dies"
   san="compute-sanitizer --error-exitcode 9 --target-processes all"
   run sanitizer_memcheck 300 env DEEPEP4J_TEST_BACKENDS=deepep $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
   run sanitizer_racecheck 300 env DEEPEP4J_TEST_BACKENDS=deepep $san --tool racecheck "$build/gpu_test_roundtrip" many_steps
+  run sanitizer_memcheck_sm 300 env DEEPEP4J_TEST_BACKENDS=deepep DEEPEP4J_CUDA_TRANSFER=sm $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   run bench_ep 400 "$build/bench_ep" --device cuda

@@ -49,12 +49,12 @@ __global__ void __launch_bounds__(kThreads) reduce_combine(Routing h, int R, Com
                                                            const uint8_t* staging, int64_t slot_bytes) {
   const CombineSlot lay = CombineSlot::make(io.row_bytes, h.num_topk);
   const int lane = threadIdx.x % 32;
-  const uint8_t* slots[DEEPEP4J_MAX_RANKS];
+  ReturnedRow rows[DEEPEP4J_MAX_RANKS];
   for (int64_t t = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; t < h.num_tokens; t += int64_t(gridDim.x) * kWarps) {
     const uint64_t mask = h.token_mask[t];
     for (int d = 0; d < R; ++d)
-      slots[d] = (mask >> d & 1ull) ? staging + stream_index(h, dest, t, d, R) * slot_bytes : nullptr;
-    reduce_token_any(slots, R, lay, io, t, h.num_topk, lane);
+      rows[d] = slot_row((mask >> d & 1ull) ? staging + stream_index(h, dest, t, d, R) * slot_bytes : nullptr, lay);
+    reduce_token_any(rows, R, io, t, h.num_topk, lane);
   }
 }
 

@@ -18,11 +18,6 @@ namespace cuda {
 
 namespace {
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // Outcome of ncclCommInitRank, which cannot be interrupted: it runs on its own thread and whoever finishes last
 // (the waiter that gave up, or the thread) cleans up.
 struct InitState {

@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     s_need[d] = 0;
   }
   __syncthreads();
-  const uint8_t* slots[DEEPEP4J_MAX_RANKS];
+  ReturnedRow rows[DEEPEP4J_MAX_RANKS];
   // A round takes up to half a ring of tokens (never more than a ring from one stream), so senders fill the other half
   // while this one is reduced.
   const int round = max(rg.chunk, rg.slots / 2);
@@ -73,8 +73,9 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     for (int64_t t = a + warp; t < b; t += kRingWarps) {
       const uint64_t mask = h.token_mask[t];
       for (int d = 0; d < R; ++d)
-        slots[d] = (mask >> d & 1ull) ? rg.slot(own, c, d, R, s_base[d] + uint32_t(h.send_pos[t * R + d])) : nullptr;
-      reduce_token_any(slots, R, lay, io, t, K, lane);
+        rows[d] = slot_row(
+            (mask >> d & 1ull) ? rg.slot(own, c, d, R, s_base[d] + uint32_t(h.send_pos[t * R + d])) : nullptr, lay);
+      reduce_token_any(rows, R, io, t, K, lane);
     }
     __syncthreads();
     if (warp == 0)

@@ -21,6 +21,8 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/control.cu
   ${DEEPEP4J_CUDA_DIR}/dispatch.cu
   ${DEEPEP4J_CUDA_DIR}/combine.cu
+  ${DEEPEP4J_CUDA_DIR}/copy_engine.cu
+  ${DEEPEP4J_CUDA_DIR}/copy_engine_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp)
 set(DEEPEP4J_CUDA_WARNINGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-fvisibility-inlines-hidden)
@@ -50,6 +52,10 @@ foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_test(NAME gpu_${name} COMMAND gpu_test_${name})
   set_tests_properties(gpu_${name} PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77)
 endforeach()
+# The same round trips with every row through the SM rings (by default steps that fit use copy engines).
+add_test(NAME gpu_roundtrip_sm COMMAND gpu_test_roundtrip)
+set_tests_properties(gpu_roundtrip_sm PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77
+                                                 ENVIRONMENT DEEPEP4J_CUDA_TRANSFER=sm)
 
 if(TARGET bench_ep)
   target_sources(bench_ep PRIVATE ${CMAKE_CURRENT_LIST_DIR}/../../bench/bench_ep_cuda.cu)

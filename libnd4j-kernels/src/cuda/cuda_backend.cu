@@ -16,11 +16,12 @@
 namespace deepep4j {
 namespace cuda {
 
-namespace {
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+
+namespace {
 size_t align256(size_t v) { return (v + 255) & ~size_t(255); }
 }  // namespace
 
@@ -143,6 +144,7 @@ int CudaBackend::finish_step(cudaStream_t s, const char* call) {
   std::atomic_thread_fence(std::memory_order_acquire);
   std::memcpy(&mb, mailbox_, sizeof(Mailbox));
   std::memset(mailbox_, 0, sizeof(Mailbox));
+  ce_veto_ = mb.ce_veto != 0;
   if (mb.status == DEEPEP4J_OK) return DEEPEP4J_OK;
   mb.message[sizeof(mb.message) - 1] = 0;
   if (mb.status == DEEPEP4J_ERR_PEER_ERROR)

@@ -34,6 +34,8 @@ static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
 constexpr uint32_t kBlobMagic = 0x64657034;  // "dep4"
 
 uint64_t process_nonce();
+// Milliseconds of a steady clock: the host side of every deadline.
+int64_t now_ms();
 
 class CudaBackend : public Backend {
  public:
@@ -78,6 +80,7 @@ class CudaBackend : public Backend {
   uint8_t* gathered_host_ = nullptr;  // pinned [R * kNotifySlotBytes]
   uint32_t epoch_ = 1;                // last barrier epoch used (connect uses 1)
   bool broken_ = false;               // a step timed out: rings are no longer consistent
+  bool ce_veto_ = false;              // the last finished barrier had a rank voting against copy-engine transfers
   std::string broken_reason_;
 };
 

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "common/validate.h"
+#include "cuda/copy_engine.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_util.h"
 
@@ -93,10 +94,12 @@ class DeepepBackend : public CudaBackend {
     Check check = check_dispatch_args(*h, dtype, a);
     DispatchIo io{};
     Rings rings{};
+    int64_t slot_bytes = 0;
     if (check.ok()) {
       io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
       io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
-      check = rings_for(DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes, &rings);
+      slot_bytes = DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes;
+      check = rings_for(slot_bytes, &rings);
     }
     if (check.ok()) {
       io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
@@ -104,13 +107,21 @@ class DeepepBackend : public CudaBackend {
       io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
       io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
     }
+    CePlan plan{};
+    const bool ce_vote = check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, slot_bytes, zone_bytes(), &plan); },
+                                                 &check);
     Step st = step(++epoch_);
-    // The barrier finishes before the ring kernel is queued: see exchange_counts.
-    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
+    // The barrier finishes before the data kernels are queued: see exchange_counts.
+    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0));
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
-      DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
-      fin = finish_step(s, call);
+      if (ce_vote && !ce_veto_) {
+        fin = ce_.run_dispatch(st, plan, h->r, io, slot_bytes, cfg_.num_sms, s);
+        fin = finish_ce(s, fin, call);
+      } else {
+        DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
+        fin = finish_step(s, call);
+      }
     }
     if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
     if (fin != DEEPEP4J_OK) return fin;
@@ -139,13 +150,21 @@ class DeepepBackend : public CudaBackend {
       io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
       io.out_topk_weights = a->out_topk_weights;
     }
+    CePlan plan{};
+    const bool ce_vote = check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); },
+                                                 &check);
     Step st = step(++epoch_);
-    // The barrier finishes before the ring kernel is queued: see exchange_counts.
-    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
+    // The barrier finishes before the data kernels are queued: see exchange_counts.
+    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0));
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
-      DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
-      fin = finish_step(s, call);
+      if (ce_vote && !ce_veto_) {
+        fin = ce_.run_combine(st, plan, h->r, io, cfg_.num_sms, s);
+        fin = finish_ce(s, fin, call);
+      } else {
+        DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
+        fin = finish_step(s, call);
+      }
     }
     if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
     return fin == DEEPEP4J_OK ? ok() : fin;
@@ -153,6 +172,14 @@ class DeepepBackend : public CudaBackend {
 
  protected:
   int init_backend() override {
+    Check mode = transfer_from_env(&transfer_);
+    if (!mode.ok()) return set_error(mode.status, "%s", mode.message.c_str());
+    if (transfer_ != Transfer::kSm) {
+      if (int st = ce_.init(R_)) return st;
+      if (transfer_ == Transfer::kCopyEngine && !ce_.available())
+        return set_error(DEEPEP4J_ERR_UNAVAILABLE, "DEEPEP4J_CUDA_TRANSFER = copy_engine: %s",
+                         ce_.unavailable_reason().c_str());
+    }
     const size_t bytes = kRings + size_t(cfg_.buffer_bytes);
     DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&region_), bytes));
     DEEPEP4J_CUDA_TRY(cudaMemset(region_, 0, kRings));
@@ -187,6 +214,33 @@ class DeepepBackend : public CudaBackend {
     return st;
   }
 
+  // This rank's vote for copy-engine transfers in the coming step: yes when the mode allows them and `plan` fits.
+  // In copy_engine mode a plan that does not fit becomes the step's error (*check), reported on every rank.
+  template <class Plan>
+  bool ce_wanted(Plan&& plan, Check* check) {
+    if (transfer_ == Transfer::kSm || !ce_.available()) return false;
+    Check fit = plan();
+    if (fit.ok()) return true;
+    if (transfer_ == Transfer::kCopyEngine) *check = fit;
+    return false;
+  }
+
+  // Every source's landing zone in a region's ring area.
+  int64_t zone_bytes() const { return (cfg_.buffer_bytes / R_) & ~int64_t(15); }
+
+  // Waits for a copy-engine step: the kernels on `s`, then the copy stream (whose waits need only our own kernel).
+  int finish_ce(cudaStream_t s, int queued, const char* call) {
+    const std::string why = queued == DEEPEP4J_OK ? std::string() : std::string(last_error());
+    int fin = finish_step(s, call);
+    int copies = wait_stream(ce_.stream(), now_ms() + cfg_.timeout_ms + 1000, call);
+    if (queued != DEEPEP4J_OK) {
+      broken_ = true;  // peers may wait for chunks that were never queued
+      broken_reason_ = std::string(call) + " could not queue its copies";
+      return set_error(queued, "%s", why.c_str());
+    }
+    return fin != DEEPEP4J_OK ? fin : copies;
+  }
+
   // Ring geometry for slots of `slot_bytes`: as many slots as fit (at most ring_tokens); chunks shrink to fit.
   Check rings_for(int64_t slot_bytes, Rings* out) const {
     const int C = channels();
@@ -206,6 +260,8 @@ class DeepepBackend : public CudaBackend {
     return Check{};
   }
 
+  Transfer transfer_ = Transfer::kAuto;
+  CopyEngine ce_;
   uint8_t* region_ = nullptr;
   uint8_t* gathered_dev_ = nullptr;
   cudaIpcMemHandle_t ipc_{};

@@ -17,8 +17,8 @@ namespace cuda {
 struct Mailbox {
   int32_t status;
   int32_t peer;
-  int32_t where;  // which wait gave up (for the message)
-  int32_t pad;
+  int32_t where;    // which wait gave up (for the message)
+  int32_t ce_veto;  // 1 when some rank voted against copy-engine transfers at the last barrier
   char message[kStatusBytes];
 };
 
@@ -39,9 +39,10 @@ cudaError_t launch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t
 cudaError_t launch_plan(const int64_t* topk_idx, const Routing& h, int32_t num_ranks,
                         unsigned long long* bad, cudaStream_t s);
 
-// Publishes this rank's status and message, waits for every rank (barrier `step.epoch`), and records in the mailbox
-// the first peer that failed or never came.
-cudaError_t launch_barrier(const Step& step, int32_t status, const char* message, cudaStream_t s);
+// Publishes this rank's status, message and copy-engine vote, waits for every rank (barrier `step.epoch`), and records
+// in the mailbox the first peer that failed or never came, and whether any rank voted against copy-engine transfers.
+cudaError_t launch_barrier(const Step& step, int32_t status, const char* message, cudaStream_t s,
+                           int32_t ce_vote = 0);
 
 // Notify: writes header + counts to every peer's notify slot, barrier, copies every received slot to `gathered`
 // ([R] slots of `slot_bytes`).
@@ -76,6 +77,53 @@ cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing&
                             int32_t num_sms, cudaStream_t s);
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s);
+
+// Copy-engine transfers: the rows between a pair of ranks move in at most kMaxCeChunks copy-engine copies, from the
+// sender's local staging (dispatch) or straight from y (combine) into the receiver's landing zone for that sender
+// (its region's ring area, zone_bytes per source). A copied chunk is announced by writing the step's epoch into the
+// receiver's arrivals(region, sender)[chunk]; SMs only pack, unpack and reduce locally.
+struct CePlan {
+  int64_t zone_bytes;                    // landing zone per source in every region
+  uint8_t* staging;                      // this rank's local staging (dispatch slots / combine scales + weights)
+  int64_t staging_off[DEEPEP4J_MAX_RANKS];  // where the part for peer d starts in staging
+  int32_t out_rows[DEEPEP4J_MAX_RANKS];  // rows this rank sends to d in this step
+  int32_t in_rows[DEEPEP4J_MAX_RANKS];   // rows it receives from s
+  int32_t out_chunk[DEEPEP4J_MAX_RANKS]; // rows per chunk of those streams (see ce_chunk_rows)
+  int32_t in_chunk[DEEPEP4J_MAX_RANKS];
+  int64_t first_row[DEEPEP4J_MAX_RANKS];  // combine: the first row of y going back to d
+  uint32_t* packed;                      // device [R][kMaxCeChunks]: blocks that finished packing chunk (d, j)
+};
+
+// Rows per copy-engine chunk for a stream of `rows` rows of `row_bytes`: about 4 MiB, at most kMaxCeChunks chunks.
+DEEPEP4J_HD inline int32_t ce_chunk_rows(int64_t rows, int64_t row_bytes) {
+  int64_t per = (int64_t(4) << 20) / row_bytes;
+  if (per < 1) per = 1;
+  if ((rows + per - 1) / per > kMaxCeChunks) per = (rows + kMaxCeChunks - 1) / kMaxCeChunks;
+  return int32_t(per);
+}
+DEEPEP4J_HD inline int32_t ce_chunks(int64_t rows, int32_t chunk_rows) {
+  return int32_t((rows + chunk_rows - 1) / chunk_rows);
+}
+// Combine landing zone: [rows][scales: float per row][returned weights: K floats per row], parts 16-byte aligned.
+DEEPEP4J_HD inline int64_t ce_combine_meta_off(int64_t rows, int64_t row_bytes) {
+  return DispatchSlot::align16(rows * row_bytes);
+}
+DEEPEP4J_HD inline int64_t ce_combine_meta_bytes(int64_t rows, int32_t k) {
+  return DispatchSlot::align16(rows * 4) + DispatchSlot::align16(rows * 4 * int64_t(k));
+}
+
+// Dispatch: every block packs the chunks for every peer in chunk order (counting them in plan.packed), copies the
+// rank's own rows straight to the receive arrays, then unpacks the chunks that landed, waiting for their arrival.
+cudaError_t launch_ce_dispatch(const Step& step, const CePlan& plan, const Routing& h, const DispatchIo& io,
+                               int32_t num_sms, cudaStream_t s);
+// Combine, sending side: scales and returned weights of the rows going back to each peer, into staging.
+cudaError_t launch_ce_combine_meta(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
+                                   cudaStream_t s);
+// Combine, receiving side: reduces every token in order, reading own rows from y and peers' rows as they land.
+cudaError_t launch_ce_combine(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
+                              int32_t num_sms, cudaStream_t s);
+// Announces a landed chunk: writes `epoch` to `flag` (a peer's arrival word) after the copies before it on `s`.
+cudaError_t launch_ce_signal(uint32_t* flag, uint32_t epoch, cudaStream_t s);
 
 // All-to-all backend. Staging buffers hold slots in the dispatch / combine slot layout; `base[r]` is the first slot of
 // rank r's block in a staging buffer.

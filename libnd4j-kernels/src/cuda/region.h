@@ -5,7 +5,10 @@
 //   [kStatus, +2*64*256)     per (epoch parity, source rank): the status + message a source published at its barrier
 //   [kCounters, ...)         ring counters per (channel, source): tail (written by the source), head (by this rank)
 //   [kNotify, ...)           per (notify parity, source rank): the counts of a notify step (NotifySlot)
-//   [kRings, +buffer_bytes)  channels x sources rings of slots; a slot carries one token row and its metadata
+//   [kArrivals, ...)         copy-engine mode: per (source, chunk) the epoch of the step whose chunk has landed
+//   [kRings, +buffer_bytes)  channels x sources rings of slots; a slot carries one token row and its metadata.
+//                            In copy-engine mode the same bytes are R landing zones, one per source, each holding the
+//                            whole step's rows from that source.
 #pragma once
 
 #include <cstddef>
@@ -31,12 +34,15 @@ constexpr size_t kCounters = kStatus + 2 * DEEPEP4J_MAX_RANKS * kStatusBytes;
 constexpr size_t kCounterBytes = 2 * kMaxChannels * DEEPEP4J_MAX_RANKS * sizeof(uint32_t);
 constexpr size_t kNotify = kCounters + kCounterBytes;
 constexpr size_t kNotifySlotBytes = 16384;
-constexpr size_t kRings = kNotify + 2 * DEEPEP4J_MAX_RANKS * kNotifySlotBytes;
+constexpr int kMaxCeChunks = 16;  // copy-engine transfers per (source, destination) and step
+constexpr size_t kArrivals = kNotify + 2 * DEEPEP4J_MAX_RANKS * kNotifySlotBytes;
+constexpr size_t kRings = kArrivals + DEEPEP4J_MAX_RANKS * kMaxCeChunks * sizeof(uint32_t);
 
-// Status a rank publishes at a barrier: 0, or the deepep4j_status of its local check and its message.
+// Status a rank publishes at a barrier: 0, or the deepep4j_status of its local check and its message; and its vote
+// for copy-engine transfers in the step that follows (they are used only when every rank votes 1).
 struct PeerStatus {
   int32_t status;
-  int32_t pad;
+  int32_t ce_vote;
   char message[kStatusBytes - 8];
 };
 
@@ -67,6 +73,10 @@ DEEPEP4J_HD inline uint32_t* heads(uint8_t* region) {
 }
 DEEPEP4J_HD inline uint8_t* notify_slot(uint8_t* region, uint32_t parity, int src) {
   return region + kNotify + ((parity & 1) * DEEPEP4J_MAX_RANKS + src) * kNotifySlotBytes;
+}
+
+DEEPEP4J_HD inline uint32_t* arrivals(uint8_t* region, int src) {
+  return reinterpret_cast<uint32_t*>(region + kArrivals) + src * kMaxCeChunks;
 }
 
 // Every rank's region as seen from this rank's device (its own included).

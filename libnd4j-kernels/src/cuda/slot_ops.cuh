@@ -96,20 +96,21 @@ __device__ __forceinline__ void copy_own_token(const DispatchIo& io, const Routi
   warp_copy<false>(io.recv_x + m * io.row_bytes, io.x + t * io.row_bytes, io.row_bytes, lane);
 }
 
+// The combine scale of received row m: the sum of its weights for this rank's experts (1 without weights).
+__device__ __forceinline__ float row_scale(const CombineIo& io, const Routing& h, int64_t m) {
+  if (io.recv_topk_weights == nullptr) return 1.0f;
+  float scale = 0.0f;
+  const uint32_t bits = h.recv_local[m];
+  for (int k = 0; k < h.num_topk; ++k)
+    if (bits >> k & 1u) scale += io.recv_topk_weights[m * h.num_topk + k];
+  return scale;
+}
+
 // Writes received row m as a combine slot: the row, the returned weights and the row's scale.
 __device__ __forceinline__ void write_combine_slot(uint8_t* slot, const CombineSlot& lay, const CombineIo& io,
                                                    const Routing& h, int64_t m, int lane) {
   const int K = h.num_topk;
-  if (lane == 0) {
-    float scale = 1.0f;
-    if (io.recv_topk_weights != nullptr) {
-      scale = 0.0f;
-      uint32_t bits = h.recv_local[m];
-      for (int k = 0; k < K; ++k)
-        if (bits >> k & 1u) scale += io.recv_topk_weights[m * K + k];
-    }
-    *reinterpret_cast<float*>(slot + lay.scale_off) = scale;
-  }
+  if (lane == 0) *reinterpret_cast<float*>(slot + lay.scale_off) = row_scale(io, h, m);
   if (io.y_topk_weights != nullptr)
     for (int k = lane; k < K; k += 32)
       reinterpret_cast<float*>(slot + lay.weights_off)[k] = io.y_topk_weights[m * K + k];
@@ -124,10 +125,24 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
-// out[t] = sum over ranks d (ascending) of scale_d * row_d, in fp32; slots[d] is NULL where t did not visit d.
+// One rank's returned row for a token: where the row is, its combine scale and its K returned weights (or NULL).
+struct ReturnedRow {
+  const uint8_t* row;  // NULL where the token did not visit the rank
+  float scale;
+  const float* weights;
+};
+
+// The returned row of a combine slot.
+__device__ __forceinline__ ReturnedRow slot_row(const uint8_t* slot, const CombineSlot& lay) {
+  if (slot == nullptr) return ReturnedRow{nullptr, 0.0f, nullptr};
+  return ReturnedRow{slot, __ldcg(reinterpret_cast<const float*>(slot + lay.scale_off)),
+                     reinterpret_cast<const float*>(slot + lay.weights_off)};
+}
+
+// out[t] = sum over ranks d (ascending) of scale_d * row_d, in fp32.
 template <class T>
-__device__ __forceinline__ void reduce_token(const uint8_t* const* slots, int num_ranks, const CombineSlot& lay,
-                                             const CombineIo& io, int64_t t, int K, int lane) {
+__device__ __forceinline__ void reduce_token(const ReturnedRow* rows, int num_ranks, const CombineIo& io, int64_t t,
+                                             int K, int lane) {
   constexpr int kPer = 16 / sizeof(T);
   const int64_t n = io.row_bytes / 16;
   int4* out = reinterpret_cast<int4*>(io.out + t * io.row_bytes);
@@ -139,14 +154,14 @@ __device__ __forceinline__ void reduce_token(const uint8_t* const* slots, int nu
 #pragma unroll
       for (int j = 0; j < kPer; ++j) acc[u][j] = 0.0f;
     for (int d = 0; d < num_ranks; ++d) {
-      if (slots[d] == nullptr) continue;
-      const float sc = __ldcg(reinterpret_cast<const float*>(slots[d] + lay.scale_off));
+      if (rows[d].row == nullptr) continue;
+      const float sc = rows[d].scale;
       int4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) v[u] = make_int4(0, 0, 0, 0);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (i0 + u * 32 < n) v[u] = ld_cg16(slots[d] + (i0 + u * 32) * 16);
+        if (i0 + u * 32 < n) v[u] = ld_cg16(rows[d].row + (i0 + u * 32) * 16);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const T* e = reinterpret_cast<const T*>(&v[u]);
@@ -168,20 +183,20 @@ __device__ __forceinline__ void reduce_token(const uint8_t* const* slots, int nu
     for (int k = lane; k < K; k += 32) {
       float w = 0.0f;
       for (int d = 0; d < num_ranks; ++d)
-        if (slots[d] != nullptr) w += __ldcg(reinterpret_cast<const float*>(slots[d] + lay.weights_off) + k);
+        if (rows[d].row != nullptr && rows[d].weights != nullptr) w += __ldcg(rows[d].weights + k);
       io.out_topk_weights[t * K + k] = w;
     }
 }
 
 // Dispatches reduce_token on the payload dtype.
-__device__ __forceinline__ void reduce_token_any(const uint8_t* const* slots, int num_ranks, const CombineSlot& lay,
-                                                 const CombineIo& io, int64_t t, int K, int lane) {
+__device__ __forceinline__ void reduce_token_any(const ReturnedRow* rows, int num_ranks, const CombineIo& io,
+                                                 int64_t t, int K, int lane) {
   if (io.dtype == DEEPEP4J_FLOAT32)
-    reduce_token<float>(slots, num_ranks, lay, io, t, K, lane);
+    reduce_token<float>(rows, num_ranks, io, t, K, lane);
   else if (io.dtype == DEEPEP4J_BFLOAT16)
-    reduce_token<__nv_bfloat16>(slots, num_ranks, lay, io, t, K, lane);
+    reduce_token<__nv_bfloat16>(rows, num_ranks, io, t, K, lane);
   else
-    reduce_token<__half>(slots, num_ranks, lay, io, t, K, lane);
+    reduce_token<__half>(rows, num_ranks, io, t, K, lane);
 }
 
 }  // namespace cuda

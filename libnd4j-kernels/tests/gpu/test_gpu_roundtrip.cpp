@@ -1,6 +1,10 @@
 // test_gpu_roundtrip.cpp — both CUDA backends against the reference, ranks as threads of one process (peer access):
 // every dtype, empty and uneven ranks, tiny rings (chunking, wrap-around), weighted combine, returned weights, cached
 // mode with another precision, the benchmark's shape, many steps on one group, and a bad input on one rank.
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "gpu_group.h"
 
 namespace {
@@ -151,6 +155,40 @@ TEST(bad_topk_on_one_rank) {
     ep::StepOptions o;
     gpu::run_and_verify(g, s, {10, 10}, o, 6, t::fmt("%s after a bad step", gpu::backend_name(backend)));
   }
+}
+
+// DEEPEP4J_CUDA_TRANSFER=copy_engine with landing zones too small for the step: every rank names buffer_bytes and
+// leaves the outputs untouched, and the group still works with a step that fits.
+TEST(copy_engine_without_room) {
+  const char* was = getenv("DEEPEP4J_CUDA_TRANSFER");
+  const std::string saved = was ? was : "";
+  setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
+  {
+    ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
+    gpu::Group g(2, gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2));  // ring of 2 slots: zones of ~2 rows
+    std::vector<ref::RankInput> in = ep::make_inputs(s, {40, 40}, 9);
+    ep::run_ranks(2, [&](int32_t r) {
+      cudaSetDevice(g.devices[size_t(r)]);
+      gpu::Dev idx(in[size_t(r)].topk_idx), x(in[size_t(r)].x);
+      deepep4j_handle* h = nullptr;
+      int64_t M = 0;
+      REQUIRE_OK(deepep4j_notify_dispatch(g[r], idx.as<int64_t>(), 40, 2, 8, 64, DEEPEP4J_FLOAT32, &h, &M, nullptr,
+                                          nullptr));
+      gpu::Dev rx(size_t(M) * 64 * 4);
+      rx.fill(0xEE);
+      deepep4j_dispatch_args a{};
+      a.x = x.p;
+      a.recv_x = rx.p;
+      CHECK_ERR(deepep4j_dispatch(g[r], h, -1, &a, nullptr), DEEPEP4J_ERR_INVALID_ARGUMENT, "landing zone");
+      std::vector<uint8_t> after;
+      rx.get(&after);
+      CHECK(std::all_of(after.begin(), after.end(), [](uint8_t b) { return b == 0xEE; }));
+      deepep4j_handle_destroy(h);
+    });
+    ep::StepOptions o;
+    gpu::run_and_verify(g, s, {2, 1}, o, 10, "copy_engine: a step that fits, after one that did not");
+  }
+  if (was) setenv("DEEPEP4J_CUDA_TRANSFER", saved.c_str(), 1); else unsetenv("DEEPEP4J_CUDA_TRANSFER");
 }
 
 GPU_TEST_MAIN()

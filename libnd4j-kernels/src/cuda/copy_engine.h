@@ -1,0 +1,66 @@
+// copy_engine.h — copy-engine transfers for the NVLink backend. Each step's rows between two GPUs move in a few large
+// cudaMemcpyAsync copies on a copy stream of this rank, into the receiver's landing zone; stream memory waits
+// (cuStreamWaitValue32) start each copy as soon as the packing kernel has counted its chunk, and a one-thread kernel
+// after each copy tells the receiver. SMs only pack, unpack and reduce in local memory, so few SMs reach NVLink speed.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/validate.h"
+#include "cuda/handle.h"
+#include "cuda/kernels.h"
+
+namespace deepep4j {
+namespace cuda {
+
+// DEEPEP4J_CUDA_TRANSFER: how the NVLink backend moves rows.
+enum class Transfer {
+  kAuto,        // copy engines when every rank's step fits its landing zones, else the SM rings
+  kSm,          // always the SM ring kernels (chunked through rings of ring_tokens slots)
+  kCopyEngine,  // copy engines; a step that does not fit fails instead of using the rings
+};
+// Reads DEEPEP4J_CUDA_TRANSFER (auto when unset); a value that is none of auto, sm, copy_engine is an error.
+Check transfer_from_env(Transfer* out);
+const char* transfer_name(Transfer t);
+
+class CopyEngine {
+ public:
+  ~CopyEngine();
+  // Copy stream, event and counters on the current device; finds cuStreamWaitValue32. Without it (old driver) the
+  // engine is unavailable and says why, which is not an error of init.
+  int init(int32_t num_ranks);
+  bool available() const { return wait_value32_ != nullptr; }
+  const std::string& unavailable_reason() const { return unavailable_; }
+  cudaStream_t stream() const { return stream_; }
+
+  // Plans a step for rank `me`: rows and chunks per peer, staging grown to fit. Fails (naming buffer_bytes) when a
+  // peer's rows do not fit the landing zone of zone_bytes, or when staging cannot be allocated.
+  Check plan_dispatch(const CudaHandle& h, int32_t me, int64_t slot_bytes, int64_t zone_bytes, CePlan* out);
+  Check plan_combine(const CudaHandle& h, int32_t me, int64_t row_bytes, int64_t zone_bytes, CePlan* out);
+
+  // Queue a planned step: kernels on `s`, copies and arrival signals on the copy stream. The caller then waits for
+  // both streams.
+  int run_dispatch(const Step& st, const CePlan& plan, const Routing& h, const DispatchIo& io, int64_t slot_bytes,
+                   int32_t num_sms, cudaStream_t s);
+  int run_combine(const Step& st, const CePlan& plan, const Routing& h, const CombineIo& io, int32_t num_sms,
+                  cudaStream_t s);
+
+ private:
+  Check grow_staging(int64_t bytes);
+  int wait_packed(uint32_t* counter, uint32_t count);
+
+  int32_t R_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t reset_done_ = nullptr;
+  uint32_t* packed_ = nullptr;  // device [R][kMaxCeChunks]
+  uint8_t* staging_ = nullptr;
+  int64_t staging_bytes_ = 0;
+  void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32
+  std::string unavailable_;
+};
+
+}  // namespace cuda
+}  // namespace deepep4j

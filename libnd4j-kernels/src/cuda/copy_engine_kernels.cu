@@ -1,0 +1,174 @@
+// copy_engine_kernels.cu — the SM side of copy-engine transfers: pack slots for the copy engine, unpack landed slots,
+// reduce landed rows. The bulk bytes between GPUs move by cudaMemcpyAsync on a copy stream (copy_engine.cu), so these
+// kernels only touch local memory and poll arrival words.
+#include "cuda/ring_common.cuh"
+#include "cuda/slot_ops.cuh"
+
+namespace deepep4j {
+namespace cuda {
+
+namespace {
+
+constexpr int kCeThreads = kRingThreads;
+constexpr int kCeWarps = kCeThreads / 32;
+
+// Position p in everything this rank sends to d -> the token: channel streams follow each other in channel order.
+__device__ __forceinline__ int64_t token_at(const Routing& h, int d, int64_t p) {
+  const int32_t* prefix = h.send_prefix + d * h.channels;
+  int lo = 0, hi = h.channels - 1;  // the last channel whose stream starts at or before p
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (prefix[mid] <= p) lo = mid; else hi = mid - 1;
+  }
+  return h.send_list[d * h.num_tokens + lo * h.tokens_per_channel + (p - prefix[lo])];
+}
+
+// Waits (lane 0, result shared with the warp) until chunk j from `src` landed in this step; false at the deadline.
+__device__ __forceinline__ bool warp_wait_arrival(const Step& st, int src, int j, uint64_t deadline, int where,
+                                                  int lane) {
+  int ok = 1;
+  if (lane == 0) {
+    ok = wait_reach(arrivals(st.peers.region[st.rank], src) + j, st.epoch, deadline) ? 1 : 0;
+    if (!ok) record_timeout(st, where, src);
+  }
+  return __shfl_sync(0xffffffffu, ok, 0) != 0;
+}
+
+__device__ __forceinline__ bool step_skipped(const Step& st) {
+  __shared__ int s_skip;
+  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0;
+  __syncthreads();
+  return s_skip != 0;
+}
+
+__global__ void __launch_bounds__(kCeThreads, 1)
+    ce_dispatch_kernel(Step st, CePlan p, Routing h, DispatchIo io) {
+  const bool skip = step_skipped(st);
+  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const int R = st.num_ranks, me = st.rank, L = h.num_experts / R, lane = threadIdx.x % 32;
+  const int64_t gw = int64_t(blockIdx.x) * kCeWarps + threadIdx.x / 32, GW = int64_t(gridDim.x) * kCeWarps;
+  const DispatchSlot lay = DispatchSlot::make(io.row_bytes, h.num_topk, io.num_scales);
+  // 1. Pack, chunk by chunk across peers, so the copy engine starts on chunk 0 while later chunks are packed. Every
+  //    block counts every chunk (even one it had no row of), so the copy stream waits for gridDim.x counts. A skipped
+  //    step still counts: nothing may leave the copy stream waiting.
+  int max_chunks = 0;
+  for (int d = 0; d < R; ++d)
+    if (d != me) max_chunks = max(max_chunks, ce_chunks(p.out_rows[d], p.out_chunk[d]));
+  for (int j = 0; j < max_chunks; ++j)
+    for (int d = 0; d < R; ++d) {
+      if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
+      const int64_t lo = int64_t(j) * p.out_chunk[d], hi = min(int64_t(p.out_rows[d]), lo + p.out_chunk[d]);
+      uint8_t* base = p.staging + p.staging_off[d];
+      if (!skip)
+        for (int64_t q = lo + gw; q < hi; q += GW)
+          write_dispatch_slot(base + q * lay.bytes, lay, io, h, token_at(h, d, q), d, L, lane);
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) atomicAdd(p.packed + d * kMaxCeChunks + j, 1u);
+    }
+  if (skip) return;
+  // 2. Own rows: straight from x to the receive arrays (rows from this rank follow its send order to itself).
+  const int64_t own0 = h.recv_offset[me * h.channels];
+  for (int64_t q = gw; q < p.out_rows[me]; q += GW) copy_own_token(io, h, token_at(h, me, q), own0 + q, me, L, lane);
+  // 3. Unpack what landed, chunk by chunk in the order the copies were queued.
+  int max_in = 0;
+  for (int s = 0; s < R; ++s)
+    if (s != me) max_in = max(max_in, ce_chunks(p.in_rows[s], p.in_chunk[s]));
+  uint8_t* region = st.peers.region[me];
+  for (int j = 0; j < max_in; ++j)
+    for (int s = 0; s < R; ++s) {
+      if (s == me || j >= ce_chunks(p.in_rows[s], p.in_chunk[s])) continue;
+      const int64_t lo = int64_t(j) * p.in_chunk[s], hi = min(int64_t(p.in_rows[s]), lo + p.in_chunk[s]);
+      const uint8_t* zone = region + kRings + s * p.zone_bytes;
+      const int64_t row0 = h.recv_offset[s * h.channels];
+      bool landed = false;
+      for (int64_t q = lo + gw; q < hi; q += GW) {
+        if (!landed && !(landed = warp_wait_arrival(st, s, j, deadline, 2, lane))) return;
+        read_dispatch_slot(zone + q * lay.bytes, lay, io, h, row0 + q, s, lane);
+      }
+    }
+}
+
+// Plans are written from the step's own direction: in combine, out_rows[s] are the rows going back to s (received
+// from it in dispatch) and in_rows[d] the rows coming back from d.
+__global__ void __launch_bounds__(256) ce_combine_meta_kernel(Step st, CePlan p, Routing h, CombineIo io) {
+  const int R = st.num_ranks, K = h.num_topk;
+  for (int s = 0; s < R; ++s) {
+    if (s == st.rank) continue;
+    const int64_t n = p.out_rows[s], row0 = h.recv_offset[s * h.channels];
+    float* scales = reinterpret_cast<float*>(p.staging + p.staging_off[s]);
+    float* weights = scales + DispatchSlot::align16(n * 4) / 4;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+      scales[i] = row_scale(io, h, row0 + i);
+      for (int k = 0; k < K; ++k)
+        weights[i * K + k] = io.y_topk_weights != nullptr ? io.y_topk_weights[(row0 + i) * K + k] : 0.0f;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kCeThreads, 1)
+    ce_combine_kernel(Step st, CePlan p, Routing h, CombineIo io) {
+  if (step_skipped(st)) return;
+  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const int R = st.num_ranks, me = st.rank, C = h.channels, K = h.num_topk, lane = threadIdx.x % 32;
+  const int64_t gw = int64_t(blockIdx.x) * kCeWarps + threadIdx.x / 32, GW = int64_t(gridDim.x) * kCeWarps;
+  uint8_t* region = st.peers.region[me];
+  const int64_t own0 = h.recv_offset[me * C];
+  ReturnedRow rows[DEEPEP4J_MAX_RANKS];
+  // Tokens in order across all warps: chunks land in token order, so every warp moves along with the copies.
+  for (int64_t t = gw; t < h.num_tokens; t += GW) {
+    const uint64_t mask = h.token_mask[t];
+    const int c = int(t / h.tokens_per_channel);
+    for (int d = 0; d < R; ++d) {
+      rows[d] = ReturnedRow{nullptr, 0.0f, nullptr};
+      if (!(mask >> d & 1ull)) continue;
+      const int64_t pos = h.send_prefix[d * C + c] + h.send_pos[t * R + d];
+      if (d == me) {
+        const int64_t m = own0 + pos;
+        rows[d] = ReturnedRow{io.y + m * io.row_bytes, row_scale(io, h, m),
+                              io.y_topk_weights != nullptr ? io.y_topk_weights + m * K : nullptr};
+        continue;
+      }
+      if (!warp_wait_arrival(st, d, int(pos / p.in_chunk[d]), deadline, 4, lane)) return;
+      const int64_t n = p.in_rows[d];
+      const uint8_t* zone = region + kRings + d * p.zone_bytes;
+      const float* scales = reinterpret_cast<const float*>(zone + ce_combine_meta_off(n, io.row_bytes));
+      const float* weights = scales + DispatchSlot::align16(n * 4) / 4;
+      rows[d] = ReturnedRow{zone + pos * io.row_bytes, __ldcg(scales + pos), weights + pos * K};
+    }
+    reduce_token_any(rows, R, io, t, K, lane);
+  }
+}
+
+__global__ void ce_signal_kernel(uint32_t* flag, uint32_t epoch) {
+  __threadfence_system();
+  st_release_sys(flag, epoch);
+}
+
+}  // namespace
+
+cudaError_t launch_ce_dispatch(const Step& step, const CePlan& plan, const Routing& h, const DispatchIo& io,
+                               int32_t num_sms, cudaStream_t s) {
+  ce_dispatch_kernel<<<num_sms, kCeThreads, 0, s>>>(step, plan, h, io);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ce_combine_meta(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
+                                   cudaStream_t s) {
+  ce_combine_meta_kernel<<<32, 256, 0, s>>>(step, plan, h, io);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ce_combine(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
+                              int32_t num_sms, cudaStream_t s) {
+  ce_combine_kernel<<<num_sms, kCeThreads, 0, s>>>(step, plan, h, io);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ce_signal(uint32_t* flag, uint32_t epoch, cudaStream_t s) {
+  ce_signal_kernel<<<1, 1, 0, s>>>(flag, epoch);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace deepep4j

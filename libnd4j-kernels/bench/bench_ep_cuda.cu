@@ -3,7 +3,7 @@
 //
 //   bench_ep --device cuda [--tokens 128,512,4096,8192] [--hidden 7168] [--topk 8] [--experts 256] [--ranks 2]
 //            [--dtypes bf16,fp8] [--backends deepep-sm,deepep-ce,alltoall] [--num-sms 24] [--ring-tokens 0]
-//            [--chunk 0] [--buffer-mb 0] [--iters 20] [--warmup 5] [--seed 1] [--sweep]
+//            [--chunk 0] [--buffer-mb 0] [--timeout-ms 30000] [--iters 20] [--warmup 5] [--seed 1] [--sweep]
 //
 // Backends: deepep-sm = the NVLink backend with SM ring kernels (DEEPEP4J_CUDA_TRANSFER=sm), deepep-ce = the same
 // with copy-engine transfers (copy_engine), deepep = its default (auto), alltoall = NCCL. --buffer-mb 0 sizes the
@@ -40,6 +40,7 @@ struct Opts {
   std::vector<std::string> dtypes{"bf16", "fp8"}, backends{"deepep-sm", "deepep-ce", "alltoall"};
   int32_t num_sms = 24, ring_tokens = 0, chunk = 0;
   int64_t buffer_mb = 0;
+  int32_t timeout_ms = 30000;
   int iters = 20, warmup = 5;
   uint64_t seed = 1;
   bool sweep = false;
@@ -90,6 +91,7 @@ Opts parse(int argc, char** argv) {
     else if (a == "--ring-tokens") o.ring_tokens = int32_t(num(a, v, 0, 1 << 16));
     else if (a == "--chunk") o.chunk = int32_t(num(a, v, 0, 1 << 16));
     else if (a == "--buffer-mb") o.buffer_mb = num(a, v, 0, 1 << 20);
+    else if (a == "--timeout-ms") o.timeout_ms = int32_t(num(a, v, 1, 1 << 30));
     else if (a == "--iters") o.iters = int(num(a, v, 1, 10000));
     else if (a == "--warmup") o.warmup = int(num(a, v, 0, 10000));
     else if (a == "--seed") o.seed = uint64_t(num(a, v, 0, 1ll << 62));
@@ -150,7 +152,7 @@ struct Group {
     c.num_sms = num_sms;
     c.ring_tokens = ring > 0 ? ring : 128;
     c.max_send_tokens_per_chunk = chunk > 0 ? chunk : std::min(16, c.ring_tokens);
-    c.timeout_ms = 30000;
+    c.timeout_ms = o.timeout_ms;
     int64_t bytes = 0;
     must(deepep4j_buffer_size_hint(o.hidden, DEEPEP4J_BFLOAT16, o.ranks, &c, &bytes), "buffer_size_hint", 0);
     if (name != "deepep-sm" && name != "alltoall") {

@@ -1,6 +1,7 @@
 // ep_group.h — R in-process ranks (one thread each): create, export, connect, run a step, verify it against ref::.
 #pragma once
 
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -42,6 +43,8 @@ inline deepep4j_config small_config(const ref::Shape& s, int32_t ring_tokens = 3
     throw t::Abort{};
   }
   c.buffer_bytes = bytes;
+  // Room for whole steps (the CUDA copy-engine tests run every case with DEEPEP4J_CUDA_TRANSFER=copy_engine).
+  if (const char* mb = getenv("DEEPEP4J_TEST_BUFFER_MB")) c.buffer_bytes = int64_t(atoll(mb)) << 20;
   return c;
 }
 

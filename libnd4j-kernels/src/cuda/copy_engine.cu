@@ -67,8 +67,10 @@ int CopyEngine::init(int32_t num_ranks) {
 
 Check CopyEngine::grow_staging(int64_t bytes) {
   if (bytes <= staging_bytes_) return Check{};
-  if (staging_) cudaFree(staging_), staging_ = nullptr, staging_bytes_ = 0;
-  if (cudaMalloc(reinterpret_cast<void**>(&staging_), size_t(bytes)) != cudaSuccess) {
+  // Stream-ordered on the (idle) copy stream: cudaMalloc/cudaFree may wait for the whole device, including the
+  // spinning barrier of another rank on the same GPU that waits for us.
+  if (staging_) cudaFreeAsync(staging_, stream_), staging_ = nullptr, staging_bytes_ = 0;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&staging_), size_t(bytes), stream_) != cudaSuccess) {
     cudaGetLastError();
     staging_ = nullptr;
     return Check::fail(DEEPEP4J_ERR_OUT_OF_MEMORY,

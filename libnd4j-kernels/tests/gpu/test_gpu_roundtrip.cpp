@@ -161,8 +161,10 @@ TEST(bad_topk_on_one_rank) {
 // leaves the outputs untouched, and the group still works with a step that fits.
 TEST(copy_engine_without_room) {
   const char* was = getenv("DEEPEP4J_CUDA_TRANSFER");
-  const std::string saved = was ? was : "";
+  const char* was_mb = getenv("DEEPEP4J_TEST_BUFFER_MB");
+  const std::string saved = was ? was : "", saved_mb = was_mb ? was_mb : "";
   setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
+  unsetenv("DEEPEP4J_TEST_BUFFER_MB");
   {
     ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
     gpu::Group g(2, gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2));  // ring of 2 slots: zones of ~2 rows
@@ -189,6 +191,7 @@ TEST(copy_engine_without_room) {
     gpu::run_and_verify(g, s, {2, 1}, o, 10, "copy_engine: a step that fits, after one that did not");
   }
   if (was) setenv("DEEPEP4J_CUDA_TRANSFER", saved.c_str(), 1); else unsetenv("DEEPEP4J_CUDA_TRANSFER");
+  if (was_mb) setenv("DEEPEP4J_TEST_BUFFER_MB", saved_mb.c_str(), 1);
 }
 
 GPU_TEST_MAIN()

@@ -44,8 +44,11 @@ int CopyEngine::init(int32_t num_ranks) {
   R_ = num_ranks;
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&reset_done_, cudaEventDisableTiming));
-  DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * kMaxCeChunks * size_t(R_)));
-  DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * kMaxCeChunks * size_t(R_)));
+  DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks * size_t(R_) + 1)));
+  DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks * size_t(R_) + 1)));
+  DEEPEP4J_CUDA_TRY(preload_ce_kernels());
+  if (const char* v = std::getenv("DEEPEP4J_CE_CHUNK_MB")) chunk_bytes_ = std::max<int64_t>(1, std::atoll(v)) << 20;
+
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found{};
   cudaError_t e = cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &fn, 12000, cudaEnableDefault, &found);
@@ -102,13 +105,14 @@ Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t slot_by
   CePlan p{};
   p.zone_bytes = zone_bytes;
   p.packed = packed_;
+  p.epoch_word = packed_ + kMaxCeChunks * R_;
   const int C = h.r.channels;
   int64_t staging = 0;
   for (int d = 0; d < R_; ++d) {
     p.out_rows[d] = int32_t(sent_to(h, d, C));
     p.in_rows[d] = h.recv_counts_per_rank[d];
-    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], slot_bytes);
-    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], slot_bytes);
+    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], slot_bytes, chunk_bytes_);
+    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], slot_bytes, chunk_bytes_);
     if (d == me) continue;
     if (p.out_rows[d] * slot_bytes > zone_bytes) return zone_fails(p.out_rows[d] * slot_bytes, zone_bytes, d, "dispatch");
     if (p.in_rows[d] * slot_bytes > zone_bytes) return zone_fails(p.in_rows[d] * slot_bytes, zone_bytes, d, "dispatch");
@@ -126,6 +130,7 @@ Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_byte
   CePlan p{};
   p.zone_bytes = zone_bytes;
   p.packed = packed_;
+  p.epoch_word = packed_ + kMaxCeChunks * R_;
   const int C = h.r.channels;
   int64_t staging = 0, first_row = 0;
   for (int d = 0; d < R_; ++d) {
@@ -133,8 +138,8 @@ Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_byte
     first_row += h.recv_counts_per_rank[d];
     p.out_rows[d] = h.recv_counts_per_rank[d];  // combine sends back what dispatch received
     p.in_rows[d] = int32_t(sent_to(h, d, C));
-    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], row_bytes);
-    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], row_bytes);
+    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], row_bytes, chunk_bytes_);
+    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], row_bytes, chunk_bytes_);
     if (d == me) continue;
     for (int64_t n : {int64_t(p.out_rows[d]), int64_t(p.in_rows[d])}) {
       const int64_t need = ce_combine_meta_off(n, row_bytes) + ce_combine_meta_bytes(n, h.num_topk);
@@ -158,6 +163,13 @@ int CopyEngine::wait_packed(uint32_t* counter, uint32_t count) {
   return DEEPEP4J_OK;
 }
 
+int CopyEngine::signal(const Step& st, int d, int j) {
+  // Stream order puts this copy after the chunk's: the arrival word lands once the chunk has.
+  DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(arrivals(st.peers.region[d], st.rank) + j, packed_ + kMaxCeChunks * R_, 4,
+                                    cudaMemcpyDeviceToDevice, stream_));
+  return DEEPEP4J_OK;
+}
+
 int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const Routing& h, const DispatchIo& io,
                              int64_t slot_bytes, int32_t num_sms, cudaStream_t s) {
   const int me = st.rank;
@@ -178,7 +190,7 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const Routing& h, 
       uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * slot_bytes, p.staging + p.staging_off[d] + lo * slot_bytes,
                                         size_t(rows * slot_bytes), cudaMemcpyDeviceToDevice, stream_));
-      DEEPEP4J_CUDA_TRY(launch_ce_signal(arrivals(st.peers.region[d], me) + j, st.epoch, stream_));
+      if (int err = signal(st, d, j)) return err;
     }
   return DEEPEP4J_OK;
 }
@@ -208,7 +220,7 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const Routing& h, c
       uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * io.row_bytes, io.y + (p.first_row[d] + lo) * io.row_bytes,
                                         size_t(rows * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
-      DEEPEP4J_CUDA_TRY(launch_ce_signal(arrivals(st.peers.region[d], me) + j, st.epoch, stream_));
+      if (int err = signal(st, d, j)) return err;
     }
   return DEEPEP4J_OK;
 }

@@ -1,7 +1,7 @@
 // copy_engine.h — copy-engine transfers for the NVLink backend. Each step's rows between two GPUs move in a few large
 // cudaMemcpyAsync copies on a copy stream of this rank, into the receiver's landing zone; stream memory waits
-// (cuStreamWaitValue32) start each copy as soon as the packing kernel has counted its chunk, and a one-thread kernel
-// after each copy tells the receiver. SMs only pack, unpack and reduce in local memory, so few SMs reach NVLink speed.
+// (cuStreamWaitValue32) start each copy as soon as the packing kernel has counted its chunk, and a 4-byte copy of the
+// step's epoch after each chunk tells the receiver (a one-thread kernel or cuStreamWriteValue32 there were slower). SMs only pack, unpack and reduce in local memory, so few SMs reach NVLink speed.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,11 +51,14 @@ class CopyEngine {
  private:
   Check grow_staging(int64_t bytes);
   int wait_packed(uint32_t* counter, uint32_t count);
+  // Queues the arrival word of chunk j for peer d (after the chunk's copy on the copy stream).
+  int signal(const Step& st, int d, int j);
 
   int32_t R_ = 0;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t reset_done_ = nullptr;
-  uint32_t* packed_ = nullptr;  // device [R][kMaxCeChunks]
+  uint32_t* packed_ = nullptr;  // device [R][kMaxCeChunks], then the epoch word
+  int64_t chunk_bytes_ = int64_t(16) << 20;  // DEEPEP4J_CE_CHUNK_MB; 4 / 16 / 64 MiB measured, 16 best
   uint8_t* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
   void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32

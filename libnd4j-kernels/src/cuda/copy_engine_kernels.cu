@@ -54,6 +54,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
   int max_chunks = 0;
   for (int d = 0; d < R; ++d)
     if (d != me) max_chunks = max(max_chunks, ce_chunks(p.out_rows[d], p.out_chunk[d]));
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.epoch_word = st.epoch;  // counted with chunk 0 below
   for (int j = 0; j < max_chunks; ++j)
     for (int d = 0; d < R; ++d) {
       if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
@@ -93,6 +94,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
 // from it in dispatch) and in_rows[d] the rows coming back from d.
 __global__ void __launch_bounds__(256) ce_combine_meta_kernel(Step st, CePlan p, Routing h, CombineIo io) {
   const int R = st.num_ranks, K = h.num_topk;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.epoch_word = st.epoch;  // the copy stream runs after this kernel
   for (int s = 0; s < R; ++s) {
     if (s == st.rank) continue;
     const int64_t n = p.out_rows[s], row0 = h.recv_offset[s * h.channels];
@@ -140,11 +142,6 @@ __global__ void __launch_bounds__(kCeThreads, 1)
   }
 }
 
-__global__ void ce_signal_kernel(uint32_t* flag, uint32_t epoch) {
-  __threadfence_system();
-  st_release_sys(flag, epoch);
-}
-
 }  // namespace
 
 cudaError_t launch_ce_dispatch(const Step& step, const CePlan& plan, const Routing& h, const DispatchIo& io,
@@ -165,10 +162,15 @@ cudaError_t launch_ce_combine(const Step& step, const CePlan& plan, const Routin
   return cudaGetLastError();
 }
 
-cudaError_t launch_ce_signal(uint32_t* flag, uint32_t epoch, cudaStream_t s) {
-  ce_signal_kernel<<<1, 1, 0, s>>>(flag, epoch);
-  return cudaGetLastError();
+cudaError_t preload_ce_kernels() {
+  cudaFuncAttributes a;
+  for (const void* f : {reinterpret_cast<const void*>(ce_dispatch_kernel),
+                        reinterpret_cast<const void*>(ce_combine_meta_kernel),
+                        reinterpret_cast<const void*>(ce_combine_kernel)})
+    if (cudaError_t e = cudaFuncGetAttributes(&a, f)) return e;
+  return cudaSuccess;
 }
+
 
 }  // namespace cuda
 }  // namespace deepep4j

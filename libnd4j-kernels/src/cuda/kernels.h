@@ -92,11 +92,12 @@ struct CePlan {
   int32_t in_chunk[DEEPEP4J_MAX_RANKS];
   int64_t first_row[DEEPEP4J_MAX_RANKS];  // combine: the first row of y going back to d
   uint32_t* packed;                      // device [R][kMaxCeChunks]: blocks that finished packing chunk (d, j)
+  uint32_t* epoch_word;                  // device: the step's epoch, copied into a peer's arrival word per chunk
 };
 
-// Rows per copy-engine chunk for a stream of `rows` rows of `row_bytes`: about 4 MiB, at most kMaxCeChunks chunks.
-DEEPEP4J_HD inline int32_t ce_chunk_rows(int64_t rows, int64_t row_bytes) {
-  int64_t per = (int64_t(4) << 20) / row_bytes;
+// Rows per copy-engine chunk for a stream of `rows` rows of `row_bytes`: about chunk_bytes, at most kMaxCeChunks.
+DEEPEP4J_HD inline int32_t ce_chunk_rows(int64_t rows, int64_t row_bytes, int64_t chunk_bytes) {
+  int64_t per = chunk_bytes / row_bytes;
   if (per < 1) per = 1;
   if ((rows + per - 1) / per > kMaxCeChunks) per = (rows + kMaxCeChunks - 1) / kMaxCeChunks;
   return int32_t(per);
@@ -122,8 +123,9 @@ cudaError_t launch_ce_combine_meta(const Step& step, const CePlan& plan, const R
 // Combine, receiving side: reduces every token in order, reading own rows from y and peers' rows as they land.
 cudaError_t launch_ce_combine(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
                               int32_t num_sms, cudaStream_t s);
-// Announces a landed chunk: writes `epoch` to `flag` (a peer's arrival word) after the copies before it on `s`.
-cudaError_t launch_ce_signal(uint32_t* flag, uint32_t epoch, cudaStream_t s);
+// Loads every copy-engine kernel now: a kernel loaded lazily at its first launch can wait for the device's running
+// kernels, which here spin until a peer's copies land (a deadlock until timeout_ms).
+cudaError_t preload_ce_kernels();
 
 // All-to-all backend. Staging buffers hold slots in the dispatch / combine slot layout; `base[r]` is the first slot of
 // rank r's block in a staging buffer.

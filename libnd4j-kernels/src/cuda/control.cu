@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const int64_t* topk_
 // Threads 0..R-1 each meet one rank: publish our status to it, then wait for its flag. Returns in the mailbox the
 // lowest rank that reported an error, or that never came (timeout), and whether any rank voted against copy engines.
 __device__ void barrier_body(const Step& st, int32_t status, const char* message, uint64_t deadline,
-                             int32_t ce_vote) {
+                             int32_t ce_vote, const DirectTargets* direct) {
   __shared__ int s_failed_peer, s_timed_out, s_veto;
   if (threadIdx.x == 0) s_failed_peer = DEEPEP4J_MAX_RANKS, s_timed_out = DEEPEP4J_MAX_RANKS, s_veto = 0;
   __syncthreads();
@@ -85,6 +85,7 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
     PeerStatus* out = status_slot(st.peers.region[r], st.epoch, st.rank);
     out->status = status;
     out->ce_vote = ce_vote;
+    out->direct = direct != nullptr ? direct->v[r] : 0;
     if (status != 0)
       for (int i = 0; i < int(sizeof(out->message)); ++i) out->message[i] = message[i];
     st_release_sys(flags(st.peers.region[r]) + st.rank, st.epoch);  // release: status lands before the flag
@@ -101,6 +102,7 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
       const PeerStatus* in = status_slot(st.peers.region[st.rank], st.epoch, r);
       if (in->status != 0) atomicMin(&s_failed_peer, r);
       if (in->ce_vote == 0) atomicOr(&s_veto, 1);
+      st.mailbox->direct[r] = in->direct;
     }
   }
   __syncthreads();
@@ -129,9 +131,9 @@ struct BarrierMessage {
   char text[sizeof(PeerStatus::message)];
 };
 
-__global__ void barrier_kernel(Step st, int32_t status, BarrierMessage msg, int32_t ce_vote) {
+__global__ void barrier_kernel(Step st, int32_t status, BarrierMessage msg, int32_t ce_vote, DirectTargets direct) {
   const uint64_t deadline = global_ns() + st.timeout_ns;
-  barrier_body(st, status, msg.text, deadline, ce_vote);
+  barrier_body(st, status, msg.text, deadline, ce_vote, &direct);
 }
 
 __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_counts, const int32_t* expert_counts,
@@ -152,7 +154,7 @@ __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_
     }
   }
   __syncthreads();
-  barrier_body(st, 0, nullptr, deadline, 0);
+  barrier_body(st, 0, nullptr, deadline, 0, nullptr);
   if (*step_failed(st.peers.region[st.rank]) != 0) return;
   for (int s = 0; s < st.num_ranks; ++s) {
     const int32_t* src = reinterpret_cast<const int32_t*>(notify_slot(st.peers.region[st.rank], parity, s));
@@ -180,14 +182,17 @@ cudaError_t launch_plan(const int64_t* topk_idx, const Routing& h, int32_t num_r
   return cudaGetLastError();
 }
 
-cudaError_t launch_barrier(const Step& step, int32_t status, const char* message, cudaStream_t s, int32_t ce_vote) {
+cudaError_t launch_barrier(const Step& step, int32_t status, const char* message, cudaStream_t s, int32_t ce_vote,
+                           const DirectTargets* direct) {
   BarrierMessage m{};
   if (message) {
     size_t i = 0;
     for (; i + 1 < sizeof(m.text) && message[i]; ++i) m.text[i] = message[i];
     m.text[i] = 0;
   }
-  barrier_kernel<<<1, 64, 0, s>>>(step, status, m, ce_vote);
+  DirectTargets d{};
+  if (direct) d = *direct;
+  barrier_kernel<<<1, 64, 0, s>>>(step, status, m, ce_vote, d);
   return cudaGetLastError();
 }
 

@@ -100,24 +100,25 @@ Check zone_fails(int64_t need, int64_t zone_bytes, int peer, const char* what) {
 }
 }  // namespace
 
-Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t slot_bytes, int64_t zone_bytes,
-                                CePlan* out) {
+Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_bytes, const DispatchSlot& meta,
+                                int64_t zone_bytes, CePlan* out) {
   CePlan p{};
   p.zone_bytes = zone_bytes;
   p.packed = packed_;
   p.epoch_word = packed_ + kMaxCeChunks * R_;
   const int C = h.r.channels;
+  auto bytes_for = [&](int64_t n) { return ce_dispatch_meta_off(n, row_bytes) + n * meta.bytes; };
   int64_t staging = 0;
   for (int d = 0; d < R_; ++d) {
     p.out_rows[d] = int32_t(sent_to(h, d, C));
     p.in_rows[d] = h.recv_counts_per_rank[d];
-    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], slot_bytes, chunk_bytes_);
-    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], slot_bytes, chunk_bytes_);
+    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], row_bytes + meta.bytes, chunk_bytes_);
+    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], row_bytes + meta.bytes, chunk_bytes_);
     if (d == me) continue;
-    if (p.out_rows[d] * slot_bytes > zone_bytes) return zone_fails(p.out_rows[d] * slot_bytes, zone_bytes, d, "dispatch");
-    if (p.in_rows[d] * slot_bytes > zone_bytes) return zone_fails(p.in_rows[d] * slot_bytes, zone_bytes, d, "dispatch");
+    if (bytes_for(p.out_rows[d]) > zone_bytes) return zone_fails(bytes_for(p.out_rows[d]), zone_bytes, d, "dispatch");
+    if (bytes_for(p.in_rows[d]) > zone_bytes) return zone_fails(bytes_for(p.in_rows[d]), zone_bytes, d, "dispatch");
     p.staging_off[d] = staging;
-    staging += p.out_rows[d] * slot_bytes;
+    staging += DispatchSlot::align16(bytes_for(p.out_rows[d]));
   }
   Check grown = grow_staging(std::max<int64_t>(staging, 16));
   if (!grown.ok()) return grown;
@@ -171,7 +172,7 @@ int CopyEngine::signal(const Step& st, int d, int j) {
 }
 
 int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const Routing& h, const DispatchIo& io,
-                             int64_t slot_bytes, int32_t num_sms, cudaStream_t s) {
+                             int64_t meta_bytes, const uint64_t* direct, int32_t num_sms, cudaStream_t s) {
   const int me = st.rank;
   // Counters back to zero before the kernel counts into them; the copy stream only reads them after this.
   DEEPEP4J_CUDA_TRY(cudaMemsetAsync(packed_, 0, sizeof(uint32_t) * kMaxCeChunks * size_t(R_), stream_));
@@ -184,12 +185,17 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const Routing& h, 
   for (int j = 0; j < max_chunks; ++j)
     for (int d = 0; d < R_; ++d) {
       if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
-      const int64_t lo = int64_t(j) * p.out_chunk[d];
-      const int64_t rows = std::min<int64_t>(p.out_rows[d] - lo, p.out_chunk[d]);
+      const int64_t n = p.out_rows[d], lo = int64_t(j) * p.out_chunk[d];
+      const int64_t rows = std::min<int64_t>(n - lo, p.out_chunk[d]);
       if (int err = wait_packed(packed_ + d * kMaxCeChunks + j, uint32_t(num_sms))) return err;
+      const uint8_t* src = p.staging + p.staging_off[d];
       uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
-      DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * slot_bytes, p.staging + p.staging_off[d] + lo * slot_bytes,
-                                        size_t(rows * slot_bytes), cudaMemcpyDeviceToDevice, stream_));
+      uint8_t* row_dst = direct[d] != 0 ? reinterpret_cast<uint8_t*>(direct[d]) : zone;
+      DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(row_dst + lo * io.row_bytes, src + lo * io.row_bytes,
+                                        size_t(rows * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
+      const int64_t meta_off = ce_dispatch_meta_off(n, io.row_bytes) + lo * meta_bytes;
+      DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + meta_off, src + meta_off, size_t(rows * meta_bytes),
+                                        cudaMemcpyDeviceToDevice, stream_));
       if (int err = signal(st, d, j)) return err;
     }
   return DEEPEP4J_OK;

@@ -38,13 +38,15 @@ class CopyEngine {
 
   // Plans a step for rank `me`: rows and chunks per peer, staging grown to fit. Fails (naming buffer_bytes) when a
   // peer's rows do not fit the landing zone of zone_bytes, or when staging cannot be allocated.
-  Check plan_dispatch(const CudaHandle& h, int32_t me, int64_t slot_bytes, int64_t zone_bytes, CePlan* out);
+  Check plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_bytes, const DispatchSlot& meta, int64_t zone_bytes,
+                      CePlan* out);
   Check plan_combine(const CudaHandle& h, int32_t me, int64_t row_bytes, int64_t zone_bytes, CePlan* out);
 
   // Queue a planned step: kernels on `s`, copies and arrival signals on the copy stream. The caller then waits for
   // both streams.
-  int run_dispatch(const Step& st, const CePlan& plan, const Routing& h, const DispatchIo& io, int64_t slot_bytes,
-                   int32_t num_sms, cudaStream_t s);
+  // direct[d]: where d's recv_x takes this rank's rows (0: its landing zone), as d published at the barrier.
+  int run_dispatch(const Step& st, const CePlan& plan, const Routing& h, const DispatchIo& io, int64_t meta_bytes,
+                   const uint64_t* direct, int32_t num_sms, cudaStream_t s);
   int run_combine(const Step& st, const CePlan& plan, const Routing& h, const CombineIo& io, int32_t num_sms,
                   cudaStream_t s);
 

@@ -47,7 +47,10 @@ __global__ void __launch_bounds__(kCeThreads, 1)
   const uint64_t deadline = global_ns() + st.timeout_ns;
   const int R = st.num_ranks, me = st.rank, L = h.num_experts / R, lane = threadIdx.x % 32;
   const int64_t gw = int64_t(blockIdx.x) * kCeWarps + threadIdx.x / 32, GW = int64_t(gridDim.x) * kCeWarps;
-  const DispatchSlot lay = DispatchSlot::make(io.row_bytes, h.num_topk, io.num_scales);
+  // Metadata slots are DispatchSlots without a row: the slot helpers run on an io whose rows are 0 bytes long.
+  const DispatchSlot mlay = ce_dispatch_meta(h.num_topk, io.num_scales);
+  DispatchIo meta_io = io;
+  meta_io.row_bytes = 0;
   // 1. Pack, chunk by chunk across peers, so the copy engine starts on chunk 0 while later chunks are packed. Every
   //    block counts every chunk (even one it had no row of), so the copy stream waits for gridDim.x counts. A skipped
   //    step still counts: nothing may leave the copy stream waiting.
@@ -59,10 +62,14 @@ __global__ void __launch_bounds__(kCeThreads, 1)
     for (int d = 0; d < R; ++d) {
       if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
       const int64_t lo = int64_t(j) * p.out_chunk[d], hi = min(int64_t(p.out_rows[d]), lo + p.out_chunk[d]);
-      uint8_t* base = p.staging + p.staging_off[d];
+      uint8_t* rows = p.staging + p.staging_off[d];
+      uint8_t* meta = rows + ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
       if (!skip)
-        for (int64_t q = lo + gw; q < hi; q += GW)
-          write_dispatch_slot(base + q * lay.bytes, lay, io, h, token_at(h, d, q), d, L, lane);
+        for (int64_t q = lo + gw; q < hi; q += GW) {
+          const int64_t t = token_at(h, d, q);
+          write_dispatch_slot(meta + q * mlay.bytes, mlay, meta_io, h, t, d, L, lane);
+          warp_copy<false>(rows + q * io.row_bytes, io.x + t * io.row_bytes, io.row_bytes, lane);
+        }
       __threadfence();
       __syncthreads();
       if (threadIdx.x == 0) atomicAdd(p.packed + d * kMaxCeChunks + j, 1u);
@@ -80,12 +87,15 @@ __global__ void __launch_bounds__(kCeThreads, 1)
     for (int s = 0; s < R; ++s) {
       if (s == me || j >= ce_chunks(p.in_rows[s], p.in_chunk[s])) continue;
       const int64_t lo = int64_t(j) * p.in_chunk[s], hi = min(int64_t(p.in_rows[s]), lo + p.in_chunk[s]);
-      const uint8_t* zone = region + kRings + s * p.zone_bytes;
+      const uint8_t* rows = region + kRings + s * p.zone_bytes;
+      const uint8_t* meta = rows + ce_dispatch_meta_off(p.in_rows[s], io.row_bytes);
+      const bool direct = (p.direct_in >> s) & 1ull;  // rows are already in recv_x
       const int64_t row0 = h.recv_offset[s * h.channels];
       bool landed = false;
       for (int64_t q = lo + gw; q < hi; q += GW) {
         if (!landed && !(landed = warp_wait_arrival(st, s, j, deadline, 2, lane))) return;
-        read_dispatch_slot(zone + q * lay.bytes, lay, io, h, row0 + q, s, lane);
+        read_dispatch_slot(meta + q * mlay.bytes, mlay, meta_io, h, row0 + q, s, lane);
+        if (!direct) warp_copy<true>(io.recv_x + (row0 + q) * io.row_bytes, rows + q * io.row_bytes, io.row_bytes, lane);
       }
     }
 }

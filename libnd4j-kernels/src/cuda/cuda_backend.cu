@@ -145,6 +145,7 @@ int CudaBackend::finish_step(cudaStream_t s, const char* call) {
   std::memcpy(&mb, mailbox_, sizeof(Mailbox));
   std::memset(mailbox_, 0, sizeof(Mailbox));
   ce_veto_ = mb.ce_veto != 0;
+  std::memcpy(peer_direct_, mb.direct, sizeof(peer_direct_));
   if (mb.status == DEEPEP4J_OK) return DEEPEP4J_OK;
   mb.message[sizeof(mb.message) - 1] = 0;
   if (mb.status == DEEPEP4J_ERR_PEER_ERROR)

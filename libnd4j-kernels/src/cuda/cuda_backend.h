@@ -81,6 +81,7 @@ class CudaBackend : public Backend {
   uint32_t epoch_ = 1;                // last barrier epoch used (connect uses 1)
   bool broken_ = false;               // a step timed out: rings are no longer consistent
   bool ce_veto_ = false;              // the last finished barrier had a rank voting against copy-engine transfers
+  uint64_t peer_direct_[DEEPEP4J_MAX_RANKS] = {};  // PeerStatus::direct each rank published to us at that barrier
   std::string broken_reason_;
 };
 

@@ -60,9 +60,10 @@ class DeepepBackend : public CudaBackend {
     const Blob& me = all[size_t(rank_)];
     for (int r = 0; r < R_; ++r) {
       const Blob& b = all[size_t(r)];
+      same_process_[r] = b.pid == me.pid && b.process_nonce == me.process_nonce;
       if (r == rank_) {
         peers_.region[r] = region_;
-      } else if (b.pid == me.pid && b.process_nonce == me.process_nonce) {
+      } else if (same_process_[r]) {
         if (b.device_id != cfg_.device_id) {
           int can = 0;
           DEEPEP4J_CUDA_TRY(cudaDeviceCanAccessPeer(&can, cfg_.device_id, b.device_id));
@@ -108,15 +109,29 @@ class DeepepBackend : public CudaBackend {
       io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
     }
     CePlan plan{};
-    const bool ce_vote = check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, slot_bytes, zone_bytes(), &plan); },
-                                                 &check);
+    const DispatchSlot meta = ce_dispatch_meta(h->num_topk, io.num_scales);
+    const bool ce_vote =
+        check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); },
+                                &check);
+    // Sources in this process may copy their rows straight into our recv_x (their copy engine reaches it).
+    DirectTargets direct{};
+    if (ce_vote) {
+      int64_t row = 0;
+      for (int src = 0; src < R_; ++src) {
+        if (src != rank_ && same_process_[src] && h->recv_counts_per_rank[src] > 0) {
+          direct.v[src] = reinterpret_cast<uint64_t>(io.recv_x + row * io.row_bytes);
+          plan.direct_in |= 1ull << src;
+        }
+        row += h->recv_counts_per_rank[src];
+      }
+    }
     Step st = step(++epoch_);
     // The barrier finishes before the data kernels are queued: see exchange_counts.
-    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0));
+    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0, &direct));
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
       if (ce_vote && !ce_veto_) {
-        fin = ce_.run_dispatch(st, plan, h->r, io, slot_bytes, cfg_.num_sms, s);
+        fin = ce_.run_dispatch(st, plan, h->r, io, meta.bytes, peer_direct_, cfg_.num_sms, s);
         fin = finish_ce(s, fin, call);
       } else {
         DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
@@ -267,6 +282,7 @@ class DeepepBackend : public CudaBackend {
   cudaIpcMemHandle_t ipc_{};
   Peers peers_{};
   std::vector<void*> opened_;
+  bool same_process_[DEEPEP4J_MAX_RANKS] = {};
 };
 
 }  // namespace

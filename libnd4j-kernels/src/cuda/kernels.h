@@ -20,6 +20,7 @@ struct Mailbox {
   int32_t where;    // which wait gave up (for the message)
   int32_t ce_veto;  // 1 when some rank voted against copy-engine transfers at the last barrier
   char message[kStatusBytes];
+  uint64_t direct[DEEPEP4J_MAX_RANKS];  // what each rank published to this one at the last barrier (PeerStatus)
 };
 
 // Where waits stop: every kernel's deadline is its start time plus timeout_ns.
@@ -41,8 +42,11 @@ cudaError_t launch_plan(const int64_t* topk_idx, const Routing& h, int32_t num_r
 
 // Publishes this rank's status, message and copy-engine vote, waits for every rank (barrier `step.epoch`), and records
 // in the mailbox the first peer that failed or never came, and whether any rank voted against copy-engine transfers.
+struct DirectTargets {
+  uint64_t v[DEEPEP4J_MAX_RANKS];  // per destination rank: the PeerStatus::direct to publish to it
+};
 cudaError_t launch_barrier(const Step& step, int32_t status, const char* message, cudaStream_t s,
-                           int32_t ce_vote = 0);
+                           int32_t ce_vote = 0, const DirectTargets* direct = nullptr);
 
 // Notify: writes header + counts to every peer's notify slot, barrier, copies every received slot to `gathered`
 // ([R] slots of `slot_bytes`).
@@ -93,6 +97,7 @@ struct CePlan {
   int64_t first_row[DEEPEP4J_MAX_RANKS];  // combine: the first row of y going back to d
   uint32_t* packed;                      // device [R][kMaxCeChunks]: blocks that finished packing chunk (d, j)
   uint32_t* epoch_word;                  // device: the step's epoch, copied into a peer's arrival word per chunk
+  uint64_t direct_in;                    // dispatch: bit s set when s's rows go straight into recv_x
 };
 
 // Rows per copy-engine chunk for a stream of `rows` rows of `row_bytes`: about chunk_bytes, at most kMaxCeChunks.
@@ -111,6 +116,14 @@ DEEPEP4J_HD inline int64_t ce_combine_meta_off(int64_t rows, int64_t row_bytes) 
 }
 DEEPEP4J_HD inline int64_t ce_combine_meta_bytes(int64_t rows, int32_t k) {
   return DispatchSlot::align16(rows * 4) + DispatchSlot::align16(rows * 4 * int64_t(k));
+}
+// Dispatch staging and landing zone: [rows: row_bytes each][metadata: a DispatchSlot without its row, each]. Rows and
+// metadata are apart so that rows can be copied straight into a receiver's recv_x.
+DEEPEP4J_HD inline DispatchSlot ce_dispatch_meta(int32_t k, int32_t num_scales) {
+  return DispatchSlot::make(0, k, num_scales);
+}
+DEEPEP4J_HD inline int64_t ce_dispatch_meta_off(int64_t rows, int64_t row_bytes) {
+  return DispatchSlot::align16(rows * row_bytes);
 }
 
 // Dispatch: every block packs the chunks for every peer in chunk order (counting them in plan.packed), copies the

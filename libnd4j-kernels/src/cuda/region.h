@@ -40,10 +40,13 @@ constexpr size_t kRings = kArrivals + DEEPEP4J_MAX_RANKS * kMaxCeChunks * sizeof
 
 // Status a rank publishes at a barrier: 0, or the deepep4j_status of its local check and its message; and its vote
 // for copy-engine transfers in the step that follows (they are used only when every rank votes 1).
+// In a copy-engine dispatch a receiver also tells each source of the same process where that source's rows go in
+// its recv_x (`direct`, 0 for none): the source's copy engine then writes them there and only metadata lands.
 struct PeerStatus {
   int32_t status;
   int32_t ce_vote;
-  char message[kStatusBytes - 8];
+  uint64_t direct;
+  char message[kStatusBytes - 16];
 };
 
 // What a source rank tells one destination at notify: its step parameters and the counts bound for that destination.

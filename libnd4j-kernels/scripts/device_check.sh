@@ -8,7 +8,7 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 what=${1:-all}
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$here/device-logs}
-build=${BUILD:-/tmp/deepep4j-build}
+build=${BUILD:-$here/target/cudabuild}
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 nvidia-smi topo -m >> "$out/nvidia-smi.txt" 2>&1
@@ -25,19 +25,24 @@ run() {  # name, timeout seconds, command...
   [ $rc -eq 0 ] || status=1
 }
 if [ "$what" = all ] || [ "$what" = tests ]; then
+  ce="DEEPEP4J_CUDA_TRANSFER=copy_engine DEEPEP4J_TEST_BUFFER_MB=64"
   run gpu_roundtrip 300 "$build/gpu_test_roundtrip"
   run gpu_roundtrip_sm 300 env DEEPEP4J_CUDA_TRANSFER=sm "$build/gpu_test_roundtrip"
+  run gpu_roundtrip_ce 300 env $ce "$build/gpu_test_roundtrip"
+  run gpu_roundtrip_ce_direct 300 env $ce DEEPEP4J_TEST_POOL_PEER_ACCESS=1 "$build/gpu_test_roundtrip"
   run gpu_cross_process 300 "$build/gpu_test_cross_process"
+  run gpu_cross_process_ce 300 env $ce "$build/gpu_test_cross_process"
   run gpu_peer_dies 120 "$build/gpu_test_peer_dies"
+  run gpu_peer_dies_ce 120 env $ce "$build/gpu_test_peer_dies"
   san="compute-sanitizer --error-exitcode 9 --target-processes all"
-  run sanitizer_memcheck 300 env DEEPEP4J_TEST_BACKENDS=deepep $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
-  run sanitizer_racecheck 300 env DEEPEP4J_TEST_BACKENDS=deepep $san --tool racecheck "$build/gpu_test_roundtrip" many_steps
   run sanitizer_memcheck_sm 300 env DEEPEP4J_TEST_BACKENDS=deepep DEEPEP4J_CUDA_TRANSFER=sm $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
+  run sanitizer_memcheck_ce 300 env DEEPEP4J_TEST_BACKENDS=deepep $ce DEEPEP4J_TEST_POOL_PEER_ACCESS=1 $san --tool memcheck "$build/gpu_test_roundtrip" two_ranks_every_dtype
+  run sanitizer_racecheck_ce 300 env DEEPEP4J_TEST_BACKENDS=deepep $ce $san --tool racecheck "$build/gpu_test_roundtrip" many_steps
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   run bench_ep 400 "$build/bench_ep" --device cuda
   cat "$out/bench_ep.log"
-  run bench_ep_64sms 300 "$build/bench_ep" --device cuda --backends deepep --num-sms 64 --chunk 32
+  run bench_ep_64sms 300 "$build/bench_ep" --device cuda --backends deepep-sm,deepep-ce --num-sms 64 --chunk 32
   cat "$out/bench_ep_64sms.log"
 fi
 if [ "$what" = sweep ]; then

@@ -16,7 +16,32 @@ namespace cuda {
 
 namespace {
 using WaitValue32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+using PointerGetAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
 }  // namespace
+
+bool CopyEngine::peer_copyable(const void* p, int device, int peer_device) const {
+  cudaPointerAttributes a{};
+  if (p == nullptr || get_attribute_ == nullptr || cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (a.type != cudaMemoryTypeDevice || a.device != device) return false;
+  // Stream-ordered pools are not reachable from other devices unless their owner granted it (cudaMemPoolSetAccess).
+  CUmemoryPool pool = nullptr;
+  CUresult r = reinterpret_cast<PointerGetAttributeFn>(get_attribute_)(&pool, CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE,
+                                                                      CUdeviceptr(p));
+  if (r != CUDA_SUCCESS) return false;
+  if (pool == nullptr || peer_device == device) return true;
+  cudaMemLocation where{};
+  where.type = cudaMemLocationTypeDevice;
+  where.id = peer_device;
+  cudaMemAccessFlags flags = cudaMemAccessFlagsProtNone;
+  if (cudaMemPoolGetAccess(&flags, reinterpret_cast<cudaMemPool_t>(pool), &where) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return flags == cudaMemAccessFlagsProtReadWrite;
+}
 
 Check transfer_from_env(Transfer* out) {
   const char* v = std::getenv("DEEPEP4J_CUDA_TRANSFER");
@@ -65,6 +90,11 @@ int CopyEngine::init(int32_t num_ranks) {
     return DEEPEP4J_OK;
   }
   wait_value32_ = fn;
+  void* get = nullptr;
+  if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &get, 12000, cudaEnableDefault, &found) == cudaSuccess &&
+      found == cudaDriverEntryPointSuccess)
+    get_attribute_ = get;
+  cudaGetLastError();
   return DEEPEP4J_OK;
 }
 
@@ -119,6 +149,7 @@ Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_byt
     if (bytes_for(p.in_rows[d]) > zone_bytes) return zone_fails(bytes_for(p.in_rows[d]), zone_bytes, d, "dispatch");
     p.staging_off[d] = staging;
     staging += DispatchSlot::align16(bytes_for(p.out_rows[d]));
+    p.largest_bytes = std::max({p.largest_bytes, bytes_for(p.out_rows[d]), bytes_for(p.in_rows[d])});
   }
   Check grown = grow_staging(std::max<int64_t>(staging, 16));
   if (!grown.ok()) return grown;
@@ -145,6 +176,7 @@ Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_byte
     for (int64_t n : {int64_t(p.out_rows[d]), int64_t(p.in_rows[d])}) {
       const int64_t need = ce_combine_meta_off(n, row_bytes) + ce_combine_meta_bytes(n, h.num_topk);
       if (need > zone_bytes) return zone_fails(need, zone_bytes, d, "combine");
+      p.largest_bytes = std::max(p.largest_bytes, need);
     }
     p.staging_off[d] = staging;
     staging += ce_combine_meta_bytes(p.out_rows[d], h.num_topk);

@@ -35,6 +35,9 @@ class CopyEngine {
   bool available() const { return wait_value32_ != nullptr; }
   const std::string& unavailable_reason() const { return unavailable_; }
   cudaStream_t stream() const { return stream_; }
+  // Whether the copy engine of a rank on `peer_device` may write to `p`: device memory of `device`, and when it comes
+  // from a stream-ordered pool, a pool that grants `peer_device` access (cudaMemPoolSetAccess).
+  bool peer_copyable(const void* p, int device, int peer_device) const;
 
   // Plans a step for rank `me`: rows and chunks per peer, staging grown to fit. Fails (naming buffer_bytes) when a
   // peer's rows do not fit the landing zone of zone_bytes, or when staging cannot be allocated.
@@ -64,6 +67,7 @@ class CopyEngine {
   uint8_t* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
   void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32
+  void* get_attribute_ = nullptr;  // the driver's cuPointerGetAttribute
   std::string unavailable_;
 };
 

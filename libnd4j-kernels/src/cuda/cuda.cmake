@@ -52,10 +52,19 @@ foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_test(NAME gpu_${name} COMMAND gpu_test_${name})
   set_tests_properties(gpu_${name} PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77)
 endforeach()
-# The same round trips with every row through the SM rings (by default steps that fit use copy engines).
+# The same round trips with every row through the SM rings, and every step by copy engines (buffers large enough):
+# through the landing zones, and with rows written straight into recv_x (the tests' pools open to peer devices).
 add_test(NAME gpu_roundtrip_sm COMMAND gpu_test_roundtrip)
-set_tests_properties(gpu_roundtrip_sm PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77
-                                                 ENVIRONMENT DEEPEP4J_CUDA_TRANSFER=sm)
+add_test(NAME gpu_roundtrip_ce COMMAND gpu_test_roundtrip)
+add_test(NAME gpu_roundtrip_ce_direct COMMAND gpu_test_roundtrip)
+add_test(NAME gpu_cross_process_ce COMMAND gpu_test_cross_process)
+set_tests_properties(gpu_roundtrip_sm gpu_roundtrip_ce gpu_roundtrip_ce_direct gpu_cross_process_ce PROPERTIES
+                     TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77)
+set_tests_properties(gpu_roundtrip_sm PROPERTIES ENVIRONMENT DEEPEP4J_CUDA_TRANSFER=sm)
+set_tests_properties(gpu_roundtrip_ce gpu_cross_process_ce PROPERTIES
+                     ENVIRONMENT "DEEPEP4J_CUDA_TRANSFER=copy_engine;DEEPEP4J_TEST_BUFFER_MB=64")
+set_tests_properties(gpu_roundtrip_ce_direct PROPERTIES ENVIRONMENT
+                     "DEEPEP4J_CUDA_TRANSFER=copy_engine;DEEPEP4J_TEST_BUFFER_MB=64;DEEPEP4J_TEST_POOL_PEER_ACCESS=1")
 
 if(TARGET bench_ep)
   target_sources(bench_ep PRIVATE ${CMAKE_CURRENT_LIST_DIR}/../../bench/bench_ep_cuda.cu)

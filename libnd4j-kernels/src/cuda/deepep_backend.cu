@@ -61,6 +61,7 @@ class DeepepBackend : public CudaBackend {
     for (int r = 0; r < R_; ++r) {
       const Blob& b = all[size_t(r)];
       same_process_[r] = b.pid == me.pid && b.process_nonce == me.process_nonce;
+      peer_device_[r] = b.device_id;
       if (r == rank_) {
         peers_.region[r] = region_;
       } else if (same_process_[r]) {
@@ -112,13 +113,14 @@ class DeepepBackend : public CudaBackend {
     const DispatchSlot meta = ce_dispatch_meta(h->num_topk, io.num_scales);
     const bool ce_vote =
         check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); },
-                                &check);
+                                plan, &check);
     // Sources in this process may copy their rows straight into our recv_x (their copy engine reaches it).
     DirectTargets direct{};
     if (ce_vote) {
       int64_t row = 0;
       for (int src = 0; src < R_; ++src) {
-        if (src != rank_ && same_process_[src] && h->recv_counts_per_rank[src] > 0) {
+        if (src != rank_ && same_process_[src] && h->recv_counts_per_rank[src] > 0 &&
+            ce_.peer_copyable(io.recv_x, cfg_.device_id, peer_device_[src])) {
           direct.v[src] = reinterpret_cast<uint64_t>(io.recv_x + row * io.row_bytes);
           plan.direct_in |= 1ull << src;
         }
@@ -166,8 +168,9 @@ class DeepepBackend : public CudaBackend {
       io.out_topk_weights = a->out_topk_weights;
     }
     CePlan plan{};
-    const bool ce_vote = check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); },
-                                                 &check);
+    const bool ce_vote =
+        check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan,
+                                &check);
     Step st = step(++epoch_);
     // The barrier finishes before the data kernels are queued: see exchange_counts.
     DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0));
@@ -231,14 +234,17 @@ class DeepepBackend : public CudaBackend {
 
   // This rank's vote for copy-engine transfers in the coming step: yes when the mode allows them and `plan` fits.
   // In copy_engine mode a plan that does not fit becomes the step's error (*check), reported on every rank.
-  template <class Plan>
-  bool ce_wanted(Plan&& plan, Check* check) {
+  // In auto mode small steps keep the SM rings: below ~8 MiB per peer a copy-engine step costs more than it saves
+  // (512 tokens x 7168 bf16 = 7.3 MiB: 101 us vs 86 us for the rings; 4096 tokens: 272 us vs 351 us).
+  template <class Make>
+  bool ce_wanted(Make&& make, const CePlan& plan, Check* check) {
     if (transfer_ == Transfer::kSm || !ce_.available()) return false;
-    Check fit = plan();
-    if (fit.ok()) return true;
+    Check fit = make();
+    if (fit.ok()) return transfer_ == Transfer::kCopyEngine || plan.largest_bytes >= kAutoCopyEngineBytes;
     if (transfer_ == Transfer::kCopyEngine) *check = fit;
     return false;
   }
+  static constexpr int64_t kAutoCopyEngineBytes = int64_t(8) << 20;
 
   // Every source's landing zone in a region's ring area.
   int64_t zone_bytes() const { return (cfg_.buffer_bytes / R_) & ~int64_t(15); }
@@ -283,6 +289,7 @@ class DeepepBackend : public CudaBackend {
   Peers peers_{};
   std::vector<void*> opened_;
   bool same_process_[DEEPEP4J_MAX_RANKS] = {};
+  int32_t peer_device_[DEEPEP4J_MAX_RANKS] = {};  // device ordinals of ranks in this process
 };
 
 }  // namespace

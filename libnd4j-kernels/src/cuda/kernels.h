@@ -98,6 +98,7 @@ struct CePlan {
   uint32_t* packed;                      // device [R][kMaxCeChunks]: blocks that finished packing chunk (d, j)
   uint32_t* epoch_word;                  // device: the step's epoch, copied into a peer's arrival word per chunk
   uint64_t direct_in;                    // dispatch: bit s set when s's rows go straight into recv_x
+  int64_t largest_bytes;                 // host: the most bytes between this rank and one peer in this step
 };
 
 // Rows per copy-engine chunk for a stream of `rows` rows of `row_bytes`: about chunk_bytes, at most kMaxCeChunks.

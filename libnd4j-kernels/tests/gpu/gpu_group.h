@@ -2,6 +2,8 @@
 // as ep_group.h with inputs and outputs in device memory, results copied back in the reference's form.
 #pragma once
 
+#include <string>
+
 #include <cuda_runtime.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -89,6 +91,20 @@ struct Group {
     ep::run_ranks(R, [&](int32_t r) {
       REQUIRE_OK(deepep4j_buffer_connect(bufs[size_t(r)], ptrs.data(), lens.data()));
     });
+    // With DEEPEP4J_TEST_POOL_PEER_ACCESS=1 every device may use every other device's default pool, where Dev
+    // allocates: copy-engine dispatch then writes rows straight into recv_x (else through the landing zones).
+    if (getenv("DEEPEP4J_TEST_POOL_PEER_ACCESS") && std::string(getenv("DEEPEP4J_TEST_POOL_PEER_ACCESS")) == "1")
+      for (int owner = 0; owner < n; ++owner)
+        for (int peer = 0; peer < n; ++peer) {
+          if (peer == owner) continue;
+          cudaMemPool_t pool;
+          CUDA_OK(cudaDeviceGetDefaultMemPool(&pool, owner));
+          cudaMemAccessDesc desc{};
+          desc.location.type = cudaMemLocationTypeDevice;
+          desc.location.id = peer;
+          desc.flags = cudaMemAccessFlagsProtReadWrite;
+          CUDA_OK(cudaMemPoolSetAccess(pool, &desc, 1));
+        }
   }
   Group(const Group&) = delete;
   ~Group() {

@@ -69,10 +69,10 @@ int CopyEngine::init(int32_t num_ranks) {
   R_ = num_ranks;
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&reset_done_, cudaEventDisableTiming));
-  DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks * size_t(R_) + 1)));
-  DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks * size_t(R_) + 1)));
+  DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks + 1)));
+  DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(preload_ce_kernels());
-  if (const char* v = std::getenv("DEEPEP4J_CE_CHUNK_MB")) chunk_bytes_ = std::max<int64_t>(1, std::atoll(v)) << 20;
+  if (const char* v = std::getenv("DEEPEP4J_CE_CHUNKS")) chunks_ = std::max(1, std::atoi(v));
 
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found{};
@@ -130,20 +130,25 @@ Check zone_fails(int64_t need, int64_t zone_bytes, int peer, const char* what) {
 }
 }  // namespace
 
+void CopyEngine::plan_chunks(const CudaHandle& h, CePlan* p) const {
+  const int C = h.r.channels;
+  p->chunks = std::max(1, std::min({C, chunks_, kCeAllLanded}));
+  for (int j = 0; j <= p->chunks; ++j) p->chunk_channel[j] = int32_t(int64_t(j) * C / p->chunks);
+}
+
 Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_bytes, const DispatchSlot& meta,
                                 int64_t zone_bytes, CePlan* out) {
   CePlan p{};
   p.zone_bytes = zone_bytes;
   p.packed = packed_;
-  p.epoch_word = packed_ + kMaxCeChunks * R_;
+  p.epoch_word = packed_ + kMaxCeChunks;
+  plan_chunks(h, &p);
   const int C = h.r.channels;
   auto bytes_for = [&](int64_t n) { return ce_dispatch_meta_off(n, row_bytes) + n * meta.bytes; };
   int64_t staging = 0;
   for (int d = 0; d < R_; ++d) {
     p.out_rows[d] = int32_t(sent_to(h, d, C));
     p.in_rows[d] = h.recv_counts_per_rank[d];
-    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], row_bytes + meta.bytes, chunk_bytes_);
-    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], row_bytes + meta.bytes, chunk_bytes_);
     if (d == me) continue;
     if (bytes_for(p.out_rows[d]) > zone_bytes) return zone_fails(bytes_for(p.out_rows[d]), zone_bytes, d, "dispatch");
     if (bytes_for(p.in_rows[d]) > zone_bytes) return zone_fails(bytes_for(p.in_rows[d]), zone_bytes, d, "dispatch");
@@ -162,7 +167,8 @@ Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_byte
   CePlan p{};
   p.zone_bytes = zone_bytes;
   p.packed = packed_;
-  p.epoch_word = packed_ + kMaxCeChunks * R_;
+  p.epoch_word = packed_ + kMaxCeChunks;
+  plan_chunks(h, &p);
   const int C = h.r.channels;
   int64_t staging = 0, first_row = 0;
   for (int d = 0; d < R_; ++d) {
@@ -170,8 +176,6 @@ Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_byte
     first_row += h.recv_counts_per_rank[d];
     p.out_rows[d] = h.recv_counts_per_rank[d];  // combine sends back what dispatch received
     p.in_rows[d] = int32_t(sent_to(h, d, C));
-    p.out_chunk[d] = ce_chunk_rows(p.out_rows[d], row_bytes, chunk_bytes_);
-    p.in_chunk[d] = ce_chunk_rows(p.in_rows[d], row_bytes, chunk_bytes_);
     if (d == me) continue;
     for (int64_t n : {int64_t(p.out_rows[d]), int64_t(p.in_rows[d])}) {
       const int64_t need = ce_combine_meta_off(n, row_bytes) + ce_combine_meta_bytes(n, h.num_topk);
@@ -198,48 +202,70 @@ int CopyEngine::wait_packed(uint32_t* counter, uint32_t count) {
 
 int CopyEngine::signal(const Step& st, int d, int j) {
   // Stream order puts this copy after the chunk's: the arrival word lands once the chunk has.
-  DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(arrivals(st.peers.region[d], st.rank) + j, packed_ + kMaxCeChunks * R_, 4,
+  DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(arrivals(st.peers.region[d], st.rank) + j, packed_ + kMaxCeChunks, 4,
                                     cudaMemcpyDeviceToDevice, stream_));
   return DEEPEP4J_OK;
 }
 
-int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const Routing& h, const DispatchIo& io,
+namespace {
+// Rows of chunk j among `counts` (a peer's rows per channel, channel order): [lo, hi).
+void chunk_rows(const CePlan& p, const int32_t* counts, int j, int64_t* lo, int64_t* hi) {
+  int64_t n = 0;
+  for (int c = 0; c < p.chunk_channel[j + 1]; ++c) {
+    if (c == p.chunk_channel[j]) *lo = n;
+    n += counts[c];
+  }
+  *hi = n;
+}
+}  // namespace
+
+int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& h, const DispatchIo& io,
                              int64_t meta_bytes, const uint64_t* direct, int32_t num_sms, cudaStream_t s) {
-  const int me = st.rank;
+  const int me = st.rank, C = h.r.channels;
   // Counters back to zero before the kernel counts into them; the copy stream only reads them after this.
-  DEEPEP4J_CUDA_TRY(cudaMemsetAsync(packed_, 0, sizeof(uint32_t) * kMaxCeChunks * size_t(R_), stream_));
+  DEEPEP4J_CUDA_TRY(cudaMemsetAsync(packed_, 0, sizeof(uint32_t) * kMaxCeChunks, stream_));
   DEEPEP4J_CUDA_TRY(cudaEventRecord(reset_done_, stream_));
   DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(s, reset_done_, 0));
-  DEEPEP4J_CUDA_TRY(launch_ce_dispatch(st, p, h, io, num_sms, s));
-  int max_chunks = 0;
-  for (int d = 0; d < R_; ++d)
-    if (d != me) max_chunks = std::max(max_chunks, ce_chunks(p.out_rows[d], p.out_chunk[d]));
-  for (int j = 0; j < max_chunks; ++j)
+  DEEPEP4J_CUDA_TRY(launch_ce_dispatch(st, p, h.r, io, num_sms, s));
+  const int64_t N = h.num_tokens, per_channel = h.r.tokens_per_channel;
+  for (int j = 0; j < p.chunks; ++j) {
+    const int64_t tokens = std::min(N, p.chunk_channel[j + 1] * per_channel) - std::min(N, p.chunk_channel[j] * per_channel);
+    if (tokens == 0) continue;  // no rows for anyone
+    if (int err = wait_packed(packed_ + j, uint32_t(tokens))) return err;
     for (int d = 0; d < R_; ++d) {
-      if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
-      const int64_t n = p.out_rows[d], lo = int64_t(j) * p.out_chunk[d];
-      const int64_t rows = std::min<int64_t>(n - lo, p.out_chunk[d]);
-      if (int err = wait_packed(packed_ + d * kMaxCeChunks + j, uint32_t(num_sms))) return err;
+      if (d == me) continue;
+      int64_t lo = 0, hi = 0;
+      chunk_rows(p, h.send_counts_host.data() + size_t(d) * C, j, &lo, &hi);
+      if (hi == lo) continue;
       const uint8_t* src = p.staging + p.staging_off[d];
       uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
       uint8_t* row_dst = direct[d] != 0 ? reinterpret_cast<uint8_t*>(direct[d]) : zone;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(row_dst + lo * io.row_bytes, src + lo * io.row_bytes,
-                                        size_t(rows * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
-      const int64_t meta_off = ce_dispatch_meta_off(n, io.row_bytes) + lo * meta_bytes;
-      DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + meta_off, src + meta_off, size_t(rows * meta_bytes),
+                                        size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
+      if (direct[d] != 0) continue;  // its metadata goes once, after the last chunk
+      const int64_t meta_off = ce_dispatch_meta_off(p.out_rows[d], io.row_bytes) + lo * meta_bytes;
+      DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + meta_off, src + meta_off, size_t((hi - lo) * meta_bytes),
                                         cudaMemcpyDeviceToDevice, stream_));
       if (int err = signal(st, d, j)) return err;
     }
+  }
+  for (int d = 0; d < R_; ++d) {
+    if (d == me || direct[d] == 0 || p.out_rows[d] == 0) continue;
+    const int64_t meta_off = ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(st.peers.region[d] + kRings + me * p.zone_bytes + meta_off,
+                                      p.staging + p.staging_off[d] + meta_off, size_t(p.out_rows[d] * meta_bytes),
+                                      cudaMemcpyDeviceToDevice, stream_));
+    if (int err = signal(st, d, kCeAllLanded)) return err;
+  }
   return DEEPEP4J_OK;
 }
 
-int CopyEngine::run_combine(const Step& st, const CePlan& p, const Routing& h, const CombineIo& io, int32_t num_sms,
-                            cudaStream_t s) {
-  const int me = st.rank;
+int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h, const CombineIo& io,
+                            int32_t num_sms, cudaStream_t s) {
+  const int me = st.rank, C = h.r.channels, K = h.num_topk;
   // y and the weights were ready when the step's barrier finished (the host waited for `s` there).
-  DEEPEP4J_CUDA_TRY(launch_ce_combine_meta(st, p, h, io, stream_));
-  DEEPEP4J_CUDA_TRY(launch_ce_combine(st, p, h, io, num_sms, s));
-  const int K = h.num_topk;
+  DEEPEP4J_CUDA_TRY(launch_ce_combine_meta(st, p, h.r, io, stream_));
+  DEEPEP4J_CUDA_TRY(launch_ce_combine(st, p, h.r, io, num_sms, s));
   for (int d = 0; d < R_; ++d) {
     if (d == me || p.out_rows[d] == 0) continue;
     uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
@@ -247,17 +273,15 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const Routing& h, c
                                       p.staging + p.staging_off[d], size_t(ce_combine_meta_bytes(p.out_rows[d], K)),
                                       cudaMemcpyDeviceToDevice, stream_));
   }
-  int max_chunks = 0;
-  for (int d = 0; d < R_; ++d)
-    if (d != me) max_chunks = std::max(max_chunks, ce_chunks(p.out_rows[d], p.out_chunk[d]));
-  for (int j = 0; j < max_chunks; ++j)
+  for (int j = 0; j < p.chunks; ++j)
     for (int d = 0; d < R_; ++d) {
-      if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
-      const int64_t lo = int64_t(j) * p.out_chunk[d];
-      const int64_t rows = std::min<int64_t>(p.out_rows[d] - lo, p.out_chunk[d]);
+      if (d == me) continue;
+      int64_t lo = 0, hi = 0;  // rows going back to d = rows received from d, in d's channel order
+      chunk_rows(p, h.recv_counts_host.data() + size_t(d) * C, j, &lo, &hi);
+      if (hi == lo) continue;
       uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * io.row_bytes, io.y + (p.first_row[d] + lo) * io.row_bytes,
-                                        size_t(rows * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
+                                        size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
       if (int err = signal(st, d, j)) return err;
     }
   return DEEPEP4J_OK;

@@ -48,13 +48,14 @@ class CopyEngine {
   // Queue a planned step: kernels on `s`, copies and arrival signals on the copy stream. The caller then waits for
   // both streams.
   // direct[d]: where d's recv_x takes this rank's rows (0: its landing zone), as d published at the barrier.
-  int run_dispatch(const Step& st, const CePlan& plan, const Routing& h, const DispatchIo& io, int64_t meta_bytes,
+  int run_dispatch(const Step& st, const CePlan& plan, const CudaHandle& h, const DispatchIo& io, int64_t meta_bytes,
                    const uint64_t* direct, int32_t num_sms, cudaStream_t s);
-  int run_combine(const Step& st, const CePlan& plan, const Routing& h, const CombineIo& io, int32_t num_sms,
+  int run_combine(const Step& st, const CePlan& plan, const CudaHandle& h, const CombineIo& io, int32_t num_sms,
                   cudaStream_t s);
 
  private:
   Check grow_staging(int64_t bytes);
+  void plan_chunks(const CudaHandle& h, CePlan* p) const;
   int wait_packed(uint32_t* counter, uint32_t count);
   // Queues the arrival word of chunk j for peer d (after the chunk's copy on the copy stream).
   int signal(const Step& st, int d, int j);
@@ -62,8 +63,8 @@ class CopyEngine {
   int32_t R_ = 0;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t reset_done_ = nullptr;
-  uint32_t* packed_ = nullptr;  // device [R][kMaxCeChunks], then the epoch word
-  int64_t chunk_bytes_ = int64_t(16) << 20;  // DEEPEP4J_CE_CHUNK_MB; 4 / 16 / 64 MiB measured, 16 best
+  uint32_t* packed_ = nullptr;  // device [kMaxCeChunks] token counts, then the epoch word
+  int chunks_ = 4;  // DEEPEP4J_CE_CHUNKS: copies per peer and step (channel groups); ~16 MiB each at 4096 tokens
   uint8_t* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
   void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32

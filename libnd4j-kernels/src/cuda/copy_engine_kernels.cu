@@ -12,17 +12,6 @@ namespace {
 constexpr int kCeThreads = kRingThreads;
 constexpr int kCeWarps = kCeThreads / 32;
 
-// Position p in everything this rank sends to d -> the token: channel streams follow each other in channel order.
-__device__ __forceinline__ int64_t token_at(const Routing& h, int d, int64_t p) {
-  const int32_t* prefix = h.send_prefix + d * h.channels;
-  int lo = 0, hi = h.channels - 1;  // the last channel whose stream starts at or before p
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (prefix[mid] <= p) lo = mid; else hi = mid - 1;
-  }
-  return h.send_list[d * h.num_tokens + lo * h.tokens_per_channel + (p - prefix[lo])];
-}
-
 // Waits (lane 0, result shared with the warp) until chunk j from `src` landed in this step; false at the deadline.
 __device__ __forceinline__ bool warp_wait_arrival(const Step& st, int src, int j, uint64_t deadline, int where,
                                                   int lane) {
@@ -41,63 +30,96 @@ __device__ __forceinline__ bool step_skipped(const Step& st) {
   return s_skip != 0;
 }
 
+// Rows [lo, hi) of chunk j among those this rank receives from s (receive order follows s's channels).
+__device__ __forceinline__ void chunk_rows_from(const CePlan& p, const Routing& h, int s, int j, int64_t* lo,
+                                                int64_t* hi) {
+  const int32_t* off = h.recv_offset + s * h.channels;
+  *lo = off[p.chunk_channel[j]] - off[0];
+  *hi = p.chunk_channel[j + 1] < h.channels ? off[p.chunk_channel[j + 1]] - off[0] : p.in_rows[s];
+}
+
 __global__ void __launch_bounds__(kCeThreads, 1)
     ce_dispatch_kernel(Step st, CePlan p, Routing h, DispatchIo io) {
   const bool skip = step_skipped(st);
   const uint64_t deadline = global_ns() + st.timeout_ns;
-  const int R = st.num_ranks, me = st.rank, L = h.num_experts / R, lane = threadIdx.x % 32;
+  const int R = st.num_ranks, me = st.rank, C = h.channels, L = h.num_experts / R, lane = threadIdx.x % 32;
   const int64_t gw = int64_t(blockIdx.x) * kCeWarps + threadIdx.x / 32, GW = int64_t(gridDim.x) * kCeWarps;
   // Metadata slots are DispatchSlots without a row: the slot helpers run on an io whose rows are 0 bytes long.
   const DispatchSlot mlay = ce_dispatch_meta(h.num_topk, io.num_scales);
   DispatchIo meta_io = io;
   meta_io.row_bytes = 0;
-  // 1. Pack, chunk by chunk across peers, so the copy engine starts on chunk 0 while later chunks are packed. Every
-  //    block counts every chunk (even one it had no row of), so the copy stream waits for gridDim.x counts. A skipped
-  //    step still counts: nothing may leave the copy stream waiting.
-  int max_chunks = 0;
-  for (int d = 0; d < R; ++d)
-    if (d != me) max_chunks = max(max_chunks, ce_chunks(p.out_rows[d], p.out_chunk[d]));
-  if (blockIdx.x == 0 && threadIdx.x == 0) *p.epoch_word = st.epoch;  // counted with chunk 0 below
-  for (int j = 0; j < max_chunks; ++j)
-    for (int d = 0; d < R; ++d) {
-      if (d == me || j >= ce_chunks(p.out_rows[d], p.out_chunk[d])) continue;
-      const int64_t lo = int64_t(j) * p.out_chunk[d], hi = min(int64_t(p.out_rows[d]), lo + p.out_chunk[d]);
-      uint8_t* rows = p.staging + p.staging_off[d];
-      uint8_t* meta = rows + ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
-      if (!skip)
-        for (int64_t q = lo + gw; q < hi; q += GW) {
-          const int64_t t = token_at(h, d, q);
-          write_dispatch_slot(meta + q * mlay.bytes, mlay, meta_io, h, t, d, L, lane);
-          warp_copy<false>(rows + q * io.row_bytes, io.x + t * io.row_bytes, io.row_bytes, lane);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.epoch_word = st.epoch;  // counted with token 0 below
+  // 1. Tokens in order; each row is read once and written to every destination: a peer's staging (rows, then
+  //    metadata, in that peer's receive order) or this rank's receive arrays. Every token is counted in its chunk,
+  //    also when the step is skipped: the copy stream waits for these counts.
+  for (int64_t t = gw; t < h.num_tokens; t += GW) {
+    const int c = int(t / h.tokens_per_channel);
+    if (!skip) {
+      const uint64_t mask = h.token_mask[t];
+      auto row_dst = [&](int d) -> uint8_t* {
+        if (d == me) return io.recv_x + (h.recv_offset[me * C + c] + h.send_pos[t * R + me]) * io.row_bytes;
+        return p.staging + p.staging_off[d] + (h.send_prefix[d * C + c] + h.send_pos[t * R + d]) * io.row_bytes;
+      };
+      for (int d = 0; d < R; ++d) {
+        if (!(mask >> d & 1ull)) continue;
+        if (d == me) {
+          copy_own_token(meta_io, h, t, h.recv_offset[me * C + c] + h.send_pos[t * R + me], me, L, lane);
+        } else {
+          uint8_t* meta = p.staging + p.staging_off[d] + ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
+          const int64_t pos = h.send_prefix[d * C + c] + h.send_pos[t * R + d];
+          write_dispatch_slot(meta + pos * mlay.bytes, mlay, meta_io, h, t, d, L, lane);
         }
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(p.packed + d * kMaxCeChunks + j, 1u);
+      }
+      constexpr int kUnroll = 8;
+      const int4* src = reinterpret_cast<const int4*>(io.x + t * io.row_bytes);
+      const int64_t n = io.row_bytes / 16;
+      for (int64_t i = lane; i < n; i += 32 * kUnroll) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (i + 32 * u < n) v[u] = __ldg(src + i + 32 * u);
+        for (int d = 0; d < R; ++d) {
+          if (!(mask >> d & 1ull)) continue;
+          int4* dst = reinterpret_cast<int4*>(row_dst(d));
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (i + 32 * u < n) dst[i + 32 * u] = v[u];
+        }
+      }
     }
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) atomicAdd(p.packed + p.chunk_of(c), 1u);
+  }
   if (skip) return;
-  // 2. Own rows: straight from x to the receive arrays (rows from this rank follow its send order to itself).
-  const int64_t own0 = h.recv_offset[me * h.channels];
-  for (int64_t q = gw; q < p.out_rows[me]; q += GW) copy_own_token(io, h, token_at(h, me, q), own0 + q, me, L, lane);
-  // 3. Unpack what landed, chunk by chunk in the order the copies were queued.
-  int max_in = 0;
-  for (int s = 0; s < R; ++s)
-    if (s != me) max_in = max(max_in, ce_chunks(p.in_rows[s], p.in_chunk[s]));
+  // 2. Unpack what landed in the landing zones, chunk by chunk in the order the copies were queued; from sources that
+  //    wrote rows straight into recv_x only the metadata, once everything landed.
   uint8_t* region = st.peers.region[me];
-  for (int j = 0; j < max_in; ++j)
+  for (int j = 0; j < p.chunks; ++j)
     for (int s = 0; s < R; ++s) {
-      if (s == me || j >= ce_chunks(p.in_rows[s], p.in_chunk[s])) continue;
-      const int64_t lo = int64_t(j) * p.in_chunk[s], hi = min(int64_t(p.in_rows[s]), lo + p.in_chunk[s]);
+      if (s == me || (p.direct_in >> s & 1ull)) continue;
+      int64_t lo, hi;
+      chunk_rows_from(p, h, s, j, &lo, &hi);
       const uint8_t* rows = region + kRings + s * p.zone_bytes;
       const uint8_t* meta = rows + ce_dispatch_meta_off(p.in_rows[s], io.row_bytes);
-      const bool direct = (p.direct_in >> s) & 1ull;  // rows are already in recv_x
-      const int64_t row0 = h.recv_offset[s * h.channels];
+      const int64_t row0 = h.recv_offset[s * C];
       bool landed = false;
       for (int64_t q = lo + gw; q < hi; q += GW) {
         if (!landed && !(landed = warp_wait_arrival(st, s, j, deadline, 2, lane))) return;
         read_dispatch_slot(meta + q * mlay.bytes, mlay, meta_io, h, row0 + q, s, lane);
-        if (!direct) warp_copy<true>(io.recv_x + (row0 + q) * io.row_bytes, rows + q * io.row_bytes, io.row_bytes, lane);
+        warp_copy<true>(io.recv_x + (row0 + q) * io.row_bytes, rows + q * io.row_bytes, io.row_bytes, lane);
       }
     }
+  for (int s = 0; s < R; ++s) {
+    if (s == me || !(p.direct_in >> s & 1ull)) continue;
+    const uint8_t* meta = region + kRings + s * p.zone_bytes + ce_dispatch_meta_off(p.in_rows[s], io.row_bytes);
+    const int64_t row0 = h.recv_offset[s * C];
+    bool landed = false;
+    for (int64_t q = gw; q < p.in_rows[s]; q += GW) {
+      if (!landed && !(landed = warp_wait_arrival(st, s, kCeAllLanded, deadline, 2, lane))) return;
+      read_dispatch_slot(meta + q * mlay.bytes, mlay, meta_io, h, row0 + q, s, lane);
+    }
+  }
 }
 
 // Plans are written from the step's own direction: in combine, out_rows[s] are the rows going back to s (received
@@ -141,7 +163,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
                               io.y_topk_weights != nullptr ? io.y_topk_weights + m * K : nullptr};
         continue;
       }
-      if (!warp_wait_arrival(st, d, int(pos / p.in_chunk[d]), deadline, 4, lane)) return;
+      if (!warp_wait_arrival(st, d, p.chunk_of(c), deadline, 4, lane)) return;
       const int64_t n = p.in_rows[d];
       const uint8_t* zone = region + kRings + d * p.zone_bytes;
       const float* scales = reinterpret_cast<const float*>(zone + ce_combine_meta_off(n, io.row_bytes));

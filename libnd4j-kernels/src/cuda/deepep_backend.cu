@@ -133,7 +133,7 @@ class DeepepBackend : public CudaBackend {
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
       if (ce_vote && !ce_veto_) {
-        fin = ce_.run_dispatch(st, plan, h->r, io, meta.bytes, peer_direct_, cfg_.num_sms, s);
+        fin = ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, s);
         fin = finish_ce(s, fin, call);
       } else {
         DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
@@ -177,7 +177,7 @@ class DeepepBackend : public CudaBackend {
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
       if (ce_vote && !ce_veto_) {
-        fin = ce_.run_combine(st, plan, h->r, io, cfg_.num_sms, s);
+        fin = ce_.run_combine(st, plan, *h, io, cfg_.num_sms, s);
         fin = finish_ce(s, fin, call);
       } else {
         DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));

@@ -82,35 +82,33 @@ cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing&
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s);
 
-// Copy-engine transfers: the rows between a pair of ranks move in at most kMaxCeChunks copy-engine copies, from the
-// sender's local staging (dispatch) or straight from y (combine) into the receiver's landing zone for that sender
-// (its region's ring area, zone_bytes per source). A copied chunk is announced by writing the step's epoch into the
-// receiver's arrivals(region, sender)[chunk]; SMs only pack, unpack and reduce locally.
+// Copy-engine transfers: a step's rows between two ranks move in a few copy-engine copies, from the sender's local
+// staging (dispatch) or straight from y (combine) into the receiver's landing zone for that sender (its region's ring
+// area, zone_bytes per source), or straight into the receiver's recv_x. Chunk j carries the rows of the sender's
+// channels [chunk_channel[j], chunk_channel[j+1]) (channels are contiguous token ranges, so every rank can tell a
+// chunk's rows from the counts it has). A landed chunk is announced by the step's epoch in the receiver's
+// arrivals(region, sender)[j]; slot kCeAllLanded announces a direct dispatch's rows and metadata all landed.
+constexpr int kCeAllLanded = kMaxCeChunks - 1;
 struct CePlan {
   int64_t zone_bytes;                    // landing zone per source in every region
-  uint8_t* staging;                      // this rank's local staging (dispatch slots / combine scales + weights)
+  uint8_t* staging;                      // this rank's local staging (dispatch rows + metadata / combine scales)
   int64_t staging_off[DEEPEP4J_MAX_RANKS];  // where the part for peer d starts in staging
   int32_t out_rows[DEEPEP4J_MAX_RANKS];  // rows this rank sends to d in this step
   int32_t in_rows[DEEPEP4J_MAX_RANKS];   // rows it receives from s
-  int32_t out_chunk[DEEPEP4J_MAX_RANKS]; // rows per chunk of those streams (see ce_chunk_rows)
-  int32_t in_chunk[DEEPEP4J_MAX_RANKS];
   int64_t first_row[DEEPEP4J_MAX_RANKS];  // combine: the first row of y going back to d
-  uint32_t* packed;                      // device [R][kMaxCeChunks]: blocks that finished packing chunk (d, j)
+  int32_t chunks;                        // <= kCeAllLanded
+  int32_t chunk_channel[kMaxCeChunks + 1];
+  uint32_t* packed;                      // device [kMaxCeChunks]: tokens of chunk j packed by the dispatch kernel
   uint32_t* epoch_word;                  // device: the step's epoch, copied into a peer's arrival word per chunk
   uint64_t direct_in;                    // dispatch: bit s set when s's rows go straight into recv_x
   int64_t largest_bytes;                 // host: the most bytes between this rank and one peer in this step
+  DEEPEP4J_HD int chunk_of(int channel) const {
+    int j = 0;
+    while (j + 1 < chunks && channel >= chunk_channel[j + 1]) ++j;
+    return j;
+  }
 };
 
-// Rows per copy-engine chunk for a stream of `rows` rows of `row_bytes`: about chunk_bytes, at most kMaxCeChunks.
-DEEPEP4J_HD inline int32_t ce_chunk_rows(int64_t rows, int64_t row_bytes, int64_t chunk_bytes) {
-  int64_t per = chunk_bytes / row_bytes;
-  if (per < 1) per = 1;
-  if ((rows + per - 1) / per > kMaxCeChunks) per = (rows + kMaxCeChunks - 1) / kMaxCeChunks;
-  return int32_t(per);
-}
-DEEPEP4J_HD inline int32_t ce_chunks(int64_t rows, int32_t chunk_rows) {
-  return int32_t((rows + chunk_rows - 1) / chunk_rows);
-}
 // Combine landing zone: [rows][scales: float per row][returned weights: K floats per row], parts 16-byte aligned.
 DEEPEP4J_HD inline int64_t ce_combine_meta_off(int64_t rows, int64_t row_bytes) {
   return DispatchSlot::align16(rows * row_bytes);
@@ -127,8 +125,8 @@ DEEPEP4J_HD inline int64_t ce_dispatch_meta_off(int64_t rows, int64_t row_bytes)
   return DispatchSlot::align16(rows * row_bytes);
 }
 
-// Dispatch: every block packs the chunks for every peer in chunk order (counting them in plan.packed), copies the
-// rank's own rows straight to the receive arrays, then unpacks the chunks that landed, waiting for their arrival.
+// Dispatch: every warp takes tokens in order, reads each row once and writes it to every destination (peers' staging,
+// or this rank's receive arrays), counting tokens per chunk in plan.packed; then the landed chunks are unpacked.
 cudaError_t launch_ce_dispatch(const Step& step, const CePlan& plan, const Routing& h, const DispatchIo& io,
                                int32_t num_sms, cudaStream_t s);
 // Combine, sending side: scales and returned weights of the rows going back to each peer, into staging.

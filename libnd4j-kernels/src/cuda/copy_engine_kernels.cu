@@ -49,27 +49,20 @@ __global__ void __launch_bounds__(kCeThreads, 1)
   DispatchIo meta_io = io;
   meta_io.row_bytes = 0;
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.epoch_word = st.epoch;  // counted with token 0 below
-  // 1. Tokens in order; each row is read once and written to every destination: a peer's staging (rows, then
-  //    metadata, in that peer's receive order) or this rank's receive arrays. Every token is counted in its chunk,
-  //    also when the step is skipped: the copy stream waits for these counts.
+  // 1. Peers' rows first, so the copy engine starts early: tokens in order, each row read once and written to the
+  //    staging of every peer it goes to (rows, then metadata, in that peer's receive order). Every token is counted
+  //    in its chunk, also when the step is skipped: the copy stream waits for these counts.
+  const uint64_t peers = ~(1ull << me);
   for (int64_t t = gw; t < h.num_tokens; t += GW) {
     const int c = int(t / h.tokens_per_channel);
-    if (!skip) {
-      const uint64_t mask = h.token_mask[t];
-      auto row_dst = [&](int d) -> uint8_t* {
-        if (d == me) return io.recv_x + (h.recv_offset[me * C + c] + h.send_pos[t * R + me]) * io.row_bytes;
-        return p.staging + p.staging_off[d] + (h.send_prefix[d * C + c] + h.send_pos[t * R + d]) * io.row_bytes;
-      };
-      for (int d = 0; d < R; ++d) {
-        if (!(mask >> d & 1ull)) continue;
-        if (d == me) {
-          copy_own_token(meta_io, h, t, h.recv_offset[me * C + c] + h.send_pos[t * R + me], me, L, lane);
-        } else {
-          uint8_t* meta = p.staging + p.staging_off[d] + ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
-          const int64_t pos = h.send_prefix[d * C + c] + h.send_pos[t * R + d];
-          write_dispatch_slot(meta + pos * mlay.bytes, mlay, meta_io, h, t, d, L, lane);
-        }
+    const uint64_t mask = skip ? 0ull : h.token_mask[t] & peers;
+    auto pos = [&](int d) { return h.send_prefix[d * C + c] + h.send_pos[t * R + d]; };
+    for (int d = 0; d < R; ++d)
+      if (mask >> d & 1ull) {
+        uint8_t* meta = p.staging + p.staging_off[d] + ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
+        write_dispatch_slot(meta + pos(d) * mlay.bytes, mlay, meta_io, h, t, d, L, lane);
       }
+    if (mask != 0) {
       constexpr int kUnroll = 8;
       const int4* src = reinterpret_cast<const int4*>(io.x + t * io.row_bytes);
       const int64_t n = io.row_bytes / 16;
@@ -80,7 +73,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
           if (i + 32 * u < n) v[u] = __ldg(src + i + 32 * u);
         for (int d = 0; d < R; ++d) {
           if (!(mask >> d & 1ull)) continue;
-          int4* dst = reinterpret_cast<int4*>(row_dst(d));
+          int4* dst = reinterpret_cast<int4*>(p.staging + p.staging_off[d] + pos(d) * io.row_bytes);
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
             if (i + 32 * u < n) dst[i + 32 * u] = v[u];
@@ -92,7 +85,13 @@ __global__ void __launch_bounds__(kCeThreads, 1)
     if (lane == 0) atomicAdd(p.packed + p.chunk_of(c), 1u);
   }
   if (skip) return;
-  // 2. Unpack what landed in the landing zones, chunk by chunk in the order the copies were queued; from sources that
+  // 2. Own rows, while the copy engines move the peers' rows: straight from x into the receive arrays.
+  for (int64_t t = gw; t < h.num_tokens; t += GW)
+    if (h.token_mask[t] >> me & 1ull) {
+      const int c = int(t / h.tokens_per_channel);
+      copy_own_token(io, h, t, h.recv_offset[me * C + c] + h.send_pos[t * R + me], me, L, lane);
+    }
+  // 3. Unpack what landed in the landing zones, chunk by chunk in the order the copies were queued; from sources that
   //    wrote rows straight into recv_x only the metadata, once everything landed.
   uint8_t* region = st.peers.region[me];
   for (int j = 0; j < p.chunks; ++j)

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 
 #include "cuda/cuda_util.h"
@@ -61,6 +62,10 @@ const char* transfer_name(Transfer t) {
 CopyEngine::~CopyEngine() {
   if (stream_) cudaStreamSynchronize(stream_), cudaStreamDestroy(stream_);
   if (reset_done_) cudaEventDestroy(reset_done_);
+  for (cudaEvent_t e : {kernel_begin_, kernel_end_, copies_begin_})
+    if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : chunk_end_)
+    if (e) cudaEventDestroy(e);
   if (packed_) cudaFree(packed_);
   if (staging_) cudaFree(staging_);
 }
@@ -73,6 +78,11 @@ int CopyEngine::init(int32_t num_ranks) {
   DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(preload_ce_kernels());
   if (const char* v = std::getenv("DEEPEP4J_CE_CHUNKS")) chunks_ = std::max(1, std::atoi(v));
+  if (const char* v = std::getenv("DEEPEP4J_CUDA_TRACE")) trace_ = std::strcmp(v, "1") == 0;
+  if (trace_) {
+    for (cudaEvent_t* e : {&kernel_begin_, &kernel_end_, &copies_begin_}) DEEPEP4J_CUDA_TRY(cudaEventCreate(e));
+    for (cudaEvent_t& e : chunk_end_) DEEPEP4J_CUDA_TRY(cudaEventCreate(&e));
+  }
 
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found{};
@@ -226,12 +236,15 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& 
   DEEPEP4J_CUDA_TRY(cudaMemsetAsync(packed_, 0, sizeof(uint32_t) * kMaxCeChunks, stream_));
   DEEPEP4J_CUDA_TRY(cudaEventRecord(reset_done_, stream_));
   DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(s, reset_done_, 0));
+  if (trace_) cudaEventRecord(kernel_begin_, s), cudaEventRecord(copies_begin_, stream_), traced_chunks_ = 0;
   DEEPEP4J_CUDA_TRY(launch_ce_dispatch(st, p, h.r, io, num_sms, s));
+  if (trace_) cudaEventRecord(kernel_end_, s);
   const int64_t N = h.num_tokens, per_channel = h.r.tokens_per_channel;
   for (int j = 0; j < p.chunks; ++j) {
     const int64_t tokens = std::min(N, p.chunk_channel[j + 1] * per_channel) - std::min(N, p.chunk_channel[j] * per_channel);
     if (tokens == 0) continue;  // no rows for anyone
     if (int err = wait_packed(packed_ + j, uint32_t(tokens))) return err;
+    int64_t bytes = 0;
     for (int d = 0; d < R_; ++d) {
       if (d == me) continue;
       int64_t lo = 0, hi = 0;
@@ -242,12 +255,14 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& 
       uint8_t* row_dst = direct[d] != 0 ? reinterpret_cast<uint8_t*>(direct[d]) : zone;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(row_dst + lo * io.row_bytes, src + lo * io.row_bytes,
                                         size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
+      bytes += (hi - lo) * io.row_bytes;
       if (direct[d] != 0) continue;  // its metadata goes once, after the last chunk
       const int64_t meta_off = ce_dispatch_meta_off(p.out_rows[d], io.row_bytes) + lo * meta_bytes;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + meta_off, src + meta_off, size_t((hi - lo) * meta_bytes),
                                         cudaMemcpyDeviceToDevice, stream_));
       if (int err = signal(st, d, j)) return err;
     }
+    trace_chunk(j, bytes);
   }
   for (int d = 0; d < R_; ++d) {
     if (d == me || direct[d] == 0 || p.out_rows[d] == 0) continue;
@@ -264,8 +279,10 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h
                             int32_t num_sms, cudaStream_t s) {
   const int me = st.rank, C = h.r.channels, K = h.num_topk;
   // y and the weights were ready when the step's barrier finished (the host waited for `s` there).
+  if (trace_) cudaEventRecord(kernel_begin_, s), cudaEventRecord(copies_begin_, stream_), traced_chunks_ = 0;
   DEEPEP4J_CUDA_TRY(launch_ce_combine_meta(st, p, h.r, io, stream_));
   DEEPEP4J_CUDA_TRY(launch_ce_combine(st, p, h.r, io, num_sms, s));
+  if (trace_) cudaEventRecord(kernel_end_, s);
   for (int d = 0; d < R_; ++d) {
     if (d == me || p.out_rows[d] == 0) continue;
     uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
@@ -273,7 +290,8 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h
                                       p.staging + p.staging_off[d], size_t(ce_combine_meta_bytes(p.out_rows[d], K)),
                                       cudaMemcpyDeviceToDevice, stream_));
   }
-  for (int j = 0; j < p.chunks; ++j)
+  for (int j = 0; j < p.chunks; ++j) {
+    int64_t bytes = 0;
     for (int d = 0; d < R_; ++d) {
       if (d == me) continue;
       int64_t lo = 0, hi = 0;  // rows going back to d = rows received from d, in d's channel order
@@ -282,9 +300,41 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h
       uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * io.row_bytes, io.y + (p.first_row[d] + lo) * io.row_bytes,
                                         size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
+      bytes += (hi - lo) * io.row_bytes;
       if (int err = signal(st, d, j)) return err;
     }
+    trace_chunk(j, bytes);
+  }
   return DEEPEP4J_OK;
+}
+
+void CopyEngine::trace_chunk(int j, int64_t bytes) {
+  if (!trace_ || bytes == 0) return;
+  (void)j;
+  cudaEventRecord(chunk_end_[traced_chunks_], stream_);
+  chunk_bytes_[traced_chunks_++] = bytes;
+}
+
+void CopyEngine::print_trace(const char* call, int32_t rank, double barrier_us, double enqueue_us, double total_us) {
+  if (!trace_) return;
+  auto since = [&](cudaEvent_t a, cudaEvent_t b) {
+    float ms = 0;
+    return cudaEventElapsedTime(&ms, a, b) == cudaSuccess ? double(ms) * 1e3 : -1.0;
+  };
+  char line[1024];
+  int n = std::snprintf(line, sizeof(line),
+                        "deepep4j trace: %s rank %d copy_engine: call %.1f us = barrier+sync %.1f, enqueue %.1f, "
+                        "rest %.1f; kernel %.1f us; copies (end after kernel start, MB, GB/s):",
+                        call, rank, total_us, barrier_us, enqueue_us, total_us - barrier_us - enqueue_us,
+                        since(kernel_begin_, kernel_end_));
+  double prev = since(kernel_begin_, copies_begin_);
+  for (int j = 0; j < traced_chunks_ && n < int(sizeof(line)) - 64; ++j) {
+    const double end = since(kernel_begin_, chunk_end_[j]);
+    n += std::snprintf(line + n, sizeof(line) - size_t(n), " %.1f (%.1f, %.0f)", end, double(chunk_bytes_[j]) / 1e6,
+                       double(chunk_bytes_[j]) / ((end - prev) * 1e3));
+    prev = end;
+  }
+  std::fprintf(stderr, "%s\n", line);
 }
 
 }  // namespace cuda

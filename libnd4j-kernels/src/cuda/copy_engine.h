@@ -53,6 +53,11 @@ class CopyEngine {
   int run_combine(const Step& st, const CePlan& plan, const CudaHandle& h, const CombineIo& io, int32_t num_sms,
                   cudaStream_t s);
 
+  // DEEPEP4J_CUDA_TRACE=1: after a finished step, one line on stderr with where its time went (host phases given by
+  // the caller; kernel and every copy-engine chunk from CUDA events), so a slow step shows what bounds it.
+  bool tracing() const { return trace_; }
+  void print_trace(const char* call, int32_t rank, double barrier_us, double enqueue_us, double total_us);
+
  private:
   Check grow_staging(int64_t bytes);
   void plan_chunks(const CudaHandle& h, CePlan* p) const;
@@ -70,6 +75,12 @@ class CopyEngine {
   void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32
   void* get_attribute_ = nullptr;  // the driver's cuPointerGetAttribute
   std::string unavailable_;
+  void trace_chunk(int j, int64_t bytes);
+  bool trace_ = false;
+  cudaEvent_t kernel_begin_ = nullptr, kernel_end_ = nullptr, copies_begin_ = nullptr;
+  cudaEvent_t chunk_end_[kMaxCeChunks + 1] = {};
+  int64_t chunk_bytes_[kMaxCeChunks + 1] = {};
+  int traced_chunks_ = 0;
 };
 
 }  // namespace cuda

@@ -2,6 +2,7 @@
 // process, CUDA IPC across processes); notify, dispatch and combine move everything through it with the ring kernels.
 #include <unistd.h>
 
+#include <chrono>
 #include <cinttypes>
 #include <cstring>
 #include <mutex>
@@ -18,6 +19,11 @@ namespace cuda {
 namespace {
 
 // Peer access is per (device, peer) for the whole process; ranks of one process share it, so enable it once.
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 int enable_peer_access(int device, int peer) {
   static std::mutex mu;
   static std::set<std::pair<int, int>> enabled;
@@ -128,13 +134,17 @@ class DeepepBackend : public CudaBackend {
       }
     }
     Step st = step(++epoch_);
+    const int64_t t0 = now_us();
     // The barrier finishes before the data kernels are queued: see exchange_counts.
     DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0, &direct));
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
       if (ce_vote && !ce_veto_) {
+        const int64_t t1 = now_us();
         fin = ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, s);
+        const int64_t t2 = now_us();
         fin = finish_ce(s, fin, call);
+        if (fin == DEEPEP4J_OK) ce_.print_trace(call, rank_, double(t1 - t0), double(t2 - t1), double(now_us() - t0));
       } else {
         DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
         fin = finish_step(s, call);
@@ -172,13 +182,17 @@ class DeepepBackend : public CudaBackend {
         check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan,
                                 &check);
     Step st = step(++epoch_);
+    const int64_t t0 = now_us();
     // The barrier finishes before the data kernels are queued: see exchange_counts.
     DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0));
     int fin = finish_step(s, call);
     if (check.ok() && fin == DEEPEP4J_OK) {
       if (ce_vote && !ce_veto_) {
+        const int64_t t1 = now_us();
         fin = ce_.run_combine(st, plan, *h, io, cfg_.num_sms, s);
+        const int64_t t2 = now_us();
         fin = finish_ce(s, fin, call);
+        if (fin == DEEPEP4J_OK) ce_.print_trace(call, rank_, double(t1 - t0), double(t2 - t1), double(now_us() - t0));
       } else {
         DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
         fin = finish_step(s, call);

@@ -61,7 +61,7 @@ const char* transfer_name(Transfer t) {
 
 CopyEngine::~CopyEngine() {
   if (stream_) cudaStreamSynchronize(stream_), cudaStreamDestroy(stream_);
-  if (handoff_) cudaEventDestroy(handoff_);
+  if (reset_done_) cudaEventDestroy(reset_done_);
   for (cudaEvent_t e : {kernel_begin_, kernel_end_, copies_begin_})
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : chunk_end_)
@@ -73,7 +73,7 @@ CopyEngine::~CopyEngine() {
 int CopyEngine::init(int32_t num_ranks) {
   R_ = num_ranks;
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&handoff_, cudaEventDisableTiming));
+  DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&reset_done_, cudaEventDisableTiming));
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(preload_ce_kernels());
@@ -121,7 +121,6 @@ Check CopyEngine::grow_staging(int64_t bytes) {
                        "DEEPEP4J_CUDA_TRANSFER=sm",
                        bytes);
   }
-  cudaStreamSynchronize(stream_);  // rare; afterwards every stream may use the new staging
   staging_bytes_ = bytes;
   return Check{};
 }
@@ -142,20 +141,9 @@ Check zone_fails(int64_t need, int64_t zone_bytes, int peer, const char* what) {
 }  // namespace
 
 void CopyEngine::plan_chunks(const CudaHandle& h, CePlan* p) const {
-  // The first and the last chunk are short (C / 2k channels): the copies start after little packing, and little is
-  // left to unpack or reduce after the last copy lands. The chunks between share the other channels evenly.
-  const int C = h.r.channels, k = std::max(1, std::min({C, chunks_, kCeAllLanded}));
-  p->chunks = k;
-  p->chunk_channel[0] = 0;
-  p->chunk_channel[k] = C;
-  if (k < 3) {
-    for (int j = 1; j < k; ++j) p->chunk_channel[j] = int32_t(int64_t(j) * C / k);
-    return;
-  }
-  const int edge = std::max(1, C / (2 * k));
-  p->chunk_channel[1] = edge;
-  p->chunk_channel[k - 1] = C - edge;
-  for (int j = 2; j < k - 1; ++j) p->chunk_channel[j] = edge + int32_t(int64_t(j - 1) * (C - 2 * edge) / (k - 2));
+  const int C = h.r.channels;
+  p->chunks = std::max(1, std::min({C, chunks_, kCeAllLanded}));
+  for (int j = 0; j <= p->chunks; ++j) p->chunk_channel[j] = int32_t(int64_t(j) * C / p->chunks);
 }
 
 Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_bytes, const DispatchSlot& meta,
@@ -246,8 +234,8 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& 
   const int me = st.rank, C = h.r.channels;
   // Counters back to zero before the kernel counts into them; the copy stream only reads them after this.
   DEEPEP4J_CUDA_TRY(cudaMemsetAsync(packed_, 0, sizeof(uint32_t) * kMaxCeChunks, stream_));
-  DEEPEP4J_CUDA_TRY(cudaEventRecord(handoff_, stream_));
-  DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(s, handoff_, 0));
+  DEEPEP4J_CUDA_TRY(cudaEventRecord(reset_done_, stream_));
+  DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(s, reset_done_, 0));
   if (trace_) cudaEventRecord(kernel_begin_, s), cudaEventRecord(copies_begin_, stream_), traced_chunks_ = 0;
   DEEPEP4J_CUDA_TRY(launch_ce_dispatch(st, p, h.r, io, num_sms, s));
   if (trace_) cudaEventRecord(kernel_end_, s);
@@ -290,13 +278,18 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& 
 int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h, const CombineIo& io,
                             int32_t num_sms, cudaStream_t s) {
   const int me = st.rank, C = h.r.channels, K = h.num_topk;
-  // y and the weights were ready when the step's barrier finished (the host waited for `s` there). The scales are
-  // computed on `s` while chunk 0's rows are already being copied; they go before chunk 0's arrival word.
+  // y and the weights were ready when the step's barrier finished (the host waited for `s` there).
   if (trace_) cudaEventRecord(kernel_begin_, s), cudaEventRecord(copies_begin_, stream_), traced_chunks_ = 0;
-  DEEPEP4J_CUDA_TRY(launch_ce_combine_meta(st, p, h.r, io, s));
-  DEEPEP4J_CUDA_TRY(cudaEventRecord(handoff_, s));
+  DEEPEP4J_CUDA_TRY(launch_ce_combine_meta(st, p, h.r, io, stream_));
   DEEPEP4J_CUDA_TRY(launch_ce_combine(st, p, h.r, io, num_sms, s));
   if (trace_) cudaEventRecord(kernel_end_, s);
+  for (int d = 0; d < R_; ++d) {
+    if (d == me || p.out_rows[d] == 0) continue;
+    uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + ce_combine_meta_off(p.out_rows[d], io.row_bytes),
+                                      p.staging + p.staging_off[d], size_t(ce_combine_meta_bytes(p.out_rows[d], K)),
+                                      cudaMemcpyDeviceToDevice, stream_));
+  }
   for (int j = 0; j < p.chunks; ++j) {
     int64_t bytes = 0;
     for (int d = 0; d < R_; ++d) {
@@ -308,24 +301,7 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * io.row_bytes, io.y + (p.first_row[d] + lo) * io.row_bytes,
                                         size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
       bytes += (hi - lo) * io.row_bytes;
-    }
-    if (j == 0) {  // every peer's scales and weights, before the first arrival word
-      DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(stream_, handoff_, 0));
-      for (int d = 0; d < R_; ++d) {
-        if (d == me || p.out_rows[d] == 0) continue;
-        uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
-        DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + ce_combine_meta_off(p.out_rows[d], io.row_bytes),
-                                          p.staging + p.staging_off[d],
-                                          size_t(ce_combine_meta_bytes(p.out_rows[d], K)), cudaMemcpyDeviceToDevice,
-                                          stream_));
-      }
-    }
-    for (int d = 0; d < R_; ++d) {
-      if (d == me) continue;
-      int64_t lo = 0, hi = 0;
-      chunk_rows(p, h.recv_counts_host.data() + size_t(d) * C, j, &lo, &hi);
-      if (hi > lo)
-        if (int err = signal(st, d, j)) return err;
+      if (int err = signal(st, d, j)) return err;
     }
     trace_chunk(j, bytes);
   }

@@ -67,7 +67,7 @@ class CopyEngine {
 
   int32_t R_ = 0;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t handoff_ = nullptr;  // orders work of one stream after the other's inside a step
+  cudaEvent_t reset_done_ = nullptr;
   uint32_t* packed_ = nullptr;  // device [kMaxCeChunks] token counts, then the epoch word
   int chunks_ = 4;  // DEEPEP4J_CE_CHUNKS: copies per peer and step (channel groups); ~16 MiB each at 4096 tokens
   uint8_t* staging_ = nullptr;

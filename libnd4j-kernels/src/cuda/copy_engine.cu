@@ -60,19 +60,27 @@ const char* transfer_name(Transfer t) {
 }
 
 CopyEngine::~CopyEngine() {
+  if (stream_ && staging_) cudaFreeAsync(staging_, stream_);
   if (stream_) cudaStreamSynchronize(stream_), cudaStreamDestroy(stream_);
+  if (pool_) cudaMemPoolDestroy(pool_);
   if (reset_done_) cudaEventDestroy(reset_done_);
   for (cudaEvent_t e : {kernel_begin_, kernel_end_, copies_begin_})
     if (e) cudaEventDestroy(e);
   for (cudaEvent_t e : chunk_end_)
     if (e) cudaEventDestroy(e);
   if (packed_) cudaFree(packed_);
-  if (staging_) cudaFree(staging_);
 }
 
 int CopyEngine::init(int32_t num_ranks) {
   R_ = num_ranks;
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  int device = 0;
+  DEEPEP4J_CUDA_TRY(cudaGetDevice(&device));
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  DEEPEP4J_CUDA_TRY(cudaMemPoolCreate(&pool_, &props));
   DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&reset_done_, cudaEventDisableTiming));
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks + 1)));
@@ -110,10 +118,11 @@ int CopyEngine::init(int32_t num_ranks) {
 
 Check CopyEngine::grow_staging(int64_t bytes) {
   if (bytes <= staging_bytes_) return Check{};
-  // Stream-ordered on the (idle) copy stream: cudaMalloc/cudaFree may wait for the whole device, including the
-  // spinning barrier of another rank on the same GPU that waits for us.
+  // Stream-ordered on the (idle) copy stream, from a pool of our own: cudaMalloc/cudaFree may wait for the whole
+  // device, and growing a pool that other devices may access (the default one can be) maps memory on them, which can
+  // wait for a spinning kernel of another rank there, that waits for us.
   if (staging_) cudaFreeAsync(staging_, stream_), staging_ = nullptr, staging_bytes_ = 0;
-  if (cudaMallocAsync(reinterpret_cast<void**>(&staging_), size_t(bytes), stream_) != cudaSuccess) {
+  if (cudaMallocFromPoolAsync(reinterpret_cast<void**>(&staging_), size_t(bytes), pool_, stream_) != cudaSuccess) {
     cudaGetLastError();
     staging_ = nullptr;
     return Check::fail(DEEPEP4J_ERR_OUT_OF_MEMORY,

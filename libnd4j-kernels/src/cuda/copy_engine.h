@@ -70,6 +70,7 @@ class CopyEngine {
   cudaEvent_t reset_done_ = nullptr;
   uint32_t* packed_ = nullptr;  // device [kMaxCeChunks] token counts, then the epoch word
   int chunks_ = 4;  // DEEPEP4J_CE_CHUNKS: copies per peer and step (channel groups); ~16 MiB each at 4096 tokens
+  cudaMemPool_t pool_ = nullptr;  // staging only: no other device maps it
   uint8_t* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
   void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32

@@ -55,10 +55,6 @@ Check transfer_from_env(Transfer* out) {
   return Check{};
 }
 
-const char* transfer_name(Transfer t) {
-  return t == Transfer::kSm ? "sm" : t == Transfer::kCopyEngine ? "copy_engine" : "auto";
-}
-
 CopyEngine::~CopyEngine() {
   if (stream_ && staging_) cudaFreeAsync(staging_, stream_);
   if (stream_) cudaStreamSynchronize(stream_), cudaStreamDestroy(stream_);

@@ -24,7 +24,6 @@ enum class Transfer {
 };
 // Reads DEEPEP4J_CUDA_TRANSFER (auto when unset); a value that is none of auto, sm, copy_engine is an error.
 Check transfer_from_env(Transfer* out);
-const char* transfer_name(Transfer t);
 
 class CopyEngine {
  public:
@@ -55,7 +54,6 @@ class CopyEngine {
 
   // DEEPEP4J_CUDA_TRACE=1: after a finished step, one line on stderr with where its time went (host phases given by
   // the caller; kernel and every copy-engine chunk from CUDA events), so a slow step shows what bounds it.
-  bool tracing() const { return trace_; }
   void print_trace(const char* call, int32_t rank, double barrier_us, double enqueue_us, double total_us);
 
  private:

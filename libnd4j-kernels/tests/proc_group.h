@@ -56,9 +56,10 @@ constexpr int kChildTimedOut = 124;
 
 // Forks R ranks. body(rank, connected buffer) runs in the child and returns its exit code (0 = as expected; the number
 // of failed CHECKs is added). Returns each child's exit code, kChildTimedOut if it had to be killed after deadline_ms,
-// or 128 + signal if it died of a signal.
+// or 128 + signal if it died of a signal. With devices > 0 (CUDA ranks) rank r uses device r % devices.
 inline std::vector<int> run_processes(int32_t R, const deepep4j_config& cfg,
-                                      const std::function<int(int32_t, deepep4j_buffer*)>& body, int deadline_ms) {
+                                      const std::function<int(int32_t, deepep4j_buffer*)>& body, int deadline_ms,
+                                      int devices = 0) {
   std::fflush(stdout);
   std::fflush(stderr);
   const int64_t deadline = now_ms() + deadline_ms;
@@ -80,7 +81,9 @@ inline std::vector<int> run_processes(int32_t R, const deepep4j_config& cfg,
         deepep4j_buffer* b = nullptr;
         uint8_t blob[DEEPEP4J_MAX_BLOB_BYTES];
         size_t len = 0;
-        REQUIRE_OK(deepep4j_buffer_create(r, R, &cfg, &b));
+        deepep4j_config own = cfg;
+        if (devices > 0) own.device_id = r % devices;
+        REQUIRE_OK(deepep4j_buffer_create(r, R, &own, &b));
         REQUIRE_OK(deepep4j_buffer_export(b, blob, sizeof(blob), &len));
         uint32_t len32 = uint32_t(len);
         REQUIRE(write_full(u[1], &len32, 4) && write_full(u[1], blob, len));

@@ -1,7 +1,7 @@
 // test_gpu_cross_process.cpp — one process per rank: regions are shared with CUDA IPC handles carried in the blobs.
 // Each child runs its rank on its own device and checks its results against the reference.
 #include "gpu_group.h"
-#include "gpu_procs.h"
+#include "proc_group.h"
 
 namespace {
 
@@ -12,8 +12,8 @@ void cross_process(int32_t backend, int32_t R, int32_t dtype, int64_t hidden) {
   deepep4j_config cfg = gpu::cuda_config(s, backend, 8, 4, 4);
   std::vector<int64_t> tokens;
   for (int32_t r = 0; r < R; ++r) tokens.push_back(120 + 13 * r);
-  std::vector<int> codes = gpuproc::run_processes(
-      R, cfg, devices,
+  std::vector<int> codes = proc::run_processes(
+      R, cfg,
       [&](int32_t r, deepep4j_buffer* b) {
         std::vector<ref::RankInput> in = ep::make_inputs(s, tokens, 41);
         for (int step = 0; step < 2; ++step) {
@@ -28,7 +28,7 @@ void cross_process(int32_t backend, int32_t R, int32_t dtype, int64_t hidden) {
         }
         return 0;
       },
-      120000);
+      120000, devices);
   for (int32_t r = 0; r < R; ++r)
     CHECK_MSG(codes[size_t(r)] == 0, "%s: rank %d exited with %d", gpu::backend_name(backend), r, codes[size_t(r)]);
 }

@@ -4,7 +4,7 @@
 #include <chrono>
 
 #include "gpu_group.h"
-#include "gpu_procs.h"
+#include "proc_group.h"
 
 namespace {
 
@@ -80,8 +80,8 @@ TEST(deepep_peer_process_exits) {
   ref::Shape s = small_shape();
   const int devices = gpu::device_count_forked();
   deepep4j_config cfg = gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 4, 2, 4, kTimeoutMs);
-  std::vector<int> codes = gpuproc::run_processes(
-      2, cfg, devices,
+  std::vector<int> codes = proc::run_processes(
+      2, cfg,
       [&](int32_t r, deepep4j_buffer* b) {
         std::vector<ref::RankInput> in = inputs(s);
         if (r == 1) {
@@ -90,7 +90,7 @@ TEST(deepep_peer_process_exits) {
         }
         return survivor(b, r % devices, s, in[0], "deepep process");
       },
-      60000);
+      60000, devices);
   CHECK_MSG(codes[0] == 0, "survivor exited with %d", codes[0]);
   CHECK_MSG(codes[1] == 0, "quiet rank exited with %d", codes[1]);
 }

@@ -47,8 +47,9 @@ public final class Trainer {
 
     /**
      * The model: one MoE layer ({@code --experts} SwiGLU experts of width {@code --expert-hidden}, softmax router,
-     * top-{@code --top-k}, each chosen expert weighted by its router probability) mapping a token to its prediction,
-     * scored by mean squared error; Adam with {@code --lr}, weights seeded by {@code --seed}.
+     * top-{@code --top-k}) mapping a token to its prediction, scored by mean squared error; Adam with {@code --lr},
+     * weights seeded by {@code --seed}. The chosen experts' router probabilities are renormalised to sum 1 when k > 1;
+     * with k = 1 the weight stays the probability itself, so the router still learns from the loss.
      */
     public static MultiLayerConfiguration network(Options o) {
         return new NeuralNetConfiguration.Builder()
@@ -58,7 +59,7 @@ public final class Trainer {
                 .updater(new Adam(o.learningRate))
                 .list()
                 .layer(new MoELayer.Builder().numExperts(o.experts).topK(o.topK).ffnSize(o.expertHidden)
-                        .normalizeTopK(false).auxLossCoefficient(AUX_LOSS).build())
+                        .normalizeTopK(o.topK > 1).auxLossCoefficient(AUX_LOSS).build())
                 .layer(new LossLayer.Builder(LossFunctions.LossFunction.MSE).activation(Activation.IDENTITY).build())
                 .setInputType(InputType.feedForward(o.hidden))
                 .build();

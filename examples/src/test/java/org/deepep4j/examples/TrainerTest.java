@@ -64,6 +64,18 @@ class TrainerTest {
         assertTrue(printed.contains("Per-phase time"), printed);
     }
 
+    @Test
+    void alltoallOnTheCpuFailsWithTheEnginesReason() {
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        ByteArrayOutputStream err = new ByteArrayOutputStream();
+        int code = Main.run(new String[] {"--dispatch", "alltoall", "--epochs", "1", "--steps", "1", "--tokens", "8"},
+                new PrintStream(out, true, StandardCharsets.UTF_8), new PrintStream(err, true, StandardCharsets.UTF_8));
+        String printed = err.toString(StandardCharsets.UTF_8);
+        assertEquals(1, code, out.toString(StandardCharsets.UTF_8) + printed);
+        assertTrue(printed.contains("training failed") && printed.contains("alltoall")
+                && printed.contains("DEEPEP4J_DEVICE_CUDA"), printed);
+    }
+
     /**
      * What the routers chose for each expert (the recorded routing, counted where the tokens live) equals what dispatch
      * delivered to it (counted where the expert lives).

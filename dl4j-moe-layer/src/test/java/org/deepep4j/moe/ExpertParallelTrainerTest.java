@@ -70,6 +70,52 @@ class ExpertParallelTrainerTest {
     }
 
     @Test
+    void rankListenersSeeEachRanksRoutingAndReceivedRows() {
+        int ranks = 2;
+        int experts = 4;
+        int local = experts / ranks;
+        List<List<int[]>> chosen = new java.util.ArrayList<>();
+        List<List<int[]>> received = new java.util.ArrayList<>();
+        Thread[] threads = new Thread[ranks];
+        for (int r = 0; r < ranks; r++) {
+            chosen.add(new java.util.ArrayList<>());
+            received.add(new java.util.ArrayList<>());
+        }
+        ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(ranks)
+                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe()))
+                .iterator(new ListDataSetIterator<>(data(), 8)).epochs(2)
+                .rankListeners(rank -> {
+                    threads[rank] = Thread.currentThread();
+                    return List.of(new org.deeplearning4j.optimize.api.BaseTrainingListener() {
+                        @Override
+                        public void iterationDone(org.deeplearning4j.nn.api.Model model, int iteration, int epoch) {
+                            assertEquals(threads[rank], Thread.currentThread());
+                            org.deepep4j.moe.layers.MoELayerImpl moe = (org.deepep4j.moe.layers.MoELayerImpl)
+                                    ((MultiLayerNetwork) model).getLayer(1);
+                            chosen.get(rank).add(moe.lastLoad());
+                            received.get(rank).add(moe.lastReceived());
+                        }
+                    });
+                })
+                .build();
+        t.fit();
+        int steps = EXAMPLES / 8 / ranks * 2;
+        for (int r = 0; r < ranks; r++) {
+            assertEquals(steps, chosen.get(r).size(), "iterations seen by rank " + r);
+            assertEquals(steps, received.get(r).size(), "iterations seen by rank " + r);
+        }
+        for (int s = 0; s < steps; s++) {
+            for (int e = 0; e < experts; e++) {
+                int sent = 0;
+                for (int r = 0; r < ranks; r++) {
+                    sent += chosen.get(r).get(s)[e];
+                }
+                assertEquals(sent, received.get(e / local).get(s)[e % local], "step " + s + " expert " + e);
+            }
+        }
+    }
+
+    @Test
     void badTrainerSettingsAreRejected() {
         MultiLayerConfiguration conf = Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe());
         IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,

@@ -12,7 +12,10 @@ import java.util.Arrays;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
 
-/** End to end over real in-process ranks: deepep4j's dispatch and combine move every token of the training. */
+/**
+ * End to end over real in-process ranks: the MoELayer, trained by the ExpertParallelTrainer, moves every token through
+ * deepep4j's dispatch and combine.
+ */
 class TrainerTest {
     @Test
     void lossFallsAndDispatchDeliversExactlyWhatTheRouterChose() throws Exception {
@@ -30,8 +33,9 @@ class TrainerTest {
         assertTrue(printed.contains("epoch 3/3  loss"), printed);
         assertTrue(printed.contains("18/18 steps"), printed);
         assertTrue(r.phaseNanos().keySet().containsAll(
-                java.util.List.of("route", "dispatch", "experts", "combine", "backward dispatch", "backward combine")),
+                java.util.List.of("routing", "dispatch", "expert compute", "combine", "rest of step")),
                 r.phaseNanos().toString());
+        assertTrue(r.phaseNanos().get("expert compute") > 0, r.phaseNanos().toString());
     }
 
     @Test
@@ -60,7 +64,22 @@ class TrainerTest {
         assertTrue(printed.contains("Per-phase time"), printed);
     }
 
-    /** What the routers chose for each expert (counted where the tokens live) equals what dispatch delivered to it. */
+    @Test
+    void alltoallOnTheCpuFailsWithTheEnginesReason() {
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        ByteArrayOutputStream err = new ByteArrayOutputStream();
+        int code = Main.run(new String[] {"--dispatch", "alltoall", "--epochs", "1", "--steps", "1", "--tokens", "8"},
+                new PrintStream(out, true, StandardCharsets.UTF_8), new PrintStream(err, true, StandardCharsets.UTF_8));
+        String printed = err.toString(StandardCharsets.UTF_8);
+        assertEquals(1, code, out.toString(StandardCharsets.UTF_8) + printed);
+        assertTrue(printed.contains("training failed") && printed.contains("alltoall")
+                && printed.contains("DEEPEP4J_DEVICE_CUDA"), printed);
+    }
+
+    /**
+     * What the routers chose for each expert (the recorded routing, counted where the tokens live) equals what dispatch
+     * delivered to it (counted where the expert lives).
+     */
     private static long checkDeliveredEqualsChosen(Options o, TrainingResult r) {
         long assignments = 0;
         for (int e = 0; e < o.experts; e++) {

@@ -39,6 +39,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     private transient Forward cache;
     private transient double lastAuxLoss;
     private transient int[] lastLoad;
+    private transient int[] lastReceived;
     private transient RoutingMode routingMode = RoutingMode.NORMAL;
     private transient INDArray recordedRouting;
     private transient PhaseTimes times = new PhaseTimes();
@@ -115,6 +116,11 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return lastLoad == null ? null : lastLoad.clone();
     }
 
+    /** Rows this rank received per local expert (global id {@link #firstExpert()} + j) in the last forward. */
+    public int[] lastReceived() {
+        return lastReceived == null ? null : lastReceived.clone();
+    }
+
     @Override
     public Type type() {
         return Type.FEED_FORWARD;
@@ -165,6 +171,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         long t1 = System.nanoTime();
         f.dispatched = ex.dispatch(x, f.router.topkIdxArray(), f.router.weightsArray(), c.getNumExperts());
         long t2 = System.nanoTime();
+        lastReceived = f.dispatched.recvTokensPerExpert;
         f.experts = new LocalExperts(f.dispatched.recvX, f.dispatched.recvTopkIdx, f.dispatched.recvTopkWeights,
                 expertParams(false));
         long t3 = System.nanoTime();

@@ -44,6 +44,7 @@ public final class ExpertParallelTrainer {
     private final DataSetIterator iterator;
     private final int epochs;
     private final List<TrainingListener> listeners;
+    private final IntFunction<List<TrainingListener>> rankListeners;
     private final IntFunction<ExpertExchange> exchanges;
     private final Duration timeout;
     private final MultiLayerNetwork[] replicas;
@@ -58,6 +59,7 @@ public final class ExpertParallelTrainer {
         this.iterator = b.iterator;
         this.epochs = b.epochs;
         this.listeners = b.listeners;
+        this.rankListeners = b.rankListeners;
         this.timeout = b.timeout;
         if (b.exchanges != null) {
             this.exchanges = b.exchanges;
@@ -152,6 +154,9 @@ public final class ExpertParallelTrainer {
         if (PhaseTimingListener.enabledByEnvironment()) {
             ls.add(new PhaseTimingListener("rank " + rank + " "));
         }
+        if (rankListeners != null) {
+            ls.addAll(rankListeners.apply(rank));
+        }
         if (rank == 0) {
             ls.addAll(listeners);
         }
@@ -215,6 +220,7 @@ public final class ExpertParallelTrainer {
         private DataSetIterator iterator;
         private int epochs = 1;
         private List<TrainingListener> listeners = new ArrayList<>();
+        private IntFunction<List<TrainingListener>> rankListeners;
         private IntFunction<ExpertExchange> exchanges;
         private Duration timeout = Duration.ofSeconds(120);
         private org.deepep4j.EpGroup processGroup;
@@ -227,6 +233,12 @@ public final class ExpertParallelTrainer {
         public Builder epochs(int epochs) { this.epochs = epochs; return this; }
         /** Listeners of rank 0's replica. */
         public Builder listeners(TrainingListener... l) { this.listeners = new ArrayList<>(Arrays.asList(l)); return this; }
+        /**
+         * Listeners of every rank's replica: {@code perRank} is called once per rank, on the rank's thread after its
+         * exchange is made, and the listeners run on that thread after the gradients are averaged (so
+         * {@code iterationDone} sees the rank's own score, routing and phase times of that step).
+         */
+        public Builder rankListeners(IntFunction<List<TrainingListener>> perRank) { this.rankListeners = perRank; return this; }
         /**
          * Where each rank's exchange comes from; called once on the rank's own thread (creating a native EpBuffer is
          * collective). Default: an {@link InProcessExchangeGroup}.

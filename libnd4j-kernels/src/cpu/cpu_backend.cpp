@@ -96,7 +96,26 @@ const char* step_name(int kind) {
   }
 }
 
-// acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row.
+// acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row. One straight
+// loop per (dtype, first) so the compiler vectorises it; the bf16 loops also get an AVX2 clone (chosen at load time),
+// which has no FMA, so the sums round exactly as the reference does.
+template <class ToFloat>
+inline void add_half_row(float* acc, const uint16_t* r, int64_t h, float scale, bool first, ToFloat to_float) {
+  if (first)
+    for (int64_t i = 0; i < h; ++i) acc[i] = scale * to_float(r[i]);
+  else
+    for (int64_t i = 0; i < h; ++i) acc[i] += scale * to_float(r[i]);
+}
+
+__attribute__((target_clones("avx2", "default"))) void add_bf16_row(float* acc, const uint16_t* r, int64_t h,
+                                                                    float scale, bool first) {
+  add_half_row(acc, r, h, scale, first, [](uint16_t v) { return bf16_to_float(v); });
+}
+
+__attribute__((target_clones("avx2", "default"))) void store_bf16_row(uint16_t* o, const float* acc, int64_t h) {
+  for (int64_t i = 0; i < h; ++i) o[i] = float_to_bf16(acc[i]);
+}
+
 void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float scale, bool first) {
   if (dtype == DEEPEP4J_FLOAT32) {
     const float* r = reinterpret_cast<const float*>(row);
@@ -104,20 +123,18 @@ void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float sca
       for (int64_t i = 0; i < h; ++i) acc[i] = scale * r[i];
     else
       for (int64_t i = 0; i < h; ++i) acc[i] += scale * r[i];
+  } else if (dtype == DEEPEP4J_BFLOAT16) {
+    add_bf16_row(acc, reinterpret_cast<const uint16_t*>(row), h, scale, first);
   } else {
-    const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
-    const bool bf16 = dtype == DEEPEP4J_BFLOAT16;
-    for (int64_t i = 0; i < h; ++i) {
-      float v = scale * (bf16 ? bf16_to_float(r[i]) : fp16_to_float(r[i]));
-      acc[i] = first ? v : acc[i] + v;
-    }
+    add_half_row(acc, reinterpret_cast<const uint16_t*>(row), h, scale, first,
+                 [](uint16_t v) { return fp16_to_float(v); });
   }
 }
 
 void store_row(uint8_t* out, const float* acc, int32_t dtype, int64_t h) {
   uint16_t* o = reinterpret_cast<uint16_t*>(out);
   if (dtype == DEEPEP4J_BFLOAT16) {
-    for (int64_t i = 0; i < h; ++i) o[i] = float_to_bf16(acc[i]);
+    store_bf16_row(o, acc, h);
   } else {
     for (int64_t i = 0; i < h; ++i) o[i] = float_to_fp16(acc[i]);
   }
@@ -568,6 +585,7 @@ class CpuBackend final : public Backend {
     std::function<void(int p, int c, int64_t i)> direct_copy;
     bool ordered_sources = false;                // combine: consume sources in rank order (deterministic sums)
     std::function<int64_t(int p, int c, int64_t i)> token_of;  // combine: the token row i of (p, c) belongs to
+    std::function<void(int64_t tok)> token_done;  // combine, one-pass walk: every row of token `tok` was added
     std::function<void(int c)> channel_begin;    // before a channel moves data
     std::function<void(int c)> channel_end;      // after a channel received everything
     int kind = 0;
@@ -744,9 +762,17 @@ class CpuBackend final : public Backend {
       std::fill(touched + lo, touched + hi, 0);
       if (a->out_topk_weights) std::fill(a->out_topk_weights + lo * K, a->out_topk_weights + hi * K, 0.0f);
     };
+    // bf16/fp16: a token whose rows are all added is stored at once, while its fp32 accumulator is still in cache.
+    constexpr uint8_t kStored = 2;
+    t.token_done = [=](int64_t tok) {
+      if (f32) return;
+      store_row(out + tok * row, acc_base + tok * H, dtype, H);
+      touched[tok] = kStored;
+    };
     t.channel_end = [=](int c) {
       int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
       for (int64_t tok = lo; tok < hi; ++tok) {
+        if (touched[tok] == kStored) continue;
         if (!touched[tok]) std::fill(acc_base + tok * H, acc_base + (tok + 1) * H, 0.0f);  // visited no rank
         if (!f32) store_row(out + tok * row, acc_base + tok * H, dtype, H);
       }
@@ -826,6 +852,7 @@ class CpuBackend final : public Backend {
           if (tok == INT64_MAX) break;
           for (auto& r : rc)
             if (r.done < r.count && tr.token_of(r.peer, r.channel, r.done) == tok) tr.direct_copy(r.peer, r.channel, r.done++);
+          if (tr.token_done) tr.token_done(tok);
         }
       }
 

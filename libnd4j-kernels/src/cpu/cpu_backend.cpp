@@ -99,8 +99,8 @@ const char* step_name(int kind) {
 // acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row. One straight
 // loop per (dtype, first) so the compiler vectorises it; the bf16 loops also get an AVX2 clone (chosen at load time),
 // which has no FMA, so the sums round exactly as the reference does.
-template <class ToFloat>
-inline void add_half_row(float* acc, const uint16_t* r, int64_t h, float scale, bool first, ToFloat to_float) {
+template <class T, class ToFloat>
+inline void add_row_of(float* acc, const T* r, int64_t h, float scale, bool first, ToFloat to_float) {
   if (first)
     for (int64_t i = 0; i < h; ++i) acc[i] = scale * to_float(r[i]);
   else
@@ -109,7 +109,7 @@ inline void add_half_row(float* acc, const uint16_t* r, int64_t h, float scale, 
 
 __attribute__((target_clones("avx2", "default"))) void add_bf16_row(float* acc, const uint16_t* r, int64_t h,
                                                                     float scale, bool first) {
-  add_half_row(acc, r, h, scale, first, [](uint16_t v) { return bf16_to_float(v); });
+  add_row_of(acc, r, h, scale, first, [](uint16_t v) { return bf16_to_float(v); });
 }
 
 __attribute__((target_clones("avx2", "default"))) void store_bf16_row(uint16_t* o, const float* acc, int64_t h) {
@@ -117,18 +117,13 @@ __attribute__((target_clones("avx2", "default"))) void store_bf16_row(uint16_t* 
 }
 
 void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float scale, bool first) {
-  if (dtype == DEEPEP4J_FLOAT32) {
-    const float* r = reinterpret_cast<const float*>(row);
-    if (first)
-      for (int64_t i = 0; i < h; ++i) acc[i] = scale * r[i];
-    else
-      for (int64_t i = 0; i < h; ++i) acc[i] += scale * r[i];
-  } else if (dtype == DEEPEP4J_BFLOAT16) {
+  if (dtype == DEEPEP4J_FLOAT32)
+    add_row_of(acc, reinterpret_cast<const float*>(row), h, scale, first, [](float v) { return v; });
+  else if (dtype == DEEPEP4J_BFLOAT16)
     add_bf16_row(acc, reinterpret_cast<const uint16_t*>(row), h, scale, first);
-  } else {
-    add_half_row(acc, reinterpret_cast<const uint16_t*>(row), h, scale, first,
-                 [](uint16_t v) { return fp16_to_float(v); });
-  }
+  else
+    add_row_of(acc, reinterpret_cast<const uint16_t*>(row), h, scale, first,
+               [](uint16_t v) { return fp16_to_float(v); });
 }
 
 void store_row(uint8_t* out, const float* acc, int32_t dtype, int64_t h) {

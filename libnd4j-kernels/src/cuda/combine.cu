@@ -10,13 +10,11 @@ namespace {
 
 __global__ void __launch_bounds__(kRingThreads, 1)
     combine_kernel(Step st, Rings rg, Routing h, CombineIo io) {
-  __shared__ int s_skip, s_abort[kMaxGroups];
+  __shared__ int s_abort[kMaxGroups];
   __shared__ uint32_t s_word[kMaxGroups];
   __shared__ uint32_t s_base[DEEPEP4J_MAX_RANKS], s_need[DEEPEP4J_MAX_RANKS];
   if (threadIdx.x < kMaxGroups) s_abort[threadIdx.x] = 0;
-  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0;
-  __syncthreads();
-  if (s_skip) return;
+  if (step_skipped(st)) return;
   const uint64_t deadline = global_ns() + st.timeout_ns;
   const int R = st.num_ranks, C = rg.channels, K = h.num_topk;
   const bool sender = int(blockIdx.x) < C;

@@ -20,24 +20,32 @@ using WaitValue32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned i
 using PointerGetAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
 }  // namespace
 
-bool CopyEngine::peer_copyable(const void* p, int device, int peer_device) const {
+CopyTarget CopyEngine::copy_target(const void* p, int device) const {
+  CopyTarget t;
   cudaPointerAttributes a{};
   if (p == nullptr || get_attribute_ == nullptr || cudaPointerGetAttributes(&a, p) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return t;
   }
-  if (a.type != cudaMemoryTypeDevice || a.device != device) return false;
-  // Stream-ordered pools are not reachable from other devices unless their owner granted it (cudaMemPoolSetAccess).
+  if (a.type != cudaMemoryTypeDevice || a.device != device) return t;
   CUmemoryPool pool = nullptr;
-  CUresult r = reinterpret_cast<PointerGetAttributeFn>(get_attribute_)(&pool, CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE,
-                                                                      CUdeviceptr(p));
-  if (r != CUDA_SUCCESS) return false;
+  if (reinterpret_cast<PointerGetAttributeFn>(get_attribute_)(&pool, CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE,
+                                                              CUdeviceptr(p)) != CUDA_SUCCESS)
+    return t;
+  t.device_memory = true;
+  t.device = device;
+  t.pool = reinterpret_cast<cudaMemPool_t>(pool);
+  return t;
+}
+
+bool CopyTarget::reachable_from(int peer_device) const {
+  if (!device_memory) return false;
   if (pool == nullptr || peer_device == device) return true;
   cudaMemLocation where{};
   where.type = cudaMemLocationTypeDevice;
   where.id = peer_device;
   cudaMemAccessFlags flags = cudaMemAccessFlagsProtNone;
-  if (cudaMemPoolGetAccess(&flags, reinterpret_cast<cudaMemPool_t>(pool), &where) != cudaSuccess) {
+  if (cudaMemPoolGetAccess(&flags, pool, &where) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -151,13 +159,26 @@ void CopyEngine::plan_chunks(const CudaHandle& h, CePlan* p) const {
   for (int j = 0; j <= p->chunks; ++j) p->chunk_channel[j] = int32_t(int64_t(j) * C / p->chunks);
 }
 
-Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_bytes, const DispatchSlot& meta,
-                                int64_t zone_bytes, CePlan* out) {
+CePlan CopyEngine::new_plan(const CudaHandle& h, int64_t zone_bytes) const {
   CePlan p{};
   p.zone_bytes = zone_bytes;
   p.packed = packed_;
   p.epoch_word = packed_ + kMaxCeChunks;
   plan_chunks(h, &p);
+  return p;
+}
+
+Check CopyEngine::attach_staging(int64_t bytes, CePlan p, CePlan* out) {
+  Check grown = grow_staging(std::max<int64_t>(bytes, 16));
+  if (!grown.ok()) return grown;
+  p.staging = staging_;
+  *out = p;
+  return Check{};
+}
+
+Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_bytes, const DispatchSlot& meta,
+                                int64_t zone_bytes, CePlan* out) {
+  CePlan p = new_plan(h, zone_bytes);
   const int C = h.r.channels;
   auto bytes_for = [&](int64_t n) { return ce_dispatch_meta_off(n, row_bytes) + n * meta.bytes; };
   int64_t staging = 0;
@@ -171,19 +192,11 @@ Check CopyEngine::plan_dispatch(const CudaHandle& h, int32_t me, int64_t row_byt
     staging += DispatchSlot::align16(bytes_for(p.out_rows[d]));
     p.largest_bytes = std::max({p.largest_bytes, bytes_for(p.out_rows[d]), bytes_for(p.in_rows[d])});
   }
-  Check grown = grow_staging(std::max<int64_t>(staging, 16));
-  if (!grown.ok()) return grown;
-  p.staging = staging_;
-  *out = p;
-  return Check{};
+  return attach_staging(staging, p, out);
 }
 
 Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_bytes, int64_t zone_bytes, CePlan* out) {
-  CePlan p{};
-  p.zone_bytes = zone_bytes;
-  p.packed = packed_;
-  p.epoch_word = packed_ + kMaxCeChunks;
-  plan_chunks(h, &p);
+  CePlan p = new_plan(h, zone_bytes);
   const int C = h.r.channels;
   int64_t staging = 0, first_row = 0;
   for (int d = 0; d < R_; ++d) {
@@ -200,11 +213,7 @@ Check CopyEngine::plan_combine(const CudaHandle& h, int32_t me, int64_t row_byte
     p.staging_off[d] = staging;
     staging += ce_combine_meta_bytes(p.out_rows[d], h.num_topk);
   }
-  Check grown = grow_staging(std::max<int64_t>(staging, 16));
-  if (!grown.ok()) return grown;
-  p.staging = staging_;
-  *out = p;
-  return Check{};
+  return attach_staging(staging, p, out);
 }
 
 int CopyEngine::wait_packed(uint32_t* counter, uint32_t count) {
@@ -256,7 +265,7 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& 
       chunk_rows(p, h.send_counts_host.data() + size_t(d) * C, j, &lo, &hi);
       if (hi == lo) continue;
       const uint8_t* src = p.staging + p.staging_off[d];
-      uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
+      uint8_t* zone = p.zone(st.peers.region[d], me);
       uint8_t* row_dst = direct[d] != 0 ? reinterpret_cast<uint8_t*>(direct[d]) : zone;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(row_dst + lo * io.row_bytes, src + lo * io.row_bytes,
                                         size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
@@ -267,12 +276,12 @@ int CopyEngine::run_dispatch(const Step& st, const CePlan& p, const CudaHandle& 
                                         cudaMemcpyDeviceToDevice, stream_));
       if (int err = signal(st, d, j)) return err;
     }
-    trace_chunk(j, bytes);
+    trace_chunk(bytes);
   }
   for (int d = 0; d < R_; ++d) {
     if (d == me || direct[d] == 0 || p.out_rows[d] == 0) continue;
     const int64_t meta_off = ce_dispatch_meta_off(p.out_rows[d], io.row_bytes);
-    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(st.peers.region[d] + kRings + me * p.zone_bytes + meta_off,
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(p.zone(st.peers.region[d], me) + meta_off,
                                       p.staging + p.staging_off[d] + meta_off, size_t(p.out_rows[d] * meta_bytes),
                                       cudaMemcpyDeviceToDevice, stream_));
     if (int err = signal(st, d, kCeAllLanded)) return err;
@@ -290,7 +299,7 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h
   if (trace_) cudaEventRecord(kernel_end_, s);
   for (int d = 0; d < R_; ++d) {
     if (d == me || p.out_rows[d] == 0) continue;
-    uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
+    uint8_t* zone = p.zone(st.peers.region[d], me);
     DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + ce_combine_meta_off(p.out_rows[d], io.row_bytes),
                                       p.staging + p.staging_off[d], size_t(ce_combine_meta_bytes(p.out_rows[d], K)),
                                       cudaMemcpyDeviceToDevice, stream_));
@@ -302,20 +311,19 @@ int CopyEngine::run_combine(const Step& st, const CePlan& p, const CudaHandle& h
       int64_t lo = 0, hi = 0;  // rows going back to d = rows received from d, in d's channel order
       chunk_rows(p, h.recv_counts_host.data() + size_t(d) * C, j, &lo, &hi);
       if (hi == lo) continue;
-      uint8_t* zone = st.peers.region[d] + kRings + me * p.zone_bytes;
+      uint8_t* zone = p.zone(st.peers.region[d], me);
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(zone + lo * io.row_bytes, io.y + (p.first_row[d] + lo) * io.row_bytes,
                                         size_t((hi - lo) * io.row_bytes), cudaMemcpyDeviceToDevice, stream_));
       bytes += (hi - lo) * io.row_bytes;
       if (int err = signal(st, d, j)) return err;
     }
-    trace_chunk(j, bytes);
+    trace_chunk(bytes);
   }
   return DEEPEP4J_OK;
 }
 
-void CopyEngine::trace_chunk(int j, int64_t bytes) {
+void CopyEngine::trace_chunk(int64_t bytes) {
   if (!trace_ || bytes == 0) return;
-  (void)j;
   cudaEventRecord(chunk_end_[traced_chunks_], stream_);
   chunk_bytes_[traced_chunks_++] = bytes;
 }

@@ -25,6 +25,15 @@ enum class Transfer {
 // Reads DEEPEP4J_CUDA_TRANSFER (auto when unset); a value that is none of auto, sm, copy_engine is an error.
 Check transfer_from_env(Transfer* out);
 
+// Memory a peer's copy engine may be asked to write into: plain device memory of `device`, or memory of a
+// stream-ordered pool, which other devices reach only where its owner granted them access (cudaMemPoolSetAccess).
+struct CopyTarget {
+  bool device_memory = false;
+  int device = -1;
+  cudaMemPool_t pool = nullptr;  // null for plain device memory
+  bool reachable_from(int peer_device) const;
+};
+
 class CopyEngine {
  public:
   ~CopyEngine();
@@ -34,9 +43,8 @@ class CopyEngine {
   bool available() const { return wait_value32_ != nullptr; }
   const std::string& unavailable_reason() const { return unavailable_; }
   cudaStream_t stream() const { return stream_; }
-  // Whether the copy engine of a rank on `peer_device` may write to `p`: device memory of `device`, and when it comes
-  // from a stream-ordered pool, a pool that grants `peer_device` access (cudaMemPoolSetAccess).
-  bool peer_copyable(const void* p, int device, int peer_device) const;
+  // What `p` is, as a target for peers' copy engines (not device memory of `device`: reachable from no one).
+  CopyTarget copy_target(const void* p, int device) const;
 
   // Plans a step for rank `me`: rows and chunks per peer, staging grown to fit. Fails (naming buffer_bytes) when a
   // peer's rows do not fit the landing zone of zone_bytes, or when staging cannot be allocated.
@@ -59,6 +67,9 @@ class CopyEngine {
  private:
   Check grow_staging(int64_t bytes);
   void plan_chunks(const CudaHandle& h, CePlan* p) const;
+  // A plan's step-independent parts; then its staging of `bytes`, and the finished plan into *out.
+  CePlan new_plan(const CudaHandle& h, int64_t zone_bytes) const;
+  Check attach_staging(int64_t bytes, CePlan p, CePlan* out);
   int wait_packed(uint32_t* counter, uint32_t count);
   // Queues the arrival word of chunk j for peer d (after the chunk's copy on the copy stream).
   int signal(const Step& st, int d, int j);
@@ -74,7 +85,7 @@ class CopyEngine {
   void* wait_value32_ = nullptr;  // the driver's cuStreamWaitValue32
   void* get_attribute_ = nullptr;  // the driver's cuPointerGetAttribute
   std::string unavailable_;
-  void trace_chunk(int j, int64_t bytes);
+  void trace_chunk(int64_t bytes);  // after chunk copies are queued (tracing only)
   bool trace_ = false;
   cudaEvent_t kernel_begin_ = nullptr, kernel_end_ = nullptr, copies_begin_ = nullptr;
   cudaEvent_t chunk_end_[kMaxCeChunks + 1] = {};

@@ -23,13 +23,6 @@ __device__ __forceinline__ bool warp_wait_arrival(const Step& st, int src, int j
   return __shfl_sync(0xffffffffu, ok, 0) != 0;
 }
 
-__device__ __forceinline__ bool step_skipped(const Step& st) {
-  __shared__ int s_skip;
-  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0;
-  __syncthreads();
-  return s_skip != 0;
-}
-
 // Rows [lo, hi) of chunk j among those this rank receives from s (receive order follows s's channels).
 __device__ __forceinline__ void chunk_rows_from(const CePlan& p, const Routing& h, int s, int j, int64_t* lo,
                                                 int64_t* hi) {
@@ -99,7 +92,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
       if (s == me || (p.direct_in >> s & 1ull)) continue;
       int64_t lo, hi;
       chunk_rows_from(p, h, s, j, &lo, &hi);
-      const uint8_t* rows = region + kRings + s * p.zone_bytes;
+      const uint8_t* rows = p.zone(region, s);
       const uint8_t* meta = rows + ce_dispatch_meta_off(p.in_rows[s], io.row_bytes);
       const int64_t row0 = h.recv_offset[s * C];
       bool landed = false;
@@ -111,7 +104,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
     }
   for (int s = 0; s < R; ++s) {
     if (s == me || !(p.direct_in >> s & 1ull)) continue;
-    const uint8_t* meta = region + kRings + s * p.zone_bytes + ce_dispatch_meta_off(p.in_rows[s], io.row_bytes);
+    const uint8_t* meta = p.zone(region, s) + ce_dispatch_meta_off(p.in_rows[s], io.row_bytes);
     const int64_t row0 = h.recv_offset[s * C];
     bool landed = false;
     for (int64_t q = gw; q < p.in_rows[s]; q += GW) {
@@ -164,7 +157,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
       }
       if (!warp_wait_arrival(st, d, p.chunk_of(c), deadline, 4, lane)) return;
       const int64_t n = p.in_rows[d];
-      const uint8_t* zone = region + kRings + d * p.zone_bytes;
+      const uint8_t* zone = p.zone(region, d);
       const float* scales = reinterpret_cast<const float*>(zone + ce_combine_meta_off(n, io.row_bytes));
       const float* weights = scales + DispatchSlot::align16(n * 4) / 4;
       rows[d] = ReturnedRow{zone + pos * io.row_bytes, __ldcg(scales + pos), weights + pos * K};

@@ -21,6 +21,11 @@ int64_t now_ms() {
       .count();
 }
 
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 namespace {
 size_t align256(size_t v) { return (v + 255) & ~size_t(255); }
 }  // namespace

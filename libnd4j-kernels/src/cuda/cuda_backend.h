@@ -34,8 +34,9 @@ static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
 constexpr uint32_t kBlobMagic = 0x64657034;  // "dep4"
 
 uint64_t process_nonce();
-// Milliseconds of a steady clock: the host side of every deadline.
+// Milliseconds of a steady clock: the host side of every deadline; microseconds for step timing.
 int64_t now_ms();
+int64_t now_us();
 
 class CudaBackend : public Backend {
  public:

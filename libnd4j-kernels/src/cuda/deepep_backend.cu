@@ -2,7 +2,6 @@
 // process, CUDA IPC across processes); notify, dispatch and combine move everything through it with the ring kernels.
 #include <unistd.h>
 
-#include <chrono>
 #include <cinttypes>
 #include <cstring>
 #include <mutex>
@@ -19,11 +18,6 @@ namespace cuda {
 namespace {
 
 // Peer access is per (device, peer) for the whole process; ranks of one process share it, so enable it once.
-int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 int enable_peer_access(int device, int peer) {
   static std::mutex mu;
   static std::set<std::pair<int, int>> enabled;
@@ -120,37 +114,11 @@ class DeepepBackend : public CudaBackend {
     const bool ce_vote =
         check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); },
                                 plan, &check);
-    // Sources in this process may copy their rows straight into our recv_x (their copy engine reaches it).
-    DirectTargets direct{};
-    if (ce_vote) {
-      int64_t row = 0;
-      for (int src = 0; src < R_; ++src) {
-        if (src != rank_ && same_process_[src] && h->recv_counts_per_rank[src] > 0 &&
-            ce_.peer_copyable(io.recv_x, cfg_.device_id, peer_device_[src])) {
-          direct.v[src] = reinterpret_cast<uint64_t>(io.recv_x + row * io.row_bytes);
-          plan.direct_in |= 1ull << src;
-        }
-        row += h->recv_counts_per_rank[src];
-      }
-    }
-    Step st = step(++epoch_);
-    const int64_t t0 = now_us();
-    // The barrier finishes before the data kernels are queued: see exchange_counts.
-    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0, &direct));
-    int fin = finish_step(s, call);
-    if (check.ok() && fin == DEEPEP4J_OK) {
-      if (ce_vote && !ce_veto_) {
-        const int64_t t1 = now_us();
-        fin = ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, s);
-        const int64_t t2 = now_us();
-        fin = finish_ce(s, fin, call);
-        if (fin == DEEPEP4J_OK) ce_.print_trace(call, rank_, double(t1 - t0), double(t2 - t1), double(now_us() - t0));
-      } else {
-        DEEPEP4J_CUDA_TRY(launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s));
-        fin = finish_step(s, call);
-      }
-    }
-    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    DirectTargets direct = ce_vote ? publish_direct(*h, io, &plan) : DirectTargets{};
+    int fin = run_step(
+        call, check, ce_vote, &direct, s,
+        [&](const Step& st) { return ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, s); },
+        [&](const Step& st) { return launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s); });
     if (fin != DEEPEP4J_OK) return fin;
     h->dispatched = true;
     return ok();
@@ -181,24 +149,10 @@ class DeepepBackend : public CudaBackend {
     const bool ce_vote =
         check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan,
                                 &check);
-    Step st = step(++epoch_);
-    const int64_t t0 = now_us();
-    // The barrier finishes before the data kernels are queued: see exchange_counts.
-    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0));
-    int fin = finish_step(s, call);
-    if (check.ok() && fin == DEEPEP4J_OK) {
-      if (ce_vote && !ce_veto_) {
-        const int64_t t1 = now_us();
-        fin = ce_.run_combine(st, plan, *h, io, cfg_.num_sms, s);
-        const int64_t t2 = now_us();
-        fin = finish_ce(s, fin, call);
-        if (fin == DEEPEP4J_OK) ce_.print_trace(call, rank_, double(t1 - t0), double(t2 - t1), double(now_us() - t0));
-      } else {
-        DEEPEP4J_CUDA_TRY(launch_combine(st, rings, h->r, io, cfg_.num_sms, s));
-        fin = finish_step(s, call);
-      }
-    }
-    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    int fin = run_step(
+        call, check, ce_vote, nullptr, s,
+        [&](const Step& st) { return ce_.run_combine(st, plan, *h, io, cfg_.num_sms, s); },
+        [&](const Step& st) { return launch_combine(st, rings, h->r, io, cfg_.num_sms, s); });
     return fin == DEEPEP4J_OK ? ok() : fin;
   }
 
@@ -259,6 +213,50 @@ class DeepepBackend : public CudaBackend {
     return false;
   }
   static constexpr int64_t kAutoCopyEngineBytes = int64_t(8) << 20;
+
+  // The step after this rank's own checks: the barrier (with its status, vote and direct targets), then the
+  // copy-engine kernels and copies when every rank voted for them, else the ring kernel. Errors of the local checks
+  // win over the step's, as every rank reports its own first.
+  template <class RunCopyEngine, class LaunchRings>
+  int run_step(const char* call, const Check& check, bool ce_vote, const DirectTargets* direct, cudaStream_t s,
+               RunCopyEngine&& run_ce, LaunchRings&& launch_rings) {
+    Step st = step(++epoch_);
+    const int64_t t0 = now_us();
+    // The barrier finishes before the data kernels are queued: see exchange_counts.
+    DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s, ce_vote ? 1 : 0, direct));
+    int fin = finish_step(s, call);
+    if (check.ok() && fin == DEEPEP4J_OK) {
+      if (ce_vote && !ce_veto_) {
+        const int64_t t1 = now_us();
+        fin = run_ce(st);
+        const int64_t t2 = now_us();
+        fin = finish_ce(s, fin, call);
+        if (fin == DEEPEP4J_OK) ce_.print_trace(call, rank_, double(t1 - t0), double(t2 - t1), double(now_us() - t0));
+      } else {
+        DEEPEP4J_CUDA_TRY(launch_rings(st));
+        fin = finish_step(s, call);
+      }
+    }
+    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    return fin;
+  }
+
+  // Sources in this process may copy their rows straight into our recv_x, where their copy engine reaches it: the
+  // address of each one's first row, published at the barrier (0 for the others).
+  DirectTargets publish_direct(const CudaHandle& h, const DispatchIo& io, CePlan* plan) const {
+    DirectTargets direct{};
+    const CopyTarget target = ce_.copy_target(io.recv_x, cfg_.device_id);
+    int64_t row = 0;
+    for (int src = 0; src < R_; ++src) {
+      if (src != rank_ && same_process_[src] && h.recv_counts_per_rank[src] > 0 &&
+          target.reachable_from(peer_device_[src])) {
+        direct.v[src] = reinterpret_cast<uint64_t>(io.recv_x + row * io.row_bytes);
+        plan->direct_in |= 1ull << src;
+      }
+      row += h.recv_counts_per_rank[src];
+    }
+    return direct;
+  }
 
   // Every source's landing zone in a region's ring area.
   int64_t zone_bytes() const { return (cfg_.buffer_bytes / R_) & ~int64_t(15); }

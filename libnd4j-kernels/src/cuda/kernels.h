@@ -102,6 +102,8 @@ struct CePlan {
   uint32_t* epoch_word;                  // device: the step's epoch, copied into a peer's arrival word per chunk
   uint64_t direct_in;                    // dispatch: bit s set when s's rows go straight into recv_x
   int64_t largest_bytes;                 // host: the most bytes between this rank and one peer in this step
+  // The landing zone for rows from `src` in `region` (a receiver's region as seen from here).
+  DEEPEP4J_HD uint8_t* zone(uint8_t* region, int src) const { return region + kRings + src * zone_bytes; }
   DEEPEP4J_HD int chunk_of(int channel) const {
     int j = 0;
     while (j + 1 < chunks && channel >= chunk_channel[j + 1]) ++j;

@@ -20,6 +20,15 @@ __device__ __forceinline__ void record_timeout(const Step& st, int where, int pe
   }
 }
 
+// Whether the barrier before this step failed (the host reports why): then the step's kernels move no data.
+// Block-wide; it ends with __syncthreads, so shared memory set before it is visible after it.
+__device__ __forceinline__ bool step_skipped(const Step& st) {
+  __shared__ int s_skip;
+  if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0;
+  __syncthreads();
+  return s_skip != 0;
+}
+
 // Spins until counter - target >= 0 (wrap-safe); false at the deadline.
 __device__ __forceinline__ bool wait_reach(const uint32_t* counter, uint32_t target, uint64_t deadline) {
   while (int32_t(ld_acquire_sys(counter) - target) < 0)

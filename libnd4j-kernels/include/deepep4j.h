@@ -78,7 +78,8 @@ typedef enum deepep4j_dtype {
   DEEPEP4J_FLOAT32 = 0,
   DEEPEP4J_BFLOAT16 = 1,
   DEEPEP4J_FLOAT16 = 2,
-  DEEPEP4J_FP8_E4M3 = 3 /* dispatch only; comes with fp32 scales [N, H/128] */
+  DEEPEP4J_FP8_E4M3 = 3, /* dispatch only; comes with fp32 scales [N, H/128] */
+  DEEPEP4J_FLOAT64 = 4    /* MoE block only (gradient checks in double precision) */
 } deepep4j_dtype;
 
 typedef enum deepep4j_device {
@@ -220,6 +221,142 @@ DEEPEP4J_API int32_t deepep4j_handle_num_experts(const deepep4j_handle* h);     
 /* Rows received from each source rank, [R] int32 host. */
 DEEPEP4J_API int deepep4j_handle_recv_counts_per_rank(const deepep4j_handle* h, int32_t* out);
 DEEPEP4J_API int deepep4j_handle_destroy(deepep4j_handle* h);
+
+
+/* ---------------------------------------------------------------- MoE block */
+/* The whole MoE block of one rank on its buffer's device: router (weights replicated on every rank) -> dispatch ->
+   the rank's local SwiGLU experts as grouped GEMMs -> weighted combine; its backward (cached dispatch / combine) and the
+   local experts' optimizer step. Expert weights, their gradients and optimizer state live in memory the block owns
+   (device memory on CUDA) and stay there across steps; only activations, router weights and their gradients move.
+   The CPU backend implements every call and is the reference.
+
+   Semantics (the same as the Java MoELayer's CPU path):
+     logits = x Wr [N,E]; scores = softmax(logits) per row, or sigmoid(logits);
+     top-k: the K experts of largest (score + router_bias[e]), ties to the lower expert id, in descending order;
+     gate[n,k] = scores[n, topk[n,k]]; weight[n,k] = gate / sum_k gate when normalize_topk, else gate;
+     expert e (local to rank r): f_e(x) = (silu(x W1_e) * (x W3_e)) W2_e;
+     y[n] = sum_k weight[n,k] * f_{topk[n,k]}(x[n])   (rows travel by dispatch/combine, reduced in fp32, fp64 for fp64);
+     aux loss = coef * E * sum_e f_e * P_e, f_e = assignments of expert e / (N*K), P_e = mean over n of scores[n,e]
+     (this rank's tokens only).
+   forward and backward are collective: every rank of the buffer calls them, in the same order, with the same
+   config (checked at create: PEER_MISMATCH names the field). */
+typedef struct deepep4j_moe deepep4j_moe;
+
+typedef enum deepep4j_score_function {
+  DEEPEP4J_SCORE_SOFTMAX = 0,
+  DEEPEP4J_SCORE_SIGMOID = 1
+} deepep4j_score_function;
+
+typedef enum deepep4j_moe_gemm {
+  DEEPEP4J_MOE_GEMM_AUTO = 0,    /* per shape: one grouped call for many small experts, a per-expert loop for few
+                                    large ones */
+  DEEPEP4J_MOE_GEMM_GROUPED = 1, /* one cublasGemmGroupedBatchedEx per weight (CUDA) */
+  DEEPEP4J_MOE_GEMM_LOOP = 2     /* one GEMM per local expert with rows */
+} deepep4j_moe_gemm;
+
+typedef struct deepep4j_moe_config {
+  int64_t hidden;         /* H, as the buffer's payload rules require (H * element size a multiple of 16 bytes) */
+  int64_t ffn;            /* F, per expert, >= 1 */
+  int32_t num_experts;    /* E (global), divisible by the buffer's ranks */
+  int32_t num_topk;       /* K, 1 <= K <= min(E, DEEPEP4J_MAX_TOPK) */
+  int32_t dtype;          /* activations and expert weights: FLOAT32, BFLOAT16 (fp32 accumulate) or FLOAT64 */
+  int32_t score_function; /* deepep4j_score_function */
+  int32_t normalize_topk; /* 1: the K chosen scores are divided by their sum */
+  int32_t gemm;           /* deepep4j_moe_gemm */
+  double aux_loss_coef;   /* >= 0; 0 = no aux loss */
+  int64_t max_tokens;     /* >= 1: the largest N of a forward; workspaces are sized for it */
+} deepep4j_moe_config;
+
+/* Defaults: H 0 and F 0 (must be set), E 0, K 0 (must be set), FLOAT32, softmax, normalize_topk 1, gemm AUTO, aux 0,
+   max_tokens 4096. */
+DEEPEP4J_API void deepep4j_moe_config_init(deepep4j_moe_config* config);
+
+/* Collective (checks that every rank has the same config). The block belongs to `buf` (which must be connected and
+   outlive it); weights start at zero: write them with deepep4j_moe_write. CUDA needs cuBLAS (libcublas.so, loaded at
+   run time): UNAVAILABLE names the library and the version found or missing. */
+DEEPEP4J_API int deepep4j_moe_create(deepep4j_buffer* buf, const deepep4j_moe_config* config, deepep4j_moe** out);
+DEEPEP4J_API int deepep4j_moe_destroy(deepep4j_moe* moe); /* safe on NULL */
+
+/* Tensors of the local experts. Each holds E/R experts x (W1 [H,F], W3 [H,F], W2 [F,H]), each matrix row-major,
+   expert-major: the order of the MoELayer's parameters e<j>W1, e<j>W3, e<j>W2. count = E/R * 3 * H * F elements. */
+typedef enum deepep4j_moe_tensor {
+  DEEPEP4J_MOE_PARAMS = 0,
+  DEEPEP4J_MOE_GRADS = 1,   /* gradients of the last backward (sums over tokens; not yet scaled) */
+  DEEPEP4J_MOE_STATE_M = 2, /* optimizer state: Adam/AdamW first moment */
+  DEEPEP4J_MOE_STATE_V = 3  /* optimizer state: Adam/AdamW second moment */
+} deepep4j_moe_tensor;
+
+/* Copies a tensor to / from host memory of host_dtype FLOAT32 or FLOAT64 (converted from / to the block's dtype).
+   Waits for the block's queued work. Local (not collective). */
+DEEPEP4J_API int deepep4j_moe_read(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, void* host, int64_t count);
+DEEPEP4J_API int deepep4j_moe_write(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, const void* host,
+                                    int64_t count);
+
+/* Where the arrays of forward / backward args live. */
+typedef enum deepep4j_memory {
+  DEEPEP4J_MEMORY_DEVICE = 0, /* memory of the buffer's device (host memory on CPU) */
+  DEEPEP4J_MEMORY_HOST = 1    /* host memory; on CUDA the block stages it through pinned memory with async copies */
+} deepep4j_memory;
+
+typedef struct deepep4j_moe_forward_args {
+  int32_t memory;                 /* deepep4j_memory of x, router_weight, router_bias, replay_topk_idx, y, topk_* */
+  const void* x;                  /* [N,H] of the block's dtype */
+  const void* router_weight;      /* [H,E] of the block's dtype */
+  const float* router_bias;       /* [E] selection bias (steers top-k only; no gradient), or NULL */
+  const int64_t* replay_topk_idx; /* [N,K] recorded routing to reuse instead of a fresh top-k, or NULL */
+  void* y;                        /* [N,H] output, block's dtype */
+  int64_t* topk_idx;              /* [N,K] chosen global experts (for recording), or NULL */
+  float* topk_weights;            /* [N,K] routing weights, or NULL */
+  int32_t async_combine;          /* 1: return once the step is queued; y (and topk_*) are valid only after
+                                     deepep4j_moe_wait. 0: complete on return. */
+  int32_t* expert_load;           /* [E] host: this rank's assignments per global expert, or NULL */
+  int32_t* recv_per_local_expert; /* [E/R] host: rows received per local expert, or NULL */
+  double* aux_loss;               /* host: this rank's aux loss, or NULL */
+} deepep4j_moe_forward_args;
+
+/* Collective. 0 <= N <= max_tokens. The routing and activations are kept for the next backward. */
+DEEPEP4J_API int deepep4j_moe_forward(deepep4j_moe* moe, int64_t num_tokens, const deepep4j_moe_forward_args* args,
+                                      void* stream);
+
+/* Waits until the last forward's outputs are complete (async_combine). Returns the forward's error, if any. */
+DEEPEP4J_API int deepep4j_moe_wait(deepep4j_moe* moe);
+
+typedef struct deepep4j_moe_backward_args {
+  int32_t memory;             /* deepep4j_memory of grad_y, grad_x, grad_router_weight */
+  const void* grad_y;         /* [N,H] */
+  void* grad_x;               /* [N,H] output: through experts, combine weights and router */
+  void* grad_router_weight;   /* [H,E] output (overwritten) */
+  double aux_loss_scale;      /* the aux loss's gradient is multiplied by this (DL4J: the minibatch size) */
+  int32_t accumulate;         /* 0: the block's GRADS are overwritten; 1: added to */
+} deepep4j_moe_backward_args;
+
+/* Collective. Backward of the last forward, with its routing (cached dispatch / combine). */
+DEEPEP4J_API int deepep4j_moe_backward(deepep4j_moe* moe, const deepep4j_moe_backward_args* args, void* stream);
+
+typedef enum deepep4j_optimizer_kind {
+  DEEPEP4J_OPT_SGD = 0,
+  DEEPEP4J_OPT_ADAM = 1,
+  DEEPEP4J_OPT_ADAMW = 2
+} deepep4j_optimizer_kind;
+
+/* The update DL4J's updaters apply (its formulas, bias correction and epsilon placement; see the implementation's
+   comment for each kind). */
+typedef struct deepep4j_optimizer {
+  int32_t kind;           /* deepep4j_optimizer_kind */
+  double learning_rate;   /* the rate for this step (schedules are evaluated by the caller) */
+  double beta1;           /* Adam/AdamW */
+  double beta2;           /* Adam/AdamW */
+  double epsilon;         /* Adam/AdamW */
+  double weight_decay;    /* AdamW: decoupled weight decay coefficient */
+  int64_t iteration;      /* 0-based step count (bias correction) */
+  double grad_scale;      /* GRADS are multiplied by this first (DL4J: 1 / minibatch size) */
+} deepep4j_optimizer;
+
+/* DL4J's defaults for the kind (Adam: lr 1e-3, beta1 0.9, beta2 0.999, epsilon 1e-8), iteration 0, grad_scale 1. */
+DEEPEP4J_API void deepep4j_optimizer_init(deepep4j_optimizer* opt, int32_t kind);
+
+/* Local. Applies one update to PARAMS from GRADS (and STATE_M / STATE_V), queued on `stream`. */
+DEEPEP4J_API int deepep4j_moe_step(deepep4j_moe* moe, const deepep4j_optimizer* opt, void* stream);
 
 #ifdef __cplusplus
 }

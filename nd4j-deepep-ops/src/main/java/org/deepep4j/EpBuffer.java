@@ -36,12 +36,15 @@ public final class EpBuffer implements AutoCloseable {
   private static final java.util.Map<Integer, EpBuffer> OPEN = new java.util.concurrent.ConcurrentHashMap<>();
   private final int id = NEXT_ID.getAndIncrement();
   private final java.util.Set<EpHandle> liveHandles = java.util.concurrent.ConcurrentHashMap.newKeySet();
+  private final java.util.Set<EpMoeBlock> liveBlocks = java.util.concurrent.ConcurrentHashMap.newKeySet();
+  private final int deviceId;
 
-  private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer) {
+  private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer, int deviceId) {
     this.group = group;
     this.rank = rank;
     this.config = config;
     this.buffer = buffer;
+    this.deviceId = deviceId;
     OPEN.put(id, this);
   }
 
@@ -59,10 +62,16 @@ public final class EpBuffer implements AutoCloseable {
   static EpBuffer create(EpGroup group, int rank, EpConfig config) {
     DeepEp4jNative.Buffer buf = null;
     byte[] mine;
-    try (DeepEp4jNative.Config c = config.toNative(DeepEp4jNative.DEEPEP4J_DEVICE_CPU);
+    boolean cuda = config.device() == EpDevice.CUDA;
+    int deviceId = cuda ? cudaDeviceFor(group, rank) : 0;
+    try (DeepEp4jNative.Config c = config.toNative(cuda ? DeepEp4jNative.DEEPEP4J_DEVICE_CUDA : DeepEp4jNative.DEEPEP4J_DEVICE_CPU);
          PointerPointer<Pointer> out = new PointerPointer<>(1)) {
-      int st = DeepEp4jNative.deepep4j_buffer_create(rank, group.size(), c, out);
-      if (st == DeepEp4jNative.DEEPEP4J_OK) {
+      c.device_id(deviceId);
+      String local = cuda ? checkCudaDevice(group, rank, deviceId) : null;
+      int st = local != null ? DeepEp4jNative.DEEPEP4J_ERR_UNAVAILABLE : DeepEp4jNative.deepep4j_buffer_create(rank, group.size(), c, out);
+      if (local != null) {
+        mine = failureBlob("IllegalStateException: " + local);
+      } else if (st == DeepEp4jNative.DEEPEP4J_OK) {
         buf = new DeepEp4jNative.Buffer(out.get(0));
         mine = exportBlob(buf);
       } else {
@@ -81,7 +90,30 @@ public final class EpBuffer implements AutoCloseable {
       }
     }
     connect(buf, all);
-    return new EpBuffer(group, rank, config, buf);
+    return new EpBuffer(group, rank, config, buf, deviceId);
+  }
+
+  /**
+   * The GPU of a rank: in-process groups put rank r on GPU r mod (visible GPUs), so several ranks may share one;
+   * process groups use the process's LOCAL_RANK.
+   */
+  static int cudaDeviceFor(EpGroup group, int rank) {
+    int count = DeepEp4jNative.deepep4j_cuda_device_count();
+    if (group.isInProcess()) return count > 0 ? rank % count : 0;
+    return group.localRank();
+  }
+
+  /** Why a CUDA buffer cannot be made here, in words, or null; the engine's own message covers the rest. */
+  private static String checkCudaDevice(EpGroup group, int rank, int deviceId) {
+    int count = DeepEp4jNative.deepep4j_cuda_device_count();
+    if (count == 0)
+      return "DEEPEP4J_ERR_UNAVAILABLE: device = CUDA for rank " + rank + ": the engine sees no CUDA device ("
+          + "deepep4j_cuda_device_count() = 0: either libdeepep4j.so was built without the CUDA backend (no nvcc at "
+          + "build time) or no GPU / driver is visible to this process). There is no CPU fallback: use EpDevice.CPU explicitly";
+    if (deviceId >= count)
+      return "DEEPEP4J_ERR_UNAVAILABLE: device = CUDA for rank " + rank + ": LOCAL_RANK = " + deviceId + " but only " + count
+          + " CUDA devices are visible";
+    return null;
   }
 
   private static String describeCreateFailure(int st, EpConfig config) {
@@ -140,8 +172,10 @@ public final class EpBuffer implements AutoCloseable {
   public int rank() { return rank; }
   public int numRanks() { return group.size(); }
   public EpConfig config() { return config; }
-  /** The device whose memory the buffer and its arrays use. */
-  public EpDevice device() { return EpDevice.CPU; }
+  /** The device whose memory the buffer uses. */
+  public EpDevice device() { return config.device(); }
+  /** The CUDA ordinal of a CUDA buffer (0 on the CPU). */
+  public int deviceId() { return deviceId; }
   public EpGroup group() { return group; }
 
   DeepEp4jNative.Buffer nativeBuffer() {
@@ -150,7 +184,7 @@ public final class EpBuffer implements AutoCloseable {
   }
 
   /** Throws on every rank: this rank joins the peers' step with its local failure. */
-  private IllegalArgumentException failStep(String message) {
+  IllegalArgumentException failStep(String message) {
     DeepEp4jNative.deepep4j_fail_step(nativeBuffer(), DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT, message);
     return new IllegalArgumentException(message);
   }
@@ -198,7 +232,8 @@ public final class EpBuffer implements AutoCloseable {
    * outputs with it). Finish with {@link #dispatchPrepared}.
    */
   public synchronized EpHandle prepareDispatch(INDArray x, INDArray topkIdx, INDArray topkWeights, int numExperts) {
-    String bad = checkDispatch(x, topkIdx, topkWeights);
+    String bad = hostArraysOnCuda("dispatch");
+    if (bad == null) bad = checkDispatch(x, topkIdx, topkWeights);
     if (bad != null) throw failStep(bad);
     INDArray idx = NativeArrays.dense(topkIdx, DataType.LONG);
     long n = x.size(0);
@@ -252,7 +287,8 @@ public final class EpBuffer implements AutoCloseable {
    * combine). Returns [M, H] in the dtype of x.
    */
   public synchronized INDArray dispatch(INDArray x, EpHandle cached) {
-    String bad = checkRows("x", x, cached, cached == null ? 0 : cached.numTokens());
+    String bad = hostArraysOnCuda("dispatch");
+    if (bad == null) bad = checkRows("x", x, cached, cached == null ? 0 : cached.numTokens());
     if (bad != null) throw failStep(bad);
     INDArray xs = NativeArrays.dense(x, x.dataType());
     int dtype = Dtypes.toNative(xs.dataType(), "x");
@@ -283,7 +319,8 @@ public final class EpBuffer implements AutoCloseable {
    * not local) summed back to [N, K] — the gradient path of dispatched top-k weights.
    */
   public synchronized EpCombineResult combine(INDArray y, EpHandle handle, INDArray recvTopkWeights, INDArray yTopkWeights) {
-    String bad = checkRows("y", y, handle, handle == null ? 0 : handle.numRecvTokens());
+    String bad = hostArraysOnCuda("combine");
+    if (bad == null) bad = checkRows("y", y, handle, handle == null ? 0 : handle.numRecvTokens());
     if (bad == null) bad = checkTopk("recvTopkWeights", recvTopkWeights, handle);
     if (bad == null) bad = checkTopk("yTopkWeights", yTopkWeights, handle);
     if (bad != null) throw failStep(bad);
@@ -317,6 +354,14 @@ public final class EpBuffer implements AutoCloseable {
   }
 
   // ------------------------------------------------------------------------------------------------ checks
+
+  /** The C dispatch/combine take device pointers on CUDA; ND4J CPU arrays reach a GPU only through EpMoeBlock. */
+  private String hostArraysOnCuda(String call) {
+    if (config.device() != EpDevice.CUDA) return null;
+    return call + " on a CUDA buffer (rank " + rank + ", GPU " + deviceId + "): ND4J CPU arrays cannot be staged to "
+        + "the GPU by dispatch/combine in this build (the C calls take device memory); run the whole MoE block on the "
+        + "GPU with EpMoeBlock (MoELayer.Builder.engineBlock(true)), or use EpDevice.CPU";
+  }
 
   private String checkDispatch(INDArray x, INDArray topkIdx, INDArray topkWeights) {
     if (x == null || x.rank() != 2) return "x shape = " + shapeOf(x) + ": must be [numTokens, hidden]";
@@ -362,10 +407,19 @@ public final class EpBuffer implements AutoCloseable {
     liveHandles.remove(h);
   }
 
+  void track(EpMoeBlock b) {
+    liveBlocks.add(b);
+  }
+
+  void untrack(EpMoeBlock b) {
+    liveBlocks.remove(b);
+  }
+
   /** Frees the handles still open, then the native buffer. */
   @Override
   public synchronized void close() {
     OPEN.remove(id);
+    for (EpMoeBlock b : liveBlocks.toArray(new EpMoeBlock[0])) b.close();  // blocks first: they live on this buffer
     for (EpHandle h : liveHandles.toArray(new EpHandle[0])) h.close();
     if (combineThread != null) combineThread.shutdownNow();
     if (buffer != null) {

@@ -21,8 +21,10 @@ public final class EpConfig {
   private final int maxSendTokensPerChunk;
   private final int ringTokens;
   private final int threads;
+  private final EpDevice device;
 
   private EpConfig(Builder b) {
+    device = b.device;
     dispatch = b.dispatch;
     bufferSizeGb = b.bufferSizeGb;
     numSms = b.numSms;
@@ -52,6 +54,7 @@ public final class EpConfig {
     b.maxSendTokensPerChunk = maxSendTokensPerChunk;
     b.ringTokens = ringTokens;
     b.threads = threads;
+    b.device = device;
     return b;
   }
 
@@ -64,6 +67,8 @@ public final class EpConfig {
   public int maxSendTokensPerChunk() { return maxSendTokensPerChunk; }
   public int ringTokens() { return ringTokens; }
   public int threads() { return threads; }
+  /** Where the buffer lives: CPU (default) or CUDA (rank r on GPU r mod count in process, LOCAL_RANK across processes). */
+  public EpDevice device() { return device; }
 
   /**
    * Smallest buffer (in GB) that carries one chunk per ring for rows of {@code hidden} elements of {@code dtype} on
@@ -96,7 +101,7 @@ public final class EpConfig {
   public String toString() {
     return "EpConfig{dispatch=" + dispatch + ", bufferSizeGb=" + bufferSizeGb + ", numSms=" + numSms
         + ", asyncCombine=" + asyncCombine + ", timeout=" + timeout + ", maxSendTokensPerChunk="
-        + maxSendTokensPerChunk + ", ringTokens=" + ringTokens + ", threads=" + threads + "}";
+        + maxSendTokensPerChunk + ", ringTokens=" + ringTokens + ", threads=" + threads + ", device=" + device + "}";
   }
 
   /** Builder with validation at each setter. */
@@ -109,8 +114,18 @@ public final class EpConfig {
     private int maxSendTokensPerChunk = 16;
     private int ringTokens = 128;
     private int threads = 0;
+    private EpDevice device = EpDevice.CPU;
 
     private Builder() {}
+
+    /**
+     * CPU (default) or CUDA. CUDA where the engine has no CUDA backend or sees no GPU fails at buffer creation with
+     * the engine's words; there is no CPU fallback.
+     */
+    public Builder device(EpDevice d) {
+      this.device = Objects.requireNonNull(d, "device = null: must be CPU or CUDA");
+      return this;
+    }
 
     /** DEEPEP (default) or ALLTOALL. */
     public Builder dispatch(EpDispatch d) {

@@ -1,6 +1,6 @@
 package org.deepep4j;
 
-/** Where a buffer's memory and copies live. The Java API is the same for both; this build's buffers are CPU ones. */
+/** Where a buffer's memory and copies live ({@link EpConfig.Builder#device}). */
 public enum EpDevice {
   /** Host memory (POSIX shared memory between processes); INDArrays of ND4J's CPU backend go in without copies. */
   CPU,

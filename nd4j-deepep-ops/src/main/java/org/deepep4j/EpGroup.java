@@ -20,8 +20,10 @@ public final class EpGroup implements AutoCloseable {
   private final int processRank;  // -1: every rank lives in this JVM
   private final BlobExchange exchange;
   private final Duration timeout;
+  private int localRank;  // this process's GPU ordinal for CUDA buffers (process groups)
 
   private EpGroup(int size, int processRank, BlobExchange exchange, Duration timeout) {
+    this.localRank = Math.max(0, processRank);
     this.size = size;
     this.processRank = processRank;
     this.exchange = exchange;
@@ -49,7 +51,11 @@ public final class EpGroup implements AutoCloseable {
     int port = intVar(env, "MASTER_PORT", null);
     String secret = env.get("DEEPEP4J_SECRET");
     int timeoutMs = intVar(env, "DEEPEP4J_TIMEOUT_MS", "60000");
-    return tcp(rank, world, addr, port, secret, Duration.ofMillis(timeoutMs));
+    int localRank = intVar(env, "LOCAL_RANK", String.valueOf(rank));
+    if (localRank < 0) throw new IllegalArgumentException("LOCAL_RANK = " + localRank + ": must be >= 0");
+    EpGroup g = tcp(rank, world, addr, port, secret, Duration.ofMillis(timeoutMs));
+    g.localRank = localRank;
+    return g;
   }
 
   /** This process as rank {@code rank} of {@code worldSize}, meeting at {@code host:port} (rank 0 listens there). */
@@ -71,6 +77,9 @@ public final class EpGroup implements AutoCloseable {
   }
 
   public int size() { return size; }
+
+  /** This process's GPU ordinal for CUDA buffers: LOCAL_RANK (default: its rank) in a process group. */
+  public int localRank() { return localRank; }
 
   /** True when every rank is a thread of this JVM. */
   public boolean isInProcess() { return processRank < 0; }

@@ -7,8 +7,14 @@ final class Status {
   private Status() {}
 
   static void check(int status) {
+    check(status, null);
+  }
+
+  /** As {@link #check(int)}, the message prefixed by {@code context} (which object failed) when given. */
+  static void check(int status, String context) {
     if (status == DeepEp4jNative.DEEPEP4J_OK) return;
     String message = DeepEp4jNative.deepep4j_last_error().getString();
+    if (context != null) message = context + ": " + message;
     String name = DeepEp4jNative.deepep4j_status_name(status).getString();
     if (status == DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT) throw new IllegalArgumentException(message);
     if (status == DeepEp4jNative.DEEPEP4J_ERR_TIMEOUT) throw new EpTimeoutException(name + ": " + message);

@@ -162,6 +162,110 @@ public final class DeepEp4jNative {
   public static native int deepep4j_handle_recv_counts_per_rank(Handle h, @Cast("int32_t*") IntPointer out);
   public static native int deepep4j_handle_destroy(Handle h);
 
+  // ------------------------------------------------------------------------------------------- MoE block
+  public static final int DEEPEP4J_FLOAT64 = 4;
+  public static final int DEEPEP4J_SCORE_SOFTMAX = 0;
+  public static final int DEEPEP4J_SCORE_SIGMOID = 1;
+  public static final int DEEPEP4J_MOE_GEMM_AUTO = 0;
+  public static final int DEEPEP4J_MOE_GEMM_GROUPED = 1;
+  public static final int DEEPEP4J_MOE_GEMM_LOOP = 2;
+  public static final int DEEPEP4J_MOE_PARAMS = 0;
+  public static final int DEEPEP4J_MOE_GRADS = 1;
+  public static final int DEEPEP4J_MOE_STATE_M = 2;
+  public static final int DEEPEP4J_MOE_STATE_V = 3;
+  public static final int DEEPEP4J_MEMORY_DEVICE = 0;
+  public static final int DEEPEP4J_MEMORY_HOST = 1;
+  public static final int DEEPEP4J_OPT_SGD = 0;
+  public static final int DEEPEP4J_OPT_ADAM = 1;
+  public static final int DEEPEP4J_OPT_ADAMW = 2;
+
+  @Opaque @Name("deepep4j_moe")
+  public static class Moe extends Pointer {
+    public Moe() { super((Pointer) null); }
+    public Moe(Pointer p) { super(p); }
+  }
+
+  @Name("deepep4j_moe_config")
+  public static class MoeConfig extends Pointer {
+    static { NativeLoader.load(); }
+    public MoeConfig() { allocate(); }
+    private native void allocate();
+    public native long hidden(); public native MoeConfig hidden(long v);
+    public native long ffn(); public native MoeConfig ffn(long v);
+    public native int num_experts(); public native MoeConfig num_experts(int v);
+    public native int num_topk(); public native MoeConfig num_topk(int v);
+    public native int dtype(); public native MoeConfig dtype(int v);
+    public native int score_function(); public native MoeConfig score_function(int v);
+    public native int normalize_topk(); public native MoeConfig normalize_topk(int v);
+    public native int gemm(); public native MoeConfig gemm(int v);
+    public native double aux_loss_coef(); public native MoeConfig aux_loss_coef(double v);
+    public native long max_tokens(); public native MoeConfig max_tokens(long v);
+  }
+
+  @Name("deepep4j_moe_forward_args")
+  public static class MoeForwardArgs extends Pointer {
+    static { NativeLoader.load(); }
+    public MoeForwardArgs() { allocate(); }
+    private native void allocate();
+    public native int memory(); public native MoeForwardArgs memory(int v);
+    public native @Cast("const void*") long x(); public native MoeForwardArgs x(@Cast("const void*") long v);
+    public native @Cast("const void*") long router_weight();
+    public native MoeForwardArgs router_weight(@Cast("const void*") long v);
+    public native @Cast("const float*") long router_bias();
+    public native MoeForwardArgs router_bias(@Cast("const float*") long v);
+    public native @Cast("const int64_t*") long replay_topk_idx();
+    public native MoeForwardArgs replay_topk_idx(@Cast("const int64_t*") long v);
+    public native @Cast("void*") long y(); public native MoeForwardArgs y(@Cast("void*") long v);
+    public native @Cast("int64_t*") long topk_idx(); public native MoeForwardArgs topk_idx(@Cast("int64_t*") long v);
+    public native @Cast("float*") long topk_weights(); public native MoeForwardArgs topk_weights(@Cast("float*") long v);
+    public native int async_combine(); public native MoeForwardArgs async_combine(int v);
+    public native @Cast("int32_t*") long expert_load(); public native MoeForwardArgs expert_load(@Cast("int32_t*") long v);
+    public native @Cast("int32_t*") long recv_per_local_expert();
+    public native MoeForwardArgs recv_per_local_expert(@Cast("int32_t*") long v);
+    public native @Cast("double*") long aux_loss(); public native MoeForwardArgs aux_loss(@Cast("double*") long v);
+  }
+
+  @Name("deepep4j_moe_backward_args")
+  public static class MoeBackwardArgs extends Pointer {
+    static { NativeLoader.load(); }
+    public MoeBackwardArgs() { allocate(); }
+    private native void allocate();
+    public native int memory(); public native MoeBackwardArgs memory(int v);
+    public native @Cast("const void*") long grad_y(); public native MoeBackwardArgs grad_y(@Cast("const void*") long v);
+    public native @Cast("void*") long grad_x(); public native MoeBackwardArgs grad_x(@Cast("void*") long v);
+    public native @Cast("void*") long grad_router_weight();
+    public native MoeBackwardArgs grad_router_weight(@Cast("void*") long v);
+    public native double aux_loss_scale(); public native MoeBackwardArgs aux_loss_scale(double v);
+    public native int accumulate(); public native MoeBackwardArgs accumulate(int v);
+  }
+
+  @Name("deepep4j_optimizer")
+  public static class Optimizer extends Pointer {
+    static { NativeLoader.load(); }
+    public Optimizer() { allocate(); }
+    private native void allocate();
+    public native int kind(); public native Optimizer kind(int v);
+    public native double learning_rate(); public native Optimizer learning_rate(double v);
+    public native double beta1(); public native Optimizer beta1(double v);
+    public native double beta2(); public native Optimizer beta2(double v);
+    public native double epsilon(); public native Optimizer epsilon(double v);
+    public native double weight_decay(); public native Optimizer weight_decay(double v);
+    public native long iteration(); public native Optimizer iteration(long v);
+    public native double grad_scale(); public native Optimizer grad_scale(double v);
+  }
+
+  public static native void deepep4j_moe_config_init(MoeConfig config);
+  public static native int deepep4j_moe_create(Buffer buf, MoeConfig config, @Cast("deepep4j_moe**") PointerPointer out);
+  public static native int deepep4j_moe_destroy(Moe moe);
+  public static native int deepep4j_moe_read(Moe moe, int tensor, int hostDtype, @Cast("void*") long host, long count);
+  public static native int deepep4j_moe_write(Moe moe, int tensor, int hostDtype, @Cast("const void*") long host,
+                                              long count);
+  public static native int deepep4j_moe_forward(Moe moe, long numTokens, MoeForwardArgs args, @Cast("void*") long stream);
+  public static native int deepep4j_moe_wait(Moe moe);
+  public static native int deepep4j_moe_backward(Moe moe, MoeBackwardArgs args, @Cast("void*") long stream);
+  public static native void deepep4j_optimizer_init(Optimizer opt, int kind);
+  public static native int deepep4j_moe_step(Moe moe, Optimizer opt, @Cast("void*") long stream);
+
   /** Forces the class (and so the JNI library) to load; throws {@link UnsatisfiedLinkError} with a clear message. */
   public static void ensureLoaded() {}
 }

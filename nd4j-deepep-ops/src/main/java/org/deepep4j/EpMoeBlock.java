@@ -86,6 +86,9 @@ public final class EpMoeBlock implements AutoCloseable {
    */
   public void beforeClose(Runnable hook) { this.beforeClose = hook; }
 
+  /** True once {@link #close()} ran (directly or because the buffer closed). */
+  public synchronized boolean isClosed() { return moe == null; }
+
   private DeepEp4jNative.Moe moe() {
     if (moe == null) throw new IllegalStateException("EpMoeBlock of rank " + buffer.rank() + ": already closed");
     return moe;

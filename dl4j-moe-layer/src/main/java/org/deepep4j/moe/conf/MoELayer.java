@@ -1,5 +1,6 @@
 package org.deepep4j.moe.conf;
 
+import org.deepep4j.EpDevice;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deepep4j.moe.params.MoEParamInitializer;
 import org.deeplearning4j.nn.api.ParamInitializer;
@@ -40,6 +41,13 @@ public class MoELayer extends FeedForwardLayer {
     private int sharedExpertFfnSize;
     private int epSize = 1;
     private boolean asyncCombine;
+    private boolean engineBlock;
+    private EpDevice device = EpDevice.CPU;
+    private ExpertResidency expertResidency = ExpertResidency.ENGINE;
+    private boolean syncViewsEveryStep = true;
+    private int engineMaxTokens = 8192;
+    /** The updater DL4J runs for this layer's experts on the engine path (one per layer object, bound to its impl). */
+    private transient EngineStepUpdater engineStepUpdater;
 
     /** For JSON. */
     public MoELayer() {
@@ -57,6 +65,11 @@ public class MoELayer extends FeedForwardLayer {
         sharedExpertFfnSize = b.sharedExpertFfnSize;
         epSize = b.epSize;
         asyncCombine = b.asyncCombine;
+        engineBlock = b.engineBlock;
+        device = b.device;
+        expertResidency = b.expertResidency;
+        syncViewsEveryStep = b.syncViewsEveryStep;
+        engineMaxTokens = b.engineMaxTokens;
         if (nOut <= 0 && nIn > 0) {
             nOut = nIn;
         }
@@ -80,6 +93,19 @@ public class MoELayer extends FeedForwardLayer {
                 "must be divisible by epSize=" + epSize + " so every rank holds the same number of experts");
         require(nIn <= 0 || nOut <= 0 || nIn == nOut, "nOut", nOut, "must equal nIn=" + nIn
                 + " (a MoE layer maps hidden size to hidden size)");
+        require(device != null, "device", null, "must be CPU or CUDA");
+        require(device == EpDevice.CPU || engineBlock, "device", device,
+                "needs engineBlock(true): on CUDA the whole MoE block runs in the engine");
+        require(expertResidency != null, "expertResidency", null, "must be ENGINE or HOST");
+        require(engineMaxTokens >= 1, "engineMaxTokens", engineMaxTokens, "must be >= 1");
+        if (engineBlock && expertResidency == ExpertResidency.ENGINE && getIUpdater() != null) {
+            EngineStepUpdater.checkSupported(getIUpdater(), regularization);
+        }
+    }
+
+    /** True when the engine updates the experts (engine block with {@link ExpertResidency#ENGINE}). */
+    public boolean expertsUpdatedByEngine() {
+        return engineBlock && expertResidency == ExpertResidency.ENGINE;
     }
 
     private static void require(boolean ok, String setting, Object value, String rule) {
@@ -97,8 +123,15 @@ public class MoELayer extends FeedForwardLayer {
             Collection<TrainingListener> trainingListeners, int layerIndex, INDArray layerParamsView,
             boolean initializeParams, DataType networkDataType) {
         validate();
+        if (expertsUpdatedByEngine() && getIUpdater() == null) {
+            throw new IllegalArgumentException("MoELayer updater=null: the engine block updates the experts with the"
+                    + " network's updater; set one (Sgd, Adam)");
+        }
         require(nIn > 0, "nIn", nIn, "must be > 0 (set it or give the network an input type)");
         MoELayerImpl ret = new MoELayerImpl(conf, networkDataType);
+        if (expertsUpdatedByEngine()) {
+            engineStepUpdater().bind(ret);
+        }
         ret.setListeners(trainingListeners);
         ret.setIndex(layerIndex);
         ret.setParamsViewArray(layerParamsView);
@@ -155,13 +188,34 @@ public class MoELayer extends FeedForwardLayer {
         if (MoEParamInitializer.ROUTER_BIAS.equals(paramName)) {
             return new NoOp();
         }
+        if (expertsUpdatedByEngine() && MoEParamInitializer.isExpertParam(paramName)) {
+            return engineStepUpdater();
+        }
         return super.getUpdaterByParam(paramName);
+    }
+
+    /** The updater of this layer object's experts on the engine path: it asks the engine to step them. */
+    private synchronized EngineStepUpdater engineStepUpdater() {
+        if (engineStepUpdater == null) {
+            engineStepUpdater = new EngineStepUpdater(getIUpdater());
+        }
+        return engineStepUpdater;
+    }
+
+    @Override
+    public MoELayer clone() {
+        MoELayer c = (MoELayer) super.clone();
+        c.engineStepUpdater = null;  // a clone gets its own, bound to its own layer
+        return c;
     }
 
     @Override
     public List<Regularization> getRegularizationByParam(String paramName) {
         if (MoEParamInitializer.ROUTER_BIAS.equals(paramName)) {
             return Collections.emptyList();
+        }
+        if (expertsUpdatedByEngine() && MoEParamInitializer.isExpertParam(paramName)) {
+            return Collections.emptyList();  // weight decay is the engine's (AdamW)
         }
         return regularization == null ? Collections.emptyList() : regularization;
     }
@@ -209,6 +263,16 @@ public class MoELayer extends FeedForwardLayer {
     public void setEpSize(int epSize) { this.epSize = epSize; }
     public boolean isAsyncCombine() { return asyncCombine; }
     public void setAsyncCombine(boolean asyncCombine) { this.asyncCombine = asyncCombine; }
+    public boolean isEngineBlock() { return engineBlock; }
+    public void setEngineBlock(boolean engineBlock) { this.engineBlock = engineBlock; }
+    public EpDevice getDevice() { return device; }
+    public void setDevice(EpDevice device) { this.device = device; }
+    public ExpertResidency getExpertResidency() { return expertResidency; }
+    public void setExpertResidency(ExpertResidency r) { this.expertResidency = r; }
+    public boolean isSyncViewsEveryStep() { return syncViewsEveryStep; }
+    public void setSyncViewsEveryStep(boolean b) { this.syncViewsEveryStep = b; }
+    public int getEngineMaxTokens() { return engineMaxTokens; }
+    public void setEngineMaxTokens(int n) { this.engineMaxTokens = n; }
 
     @Override
     public boolean equals(Object o) {
@@ -220,7 +284,9 @@ public class MoELayer extends FeedForwardLayer {
                 && Double.compare(auxLossCoefficient, m.auxLossCoefficient) == 0
                 && Double.compare(biasUpdateRate, m.biasUpdateRate) == 0
                 && sharedExpertFfnSize == m.sharedExpertFfnSize && epSize == m.epSize
-                && asyncCombine == m.asyncCombine;
+                && asyncCombine == m.asyncCombine && engineBlock == m.engineBlock && device == m.device
+                && expertResidency == m.expertResidency && syncViewsEveryStep == m.syncViewsEveryStep
+                && engineMaxTokens == m.engineMaxTokens;
     }
 
     @Override
@@ -231,7 +297,8 @@ public class MoELayer extends FeedForwardLayer {
     @Override
     public int hashCode() {
         return Objects.hash(super.hashCode(), numExperts, topK, ffnSize, scoreFunction, normalizeTopK,
-                auxLossCoefficient, biasUpdateRate, sharedExpertFfnSize, epSize, asyncCombine);
+                auxLossCoefficient, biasUpdateRate, sharedExpertFfnSize, epSize, asyncCombine, engineBlock, device,
+                expertResidency, syncViewsEveryStep, engineMaxTokens);
     }
 
     @Override
@@ -239,7 +306,9 @@ public class MoELayer extends FeedForwardLayer {
         return "MoELayer(nIn=" + nIn + ", numExperts=" + numExperts + ", topK=" + topK + ", ffnSize=" + ffnSize
                 + ", scoreFunction=" + scoreFunction + ", normalizeTopK=" + normalizeTopK + ", auxLossCoefficient="
                 + auxLossCoefficient + ", biasUpdateRate=" + biasUpdateRate + ", sharedExpertFfnSize="
-                + sharedExpertFfnSize + ", epSize=" + epSize + ", asyncCombine=" + asyncCombine + ")";
+                + sharedExpertFfnSize + ", epSize=" + epSize + ", asyncCombine=" + asyncCombine + ", engineBlock="
+                + engineBlock + ", device=" + device + ", expertResidency=" + expertResidency + ", syncViewsEveryStep="
+                + syncViewsEveryStep + ", engineMaxTokens=" + engineMaxTokens + ")";
     }
 
     /** Builder in DL4J style: {@code new MoELayer.Builder().nIn(64).numExperts(8).topK(2).ffnSize(128).build()}. */
@@ -254,6 +323,11 @@ public class MoELayer extends FeedForwardLayer {
         private int sharedExpertFfnSize;
         private int epSize = 1;
         private boolean asyncCombine;
+        private boolean engineBlock;
+        private EpDevice device = EpDevice.CPU;
+        private ExpertResidency expertResidency = ExpertResidency.ENGINE;
+        private boolean syncViewsEveryStep = true;
+        private int engineMaxTokens = 8192;
 
         public Builder numExperts(int numExperts) { this.numExperts = numExperts; return this; }
         public Builder topK(int topK) { this.topK = topK; return this; }
@@ -272,6 +346,28 @@ public class MoELayer extends FeedForwardLayer {
         public Builder epSize(int epSize) { this.epSize = epSize; return this; }
         /** Overlap the combine with the shared expert's computation on a background thread. */
         public Builder asyncCombine(boolean b) { this.asyncCombine = b; return this; }
+        /**
+         * Run router, dispatch, experts, combine and their backward in the engine ({@link org.deepep4j.EpMoeBlock}) on
+         * the EP buffer's device; only x, y, their gradients and the router weights cross per step.
+         */
+        public Builder engineBlock(boolean b) { this.engineBlock = b; return this; }
+        /**
+         * Device of the layer's own engine buffer when it is not trained by {@code ExpertParallelTrainer} (which
+         * takes the device from its EpConfig); CUDA needs {@link #engineBlock(boolean) engineBlock(true)}.
+         */
+        public Builder device(EpDevice d) { this.device = d; return this; }
+        /** Where expert weights are authoritative on the engine path (default ENGINE). */
+        public Builder expertResidency(ExpertResidency r) { this.expertResidency = r; return this; }
+        /**
+         * ENGINE residency: copy the experts' weights, gradients and optimizer state back into DL4J's views after
+         * every step (default true), so every reader of the network (ModelSerializer, listeners, {@code params()})
+         * sees current values. With false they are copied only when read through the layer or on
+         * {@link org.deepep4j.moe.layers.EngineBlocks#synchronize}; a raw read of the network's flattened params
+         * between steps then sees the weights of the last synchronisation.
+         */
+        public Builder syncViewsEveryStep(boolean b) { this.syncViewsEveryStep = b; return this; }
+        /** Largest token count of one forward on the engine path (default 8192): workspaces are sized for it. */
+        public Builder engineMaxTokens(int n) { this.engineMaxTokens = n; return this; }
 
         @Override
         @SuppressWarnings("unchecked")

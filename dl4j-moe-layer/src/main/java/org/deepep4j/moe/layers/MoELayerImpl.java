@@ -18,6 +18,7 @@ import org.nd4j.linalg.factory.Nd4j;
 
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
@@ -43,6 +44,9 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     private transient RoutingMode routingMode = RoutingMode.NORMAL;
     private transient INDArray recordedRouting;
     private transient PhaseTimes times = new PhaseTimes();
+    /** The engine block path ({@code engineBlock(true)}); null on the Java path. */
+    private transient EngineBlock engine;
+    private transient long lastMinibatch = 1;
 
     public MoELayerImpl(NeuralNetConfiguration conf, DataType dataType) {
         super(conf, dataType);
@@ -55,6 +59,9 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         ExpertExchange.Dispatched dispatched;
         LocalExperts experts;
         SwiGlu shared;
+        /** Engine path: tokens and per-expert load of the forward (for the selection-bias step). */
+        long tokens;
+        int[] load;
     }
 
     /** Binds the rank's exchange; needed when {@code epSize > 1}. */
@@ -64,6 +71,122 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
                     + layerConf().getEpSize());
         }
         this.exchange = exchange;
+    }
+
+    private EngineBlock engine() {
+        if (engine == null) {
+            engine = new EngineBlock(layerConf(), this);
+        }
+        return engine;
+    }
+
+    /** DL4J's parameter views by key, without synchronisation (the engine path's own reads and writes). */
+    Map<String, INDArray> paramViews() {
+        return params;
+    }
+
+    Map<String, INDArray> gradViews() {
+        return gradientViews;
+    }
+
+    /** True when this layer runs on the engine block. */
+    public boolean isEngineBlock() {
+        return layerConf().isEngineBlock();
+    }
+
+    /**
+     * Engine -> DL4J: brings the experts' parameter and updater-state views up to date with the engine (no-op when they
+     * are current or on the Java path). Reads through this layer do it themselves.
+     */
+    public void synchronizeViews() {
+        if (engine != null) {
+            long t = engine.pullNs();
+            engine.pullIfStale();
+            times.syncNs += engine.pullNs() - t;
+        }
+    }
+
+    /** DL4J -> engine: the experts' views were written directly; the engine takes them before its next forward. */
+    public void viewsChanged() {
+        if (engine != null) {
+            engine.viewsChanged();
+        }
+    }
+
+    /** How many times the engine's experts were copied into DL4J's views (a cost counter, for tests and benchmarks). */
+    public long viewSynchronizations() {
+        return engine == null ? 0 : engine.pulls();
+    }
+
+    /** Called by DL4J's updater (through {@link org.deepep4j.moe.conf.EngineStepUpdater}): the engine steps the experts. */
+    public void engineStep(int iteration, int epoch) {
+        MoELayer c = layerConf();
+        if (engine == null || !engine.isOpen()) {
+            throw new IllegalStateException("MoELayer engine step: no engine block (no forward/backward before the update)");
+        }
+        long t = System.nanoTime();
+        engine.block(getExchange(), dataType).step(org.deepep4j.moe.conf.EngineStepUpdater.optimizer(c.getIUpdater(),
+                c.getRegularization(), iteration, epoch, 1.0 / ((double) lastMinibatch * c.getEpSize())));
+        engine.stepped();
+        times.engineStepNs += System.nanoTime() - t;
+        if (c.isSyncViewsEveryStep()) {
+            synchronizeViews();
+        }
+    }
+
+    /** Called when DL4J's updater hands its state view of the experts to {@link org.deepep4j.moe.conf.EngineStepUpdater}. */
+    public void engineStateView(INDArray view) {
+        engine().stateView(view);
+    }
+
+    // DL4J reads of the parameters go through these: on the engine path they see the engine's current weights.
+
+    @Override
+    public INDArray params() {
+        synchronizeViews();
+        return super.params();
+    }
+
+    @Override
+    public Map<String, INDArray> paramTable() {
+        synchronizeViews();
+        return super.paramTable();
+    }
+
+    @Override
+    public Map<String, INDArray> paramTable(boolean backpropParamsOnly) {
+        synchronizeViews();
+        return super.paramTable(backpropParamsOnly);
+    }
+
+    @Override
+    public INDArray getParam(String param) {
+        synchronizeViews();
+        return super.getParam(param);
+    }
+
+    @Override
+    public void setParam(String key, INDArray val) {
+        synchronizeViews();
+        super.setParam(key, val);
+        viewsChanged();
+    }
+
+    @Override
+    public void setParams(INDArray params) {
+        synchronizeViews();
+        super.setParams(params);
+        viewsChanged();
+    }
+
+    @Override
+    public void setParamTable(Map<String, INDArray> paramTable) {
+        synchronizeViews();
+        super.setParamTable(paramTable);
+        if (engine != null) {
+            engine.close();
+            engine = null;  // the views themselves changed: a new block binds them
+        }
     }
 
     public ExpertExchange getExchange() {
@@ -158,6 +281,10 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     private INDArray forward(INDArray x, Forward f) {
         MoELayer c = layerConf();
         times.reset();
+        lastMinibatch = input.size(0);
+        if (c.isEngineBlock()) {
+            return engineForward(x, f);
+        }
         ExpertExchange ex = getExchange();
         long t0 = System.nanoTime();
         INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
@@ -189,6 +316,77 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return shared == null ? out : out.add(shared);
     }
 
+    /** Router, dispatch, experts and combine in the engine; the shared expert (if any) on the host meanwhile. */
+    private INDArray engineForward(INDArray x, Forward f) {
+        MoELayer c = layerConf();
+        long t0 = System.nanoTime();
+        org.deepep4j.EpMoeBlock block = engine().block(getExchange(), dataType);
+        engine.pushIfStale();
+        long t1 = System.nanoTime();
+        INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
+        INDArray wr = params.get(MoEParamInitializer.ROUTER_WEIGHT);
+        INDArray br = params.get(MoEParamInitializer.ROUTER_BIAS);
+        org.deepep4j.EpMoeForward out;
+        INDArray shared;
+        if (c.isAsyncCombine()) {
+            org.deepep4j.EpMoeBlock.Pending pending = block.forwardAsync(x, wr, br, replay);
+            shared = sharedForward(x, f);  // host work while the engine runs; y exists only after await()
+            out = pending.await();
+        } else {
+            out = block.forward(x, wr, br, replay);
+            shared = sharedForward(x, f);
+        }
+        times.syncNs += t1 - t0;
+        times.engineNs += System.nanoTime() - t1 - times.sharedNs;
+        f.tokens = x.size(0);
+        f.load = out.expertLoad();
+        lastAuxLoss = out.auxLoss();
+        lastLoad = out.expertLoad();
+        lastReceived = out.recvPerLocalExpert();
+        if (routingMode == RoutingMode.RECORD) {
+            recordedRouting = out.topkIdx();
+        }
+        INDArray y = out.y().dataType() == x.dataType() ? out.y() : out.y().castTo(x.dataType());
+        return shared == null ? y : y.add(shared);
+    }
+
+    private INDArray engineBackward(INDArray g, Forward f) {
+        MoELayer c = layerConf();
+        long t0 = System.nanoTime();
+        org.deepep4j.EpMoeBackward b = engine.block(getExchange(), dataType).backward(g, input.size(0), false);
+        long t1 = System.nanoTime();
+        times.engineNs += t1 - t0;
+        gradientViews.get(MoEParamInitializer.ROUTER_WEIGHT).assign(b.gradRouterWeight());
+        INDArray gBias = gradientViews.get(MoEParamInitializer.ROUTER_BIAS);
+        if (c.getBiasUpdateRate() > 0) {
+            gBias.assign(Nd4j.createFromArray(biasStep(f, c.getBiasUpdateRate())).reshape(gBias.shape()));
+        } else {
+            gBias.assign(0.0);
+        }
+        if (c.getExpertResidency() == org.deepep4j.moe.conf.ExpertResidency.HOST || c.isSyncViewsEveryStep()) {
+            engine.pullGradients();
+        }
+        times.syncNs += System.nanoTime() - t1;
+        INDArray gShared = sharedBackward(g, f);
+        INDArray gx = b.gradX().dataType() == g.dataType() ? b.gradX() : b.gradX().castTo(g.dataType());
+        return gShared == null ? gx : gx.add(gShared);
+    }
+
+    /** Aux-loss-free balancing step of the selection bias (as {@link Router#biasStep}), from the engine's load. */
+    private static double[] biasStep(Forward f, double rate) {
+        int e = f.load.length;
+        int k = 0;
+        for (int l : f.load) {
+            k += l;
+        }
+        double mean = f.tokens == 0 ? 0 : k / (double) e;  // n * K / E
+        double[] step = new double[e];
+        for (int c = 0; c < e; c++) {
+            step[c] = -rate * Math.signum(mean - f.load[c]);
+        }
+        return step;
+    }
+
     private INDArray requireRecorded() {
         if (recordedRouting == null) {
             throw new IllegalStateException("routing replay: mode is REPLAY but no routing was recorded or given");
@@ -208,7 +406,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
             return null;
         }
         long t = System.nanoTime();
-        f.shared = new SwiGlu(x, getParam("sW1"), getParam("sW3"), getParam("sW2"));
+        f.shared = new SwiGlu(x, params.get("sW1"), params.get("sW3"), params.get("sW2"));
         times.sharedNs += System.nanoTime() - t;
         return f.shared.y;
     }
@@ -234,6 +432,9 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
 
     private INDArray backward(INDArray g, Forward f) {
         MoELayer c = layerConf();
+        if (c.isEngineBlock()) {
+            return engineBackward(g, f);
+        }
         ExpertExchange ex = getExchange();
         long t0 = System.nanoTime();
         INDArray gy = ex.dispatchCached(f.dispatched, g);
@@ -365,8 +566,20 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         cache = null;
     }
 
+    /** Closes the engine block (weights copied back into DL4J's views first); the next forward makes a new one. */
+    public void closeEngine() {
+        if (engine != null) {
+            engine.close();
+            engine = null;
+        }
+    }
+
     @Override
     public void close() {
+        if (engine != null) {
+            engine.close();
+            engine = null;
+        }
         if (combineThread != null) {
             combineThread.shutdownNow();
             combineThread = null;

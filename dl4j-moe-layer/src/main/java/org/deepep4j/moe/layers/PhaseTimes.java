@@ -7,15 +7,24 @@ public final class PhaseTimes {
     long expertNs;
     long combineNs;
     long sharedNs;
+    /** Engine path: the engine block's forward and backward (router, dispatch, experts, combine, with host staging). */
+    long engineNs;
+    /** Engine path: the experts' optimizer step in the engine. */
+    long engineStepNs;
+    /** Engine path: copies of expert weights / gradients / optimizer state between the engine and DL4J's views. */
+    long syncNs;
 
     public double routingMs() { return routingNs / 1e6; }
     public double dispatchMs() { return dispatchNs / 1e6; }
     public double expertMs() { return expertNs / 1e6; }
     public double combineMs() { return combineNs / 1e6; }
     public double sharedExpertMs() { return sharedNs / 1e6; }
+    public double engineMs() { return engineNs / 1e6; }
+    public double engineStepMs() { return engineStepNs / 1e6; }
+    public double viewSyncMs() { return syncNs / 1e6; }
 
     void reset() {
-        routingNs = dispatchNs = expertNs = combineNs = sharedNs = 0;
+        routingNs = dispatchNs = expertNs = combineNs = sharedNs = engineNs = engineStepNs = syncNs = 0;
     }
 
     PhaseTimes copy() {
@@ -25,11 +34,18 @@ public final class PhaseTimes {
         p.expertNs = expertNs;
         p.combineNs = combineNs;
         p.sharedNs = sharedNs;
+        p.engineNs = engineNs;
+        p.engineStepNs = engineStepNs;
+        p.syncNs = syncNs;
         return p;
     }
 
     @Override
     public String toString() {
+        if (engineNs > 0) {
+            return String.format("engine block %.2f ms, engine step %.2f ms, view sync %.2f ms, shared expert %.2f ms",
+                    engineMs(), engineStepMs(), viewSyncMs(), sharedExpertMs());
+        }
         return String.format("routing %.2f ms, dispatch %.2f ms, expert compute %.2f ms, combine %.2f ms, shared expert %.2f ms",
                 routingMs(), dispatchMs(), expertMs(), combineMs(), sharedExpertMs());
     }

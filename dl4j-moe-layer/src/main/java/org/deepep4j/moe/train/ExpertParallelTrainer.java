@@ -208,8 +208,9 @@ public final class ExpertParallelTrainer {
                     + " use replica(rank)");
         }
         for (int r = 0; r < ranks; r++) {
-            ExpertSharding.gather(replicas[r], whole, r);
+            ExpertSharding.gather(replicas[r], whole, r);  // replicas' engine blocks bring their views up to date first
         }
+        org.deepep4j.moe.layers.EngineBlocks.reload(whole);  // the whole model's own engine blocks, if any, take them
         return whole;
     }
 

@@ -9,6 +9,8 @@ public final class Options {
     public int experts = 8;
     public int topK = 2;
     public String dispatch = "deepep";
+    public String device = "cpu";
+    public boolean engineBlock;
     public int epochs = 10;
     public int stepsPerEpoch = 60;
     public int tokensPerRank = 512;
@@ -32,6 +34,9 @@ public final class Options {
             "  --experts E        experts in total, a multiple of --ranks [8]",
             "  --top-k K          experts per token, 1..E [2]",
             "  --dispatch B       dispatch backend: deepep | alltoall (alltoall needs CUDA GPUs) [deepep]",
+            "  --device D         cpu | cuda: cuda runs the MoE block (router, dispatch, experts, combine, backward,",
+            "                     Adam) in the engine on the GPUs, rank r on GPU r mod count [cpu]",
+            "  --engine-block B   true | false: the engine's MoE block on the CPU device too [false; true with cuda]",
             "  --epochs N         epochs [10]",
             "  --steps N          steps per epoch [60]",
             "  --tokens N         tokens per rank per step [512]",
@@ -69,6 +74,8 @@ public final class Options {
                 case "--experts": o.experts = intIn(flag, value, 1, 1024); break;
                 case "--top-k": o.topK = intIn(flag, value, 1, 1024); break;
                 case "--dispatch": o.dispatch = backend(value); break;
+                case "--device": o.device = device(value); break;
+                case "--engine-block": o.engineBlock = bool(flag, value); break;
                 case "--epochs": o.epochs = intIn(flag, value, 1, 10_000); break;
                 case "--steps": o.stepsPerEpoch = intIn(flag, value, 1, 1_000_000); break;
                 case "--tokens": o.tokensPerRank = intIn(flag, value, 1, 1 << 20); break;
@@ -100,6 +107,25 @@ public final class Options {
             throw new UsageException("--dispatch '" + value + "' must be deepep or alltoall");
         }
         return v;
+    }
+
+    private static String device(String value) throws UsageException {
+        String v = value.toLowerCase(Locale.ROOT);
+        if (!v.equals("cpu") && !v.equals("cuda")) {
+            throw new UsageException("--device '" + value + "' must be cpu or cuda");
+        }
+        return v;
+    }
+
+    private static boolean bool(String flag, String value) throws UsageException {
+        if (value.equalsIgnoreCase("true")) return true;
+        if (value.equalsIgnoreCase("false")) return false;
+        throw new UsageException(flag + " '" + value + "' must be true or false");
+    }
+
+    /** True when the MoE layer runs on the engine block (always on CUDA). */
+    public boolean usesEngineBlock() {
+        return engineBlock || device.equals("cuda");
     }
 
     private static int intIn(String flag, String value, int min, int max) throws UsageException {

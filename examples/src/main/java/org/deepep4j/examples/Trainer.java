@@ -59,7 +59,8 @@ public final class Trainer {
                 .updater(new Adam(o.learningRate))
                 .list()
                 .layer(new MoELayer.Builder().numExperts(o.experts).topK(o.topK).ffnSize(o.expertHidden)
-                        .normalizeTopK(o.topK > 1).auxLossCoefficient(AUX_LOSS).build())
+                        .normalizeTopK(o.topK > 1).auxLossCoefficient(AUX_LOSS)
+                        .engineBlock(o.usesEngineBlock()).engineMaxTokens(Math.max(8192, o.tokensPerRank)).build())
                 .layer(new LossLayer.Builder(LossFunctions.LossFunction.MSE).activation(Activation.IDENTITY).build())
                 .setInputType(InputType.feedForward(o.hidden))
                 .build();
@@ -71,6 +72,7 @@ public final class Trainer {
                 .dispatch(o.dispatch.equals("alltoall") ? EpDispatch.ALLTOALL : EpDispatch.DEEPEP)
                 .bufferSizeGb(0.0625)
                 .timeout(COLLECTIVE_TIMEOUT)
+                .device(o.device.equals("cuda") ? org.deepep4j.EpDevice.CUDA : org.deepep4j.EpDevice.CPU)
                 .build();
         // Ranks are threads that each compute their own share; ND4J's own worker threads on top of them would only
         // compete for the same cores (small matmuls got ~10x slower on 2 cores), so each op runs on its caller's thread.
@@ -205,8 +207,11 @@ public final class Trainer {
 
             long now = System.nanoTime();
             PhaseTimes p = timing.lastTimes().get(moe.getIndex());
-            long moeNs = add("routing", p.routingMs()) + add("dispatch", p.dispatchMs())
-                    + add("expert compute", p.expertMs()) + add("combine", p.combineMs());
+            long moeNs = moe.isEngineBlock()
+                    ? add("engine block fwd+bwd (router, dispatch, experts, combine, staging)", p.engineMs())
+                            + add("engine Adam step", p.engineStepMs()) + add("expert views sync", p.viewSyncMs())
+                    : add("routing", p.routingMs()) + add("dispatch", p.dispatchMs())
+                            + add("expert compute", p.expertMs()) + add("combine", p.combineMs());
             // Data, loss, the gradient mean over ranks (which waits for the slowest rank) and the Adam update.
             phaseNanos.merge("rest of step", Math.max(0, now - stepStart - moeNs), Long::sum);
             stepStart = now;

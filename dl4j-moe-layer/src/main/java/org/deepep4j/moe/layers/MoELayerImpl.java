@@ -545,7 +545,18 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
 
     @Override
     public double calcRegularizationScore(boolean backpropParamsOnly) {
-        return super.calcRegularizationScore(backpropParamsOnly) + lastAuxLoss;
+        // BaseLayer's version reads paramTable(), which on the engine path would copy the experts back every step.
+        double score = 0;
+        for (Map.Entry<String, INDArray> p : params.entrySet()) {
+            List<org.nd4j.linalg.learning.regularization.Regularization> rs = layerConf().getRegularizationByParam(p.getKey());
+            if (rs == null) {
+                continue;
+            }
+            for (org.nd4j.linalg.learning.regularization.Regularization r : rs) {
+                score += r.score(p.getValue(), getIterationCount(), getEpochCount());
+            }
+        }
+        return score + lastAuxLoss;
     }
 
     @Override

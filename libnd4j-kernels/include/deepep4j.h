@@ -79,7 +79,8 @@ typedef enum deepep4j_dtype {
   DEEPEP4J_BFLOAT16 = 1,
   DEEPEP4J_FLOAT16 = 2,
   DEEPEP4J_FP8_E4M3 = 3, /* dispatch only; comes with fp32 scales [N, H/128] */
-  DEEPEP4J_FLOAT64 = 4    /* MoE block only (gradient checks in double precision) */
+  DEEPEP4J_FLOAT64 = 4    /* MoE block (gradient checks in double precision); dispatch / combine carry its rows and
+                             combine reduces them in fp64 */
 } deepep4j_dtype;
 
 typedef enum deepep4j_device {
@@ -314,7 +315,10 @@ typedef struct deepep4j_moe_forward_args {
   double* aux_loss;               /* host: this rank's aux loss, or NULL */
 } deepep4j_moe_forward_args;
 
-/* Collective. 0 <= N <= max_tokens. The routing and activations are kept for the next backward. */
+/* Collective. 0 <= N <= max_tokens. The routing and activations, and copies of x and router_weight, are kept for the
+   next backward. memory = DEVICE: outputs are ordered on `stream` either way. memory = HOST: async_combine = 0 returns
+   with y / topk_* filled; 1 returns once the work is queued and deepep4j_moe_wait fills them. A bad argument on one rank
+   is INVALID_ARGUMENT there and PEER_ERROR on the others; outputs stay untouched. */
 DEEPEP4J_API int deepep4j_moe_forward(deepep4j_moe* moe, int64_t num_tokens, const deepep4j_moe_forward_args* args,
                                       void* stream);
 

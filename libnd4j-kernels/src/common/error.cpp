@@ -32,6 +32,7 @@ size_t dtype_size(int32_t dtype) {
     case DEEPEP4J_BFLOAT16: return 2;
     case DEEPEP4J_FLOAT16: return 2;
     case DEEPEP4J_FP8_E4M3: return 1;
+    case DEEPEP4J_FLOAT64: return 8;
     default: return 0;
   }
 }
@@ -42,6 +43,7 @@ const char* dtype_name(int32_t dtype) {
     case DEEPEP4J_BFLOAT16: return "bfloat16";
     case DEEPEP4J_FLOAT16: return "float16";
     case DEEPEP4J_FP8_E4M3: return "fp8_e4m3";
+    case DEEPEP4J_FLOAT64: return "float64";
     default: return "unknown";
   }
 }

@@ -74,9 +74,9 @@ Check check_routing(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, in
 
 Check check_payload(int64_t hidden, int32_t dtype, bool allow_fp8, const char* what) {
   size_t es = dtype_size(dtype);
-  if (es == 0) return Check::fail(E_ARG, "dtype = %d: unknown (0 float32, 1 bfloat16, 2 float16, 3 fp8_e4m3)", dtype);
+  if (es == 0) return Check::fail(E_ARG, "dtype = %d: unknown (0 float32, 1 bfloat16, 2 float16, 3 fp8_e4m3, 4 float64)", dtype);
   if (dtype == DEEPEP4J_FP8_E4M3 && !allow_fp8)
-    return Check::fail(E_ARG, "dtype = fp8_e4m3: %s supports float32, bfloat16 and float16 only", what);
+    return Check::fail(E_ARG, "dtype = fp8_e4m3: %s supports float32, bfloat16, float16 and float64 only", what);
   if (hidden <= 0) return Check::fail(E_ARG, "hidden = %" PRId64 ": must be > 0", hidden);
   if ((hidden * (int64_t)es) % 16 != 0)
     return Check::fail(E_ARG,

@@ -99,8 +99,8 @@ const char* step_name(int kind) {
 // acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row. One straight
 // loop per (dtype, first) so the compiler vectorises it; the bf16 loops also get an AVX2 clone (chosen at load time),
 // which has no FMA, so the sums round exactly as the reference does.
-template <class T, class ToFloat>
-inline void add_row_of(float* acc, const T* r, int64_t h, float scale, bool first, ToFloat to_float) {
+template <class Acc, class T, class ToFloat>
+inline void add_row_of(Acc* acc, const T* r, int64_t h, Acc scale, bool first, ToFloat to_float) {
   if (first)
     for (int64_t i = 0; i < h; ++i) acc[i] = scale * to_float(r[i]);
   else
@@ -124,6 +124,11 @@ void add_row(float* acc, const uint8_t* row, int32_t dtype, int64_t h, float sca
   else
     add_row_of(acc, reinterpret_cast<const uint16_t*>(row), h, scale, first,
                [](uint16_t v) { return fp16_to_float(v); });
+}
+
+// fp64 rows (the MoE block's gradient checks) are reduced in fp64, straight into out.
+void add_f64_row(double* acc, const uint8_t* row, int64_t h, float scale, bool first) {
+  add_row_of(acc, reinterpret_cast<const double*>(row), h, double(scale), first, [](double v) { return v; });
 }
 
 void store_row(uint8_t* out, const float* acc, int32_t dtype, int64_t h) {
@@ -419,7 +424,7 @@ class CpuBackend final : public Backend {
     if (st != DEEPEP4J_OK) return st;
     if ((st = verdict(all, kStepCombine)) != DEEPEP4J_OK) return st;
     // Accumulators live in the backend and only grow, so a fresh handle per step costs no page faults.
-    if (dtype != DEEPEP4J_FLOAT32 && scratch_.size() < size_t(h->num_tokens) * h->hidden)
+    if (dtype != DEEPEP4J_FLOAT32 && dtype != DEEPEP4J_FLOAT64 && scratch_.size() < size_t(h->num_tokens) * h->hidden)
       scratch_.resize(size_t(h->num_tokens) * h->hidden);
     if (touched_.size() < size_t(h->num_tokens)) touched_.resize(size_t(h->num_tokens));
     Transfer tr = combine_transfer(h, dtype, a, slot, all);
@@ -697,7 +702,9 @@ class CpuBackend final : public Backend {
     const uint8_t* y = static_cast<const uint8_t*>(a->y);
     uint8_t* out = static_cast<uint8_t*>(a->out);
     const bool f32 = dtype == DEEPEP4J_FLOAT32;
+    const bool f64 = dtype == DEEPEP4J_FLOAT64;
     float* acc_base = f32 ? reinterpret_cast<float*>(out) : scratch_.data();
+    double* acc64 = reinterpret_cast<double*>(out);
     uint8_t* touched = touched_.data();
 
     auto ins = std::make_shared<std::vector<CombineIn>>(R_);
@@ -722,7 +729,10 @@ class CpuBackend final : public Backend {
     // Adds one returned row to its token's accumulator (sources arrive in rank order).
     auto accumulate = [=](int d, int c, int64_t i, const uint8_t* yrow, const float* ytopk, float scale) {
       int64_t tok = h->send_tokens[d][h->send_begin[d][c] + i];
-      add_row(acc_base + tok * H, yrow, dtype, H, scale, !touched[tok]);
+      if (f64)
+        add_f64_row(acc64 + tok * H, yrow, H, scale, !touched[tok]);
+      else
+        add_row(acc_base + tok * H, yrow, dtype, H, scale, !touched[tok]);
       touched[tok] = 1;
       if (a->out_topk_weights)
         for (int j = 0; j < K; ++j) a->out_topk_weights[tok * K + j] += ytopk[j];
@@ -760,7 +770,7 @@ class CpuBackend final : public Backend {
     // bf16/fp16: a token whose rows are all added is stored at once, while its fp32 accumulator is still in cache.
     constexpr uint8_t kStored = 2;
     t.token_done = [=](int64_t tok) {
-      if (f32) return;
+      if (f32 || f64) return;
       store_row(out + tok * row, acc_base + tok * H, dtype, H);
       touched[tok] = kStored;
     };
@@ -768,6 +778,8 @@ class CpuBackend final : public Backend {
       int64_t lo = h->num_tokens * c / h->channels, hi = h->num_tokens * (c + 1) / h->channels;
       for (int64_t tok = lo; tok < hi; ++tok) {
         if (touched[tok] == kStored) continue;
+        if (!touched[tok] && f64) std::fill(acc64 + tok * H, acc64 + (tok + 1) * H, 0.0);  // visited no rank
+        if (f64) continue;
         if (!touched[tok]) std::fill(acc_base + tok * H, acc_base + (tok + 1) * H, 0.0f);  // visited no rank
         if (!f32) store_row(out + tok * row, acc_base + tok * H, dtype, H);
       }

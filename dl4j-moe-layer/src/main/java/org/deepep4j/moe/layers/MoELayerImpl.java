@@ -47,6 +47,11 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     /** The engine block path ({@code engineBlock(true)}); null on the Java path. */
     private transient EngineBlock engine;
     private transient long lastMinibatch = 1;
+    /**
+     * Between the engine path's backward and the engine's step: DL4J's updater reads the layer's parameter table for
+     * its structure (keys, lengths) there, which must not cost a copy of every expert per step.
+     */
+    private transient boolean stepInProgress;
 
     public MoELayerImpl(NeuralNetConfiguration conf, DataType dataType) {
         super(conf, dataType);
@@ -128,6 +133,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         engine.block(getExchange(), dataType).step(org.deepep4j.moe.conf.EngineStepUpdater.optimizer(c.getIUpdater(),
                 c.getRegularization(), iteration, epoch, 1.0 / ((double) lastMinibatch * c.getEpSize())));
         engine.stepped();
+        stepInProgress = false;
         times.engineStepNs += System.nanoTime() - t;
         if (c.isSyncViewsEveryStep()) {
             synchronizeViews();
@@ -143,20 +149,27 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
 
     @Override
     public INDArray params() {
-        synchronizeViews();
+        synchronizeViewsOutsideStep();
         return super.params();
     }
 
     @Override
     public Map<String, INDArray> paramTable() {
-        synchronizeViews();
+        synchronizeViewsOutsideStep();
         return super.paramTable();
     }
 
     @Override
     public Map<String, INDArray> paramTable(boolean backpropParamsOnly) {
-        synchronizeViews();
+        synchronizeViewsOutsideStep();
         return super.paramTable(backpropParamsOnly);
+    }
+
+    /** As {@link #synchronizeViews()}, except inside DL4J's update of this step (see {@link #stepInProgress}). */
+    private void synchronizeViewsOutsideStep() {
+        if (!stepInProgress) {
+            synchronizeViews();
+        }
     }
 
     @Override
@@ -282,6 +295,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         MoELayer c = layerConf();
         times.reset();
         lastMinibatch = input.size(0);
+        stepInProgress = false;  // a backward without an update (gradient checks, computeGradientAndScore) ends here
         if (c.isEngineBlock()) {
             return engineForward(x, f);
         }
@@ -354,6 +368,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         MoELayer c = layerConf();
         long t0 = System.nanoTime();
         org.deepep4j.EpMoeBackward b = engine.block(getExchange(), dataType).backward(g, input.size(0), false);
+        stepInProgress = layerConf().expertsUpdatedByEngine();  // until the engine's step (or the next forward)
         long t1 = System.nanoTime();
         times.engineNs += t1 - t0;
         gradientViews.get(MoEParamInitializer.ROUTER_WEIGHT).assign(b.gradRouterWeight());
@@ -548,7 +563,10 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         // BaseLayer's version reads paramTable(), which on the engine path would copy the experts back every step.
         double score = 0;
         for (Map.Entry<String, INDArray> p : params.entrySet()) {
-            List<org.nd4j.linalg.learning.regularization.Regularization> rs = layerConf().getRegularizationByParam(p.getKey());
+            List<org.nd4j.linalg.learning.regularization.Regularization> rs = layerConf().expertsUpdatedByEngine()
+                    && MoEParamInitializer.isExpertParam(p.getKey())
+                    ? layerConf().getRegularization()  // applied by the engine (AdamW), scored here on DL4J's views
+                    : layerConf().getRegularizationByParam(p.getKey());
             if (rs == null) {
                 continue;
             }

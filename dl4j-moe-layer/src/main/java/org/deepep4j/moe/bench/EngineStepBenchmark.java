@@ -64,6 +64,43 @@ public final class EngineStepBenchmark {
             System.out.printf(Locale.ROOT, "| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s |%n", p.trim(), r.stepMs, r.engineMs,
                     r.engineStepMs, r.syncMs, r.stepMs - r.engineMs - r.engineStepMs - r.syncMs,
                     Double.isNaN(base) ? "-" : String.format(Locale.ROOT, "%.1fx", base / r.stepMs));
+            if (p.trim().equals("engine-cuda")) {
+                staging(h, f, e, k, ranks, tokens, r.stepMs);
+            }
+        }
+    }
+
+    /**
+     * Host <-> device staging of one step, from the bytes that cross (x, grad y in; y, grad x out; router weights and
+     * their gradient) and the engine's host-array copy bandwidth measured here with the same path (pageable ND4J array
+     * -> pinned -> GPU and back) on a tensor of the local experts' size.
+     */
+    static void staging(int h, int f, int e, int k, int ranks, int tokens, double stepMs) {
+        try (EpGroup g = EpGroup.inProcess(1);
+             org.deepep4j.EpBuffer buf = g.buffer(0, EpConfig.builder().device(EpDevice.CUDA).bufferSizeGb(0.01).build());
+             org.deepep4j.EpMoeBlock block = org.deepep4j.EpMoeBlock.create(buf, org.deepep4j.EpMoeConfig.builder()
+                     .hidden(h).ffn(f).numExperts(Math.max(1, e / ranks)).topK(Math.min(k, Math.max(1, e / ranks)))
+                     .maxTokens(16).build())) {
+            org.nd4j.linalg.api.ndarray.INDArray host = Nd4j.rand(DataType.FLOAT, block.tensorLength());
+            double bytes = block.tensorLength() * 4.0;
+            block.write(org.deepep4j.EpMoeBlock.Tensor.PARAMS, host);  // warm-up
+            block.read(org.deepep4j.EpMoeBlock.Tensor.PARAMS, host);
+            long t0 = System.nanoTime();
+            block.write(org.deepep4j.EpMoeBlock.Tensor.PARAMS, host);
+            long t1 = System.nanoTime();
+            block.read(org.deepep4j.EpMoeBlock.Tensor.PARAMS, host);
+            long t2 = System.nanoTime();
+            double in = bytes / ((t1 - t0) / 1e9), out = bytes / ((t2 - t1) / 1e9);
+            double perRankIn = 2.0 * tokens * h * 4 + (double) h * e * 4;   // x, grad y, router weights
+            double perRankOut = 2.0 * tokens * h * 4 + (double) h * e * 4 + tokens * k * 12.0;  // y, grad x, grad Wr, top-k
+            // the ranks share this one GPU and its host link: their copies add up
+            double ms = ranks * (perRankIn / in + perRankOut / out) * 1e3;
+            System.out.printf(Locale.ROOT, "  staging: %.1f MB in + %.1f MB out per rank per step; engine host-array copies"
+                            + " %.1f GB/s in, %.1f GB/s out (%.0f MB tensor) -> about %.2f ms of staging per step = %.1f%% of"
+                            + " the %.2f ms step (%d ranks on one GPU)%n", perRankIn / 1e6, perRankOut / 1e6, in / 1e9,
+                    out / 1e9, bytes / 1e6, ms, 100 * ms / stepMs, stepMs, ranks);
+        } catch (RuntimeException ex) {
+            System.out.println("  staging not measured: " + ex.getMessage());
         }
     }
 

@@ -2,7 +2,7 @@
 # device_check.sh — everything the GPU machine runs in one go: build the native module with CUDA, the GPU tests (ranks as
 # threads with peer access, and as processes with CUDA IPC; both backends), compute-sanitizer memcheck and racecheck on
 # a small case, the peer-dies test, and the bench_ep table. Logs go to $OUT (or ./device-logs).
-#   scripts/device_check.sh [all|tests|bench|sweep]
+#   scripts/device_check.sh [all|tests|bench|moe|sweep]   (moe: the MoE block's GPU tests, memcheck and bench_moe)
 set -u
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 what=${1:-all}
@@ -44,6 +44,12 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   cat "$out/bench_ep.log"
   run bench_ep_64sms 300 "$build/bench_ep" --device cuda --backends deepep-sm,deepep-ce --num-sms 64 --chunk 32
   cat "$out/bench_ep_64sms.log"
+fi
+if [ "$what" = all ] || [ "$what" = moe ]; then
+  run gpu_moe_block 400 "$build/gpu_test_moe_block"
+  run sanitizer_memcheck_moe 400 compute-sanitizer --error-exitcode 9 --tool memcheck "$build/gpu_test_moe_block" gpu_single_rank
+  run bench_moe 400 "$build/bench_moe"
+  cat "$out/bench_moe.log"
 fi
 if [ "$what" = sweep ]; then
   run bench_sweep 500 "$build/bench_ep" --device cuda --tokens 512,4096 --sweep

@@ -24,7 +24,14 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/copy_engine.cu
   ${DEEPEP4J_CUDA_DIR}/copy_engine_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu
-  ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp)
+  ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp
+  ${DEEPEP4J_CUDA_DIR}/moe/cublas_api.cpp
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_ops_cuda.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_router.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_permute.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_rows.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_swiglu.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_optimizer.cu)
 set(DEEPEP4J_CUDA_WARNINGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-fvisibility-inlines-hidden)
 
 # Compiled once into the object library that both deepep4j and deepep4j_static are linked from.
@@ -42,7 +49,7 @@ endforeach()
 
 # GPU tests: one program per file in tests/gpu; 77 = no GPU here (skipped, not passed).
 set(DEEPEP4J_GPU_TEST_DIR ${CMAKE_CURRENT_LIST_DIR}/../../tests/gpu)
-set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies)
+set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies moe_block)
 foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_executable(gpu_test_${name} ${DEEPEP4J_GPU_TEST_DIR}/test_gpu_${name}.cpp)
   target_include_directories(gpu_test_${name} PRIVATE ${DEEPEP4J_GPU_TEST_DIR} ${DEEPEP4J_GPU_TEST_DIR}/..
@@ -74,3 +81,10 @@ if(TARGET bench_ep)
   target_compile_options(bench_ep PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEEPEP4J_CUDA_WARNINGS}>)
   target_link_libraries(bench_ep PRIVATE CUDA::cudart_static)
 endif()
+
+# bench_moe: the MoE block per rank on one GPU, with the dense GEMM rate beside it (one table).
+add_executable(bench_moe ${CMAKE_CURRENT_LIST_DIR}/../../bench/bench_moe.cu)
+set_target_properties(bench_moe PROPERTIES CUDA_RUNTIME_LIBRARY Static CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
+target_include_directories(bench_moe PRIVATE ${CMAKE_CURRENT_LIST_DIR}/..)
+target_compile_options(bench_moe PRIVATE ${DEEPEP4J_CUDA_WARNINGS})
+target_link_libraries(bench_moe PRIVATE deepep4j_static CUDA::cudart_static Threads::Threads)

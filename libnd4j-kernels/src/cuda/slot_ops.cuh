@@ -2,6 +2,8 @@
 // into the receive arrays, and reduce returned combine rows in fp32. Shared by the ring kernels and the all-to-all ones.
 #pragma once
 
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -120,10 +122,14 @@ __device__ __forceinline__ void write_combine_slot(uint8_t* slot, const CombineS
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ double to_f(double v) { return v; }
 template <class T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+// Accumulator of a payload type: fp32, or fp64 for fp64 rows (the MoE block's gradient checks).
+template <class T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
 
 // One rank's returned row for a token: where the row is, its combine scale and its K returned weights (or NULL).
 struct ReturnedRow {
@@ -148,11 +154,12 @@ __device__ __forceinline__ void reduce_token(const ReturnedRow* rows, int num_ra
   int4* out = reinterpret_cast<int4*>(io.out + t * io.row_bytes);
   constexpr int kUnroll = 4;  // four vectors per lane in flight from every rank: the reduce is latency-bound
   for (int64_t i0 = lane; i0 < n; i0 += 32 * kUnroll) {
-    float acc[kUnroll][kPer];
+    using Acc = typename AccOf<T>::type;
+    Acc acc[kUnroll][kPer];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) acc[u][j] = 0.0f;
+      for (int j = 0; j < kPer; ++j) acc[u][j] = Acc(0);
     for (int d = 0; d < num_ranks; ++d) {
       if (rows[d].row == nullptr) continue;
       const float sc = rows[d].scale;
@@ -166,7 +173,7 @@ __device__ __forceinline__ void reduce_token(const ReturnedRow* rows, int num_ra
       for (int u = 0; u < kUnroll; ++u) {
         const T* e = reinterpret_cast<const T*>(&v[u]);
 #pragma unroll
-        for (int j = 0; j < kPer; ++j) acc[u][j] += sc * to_f(e[j]);
+        for (int j = 0; j < kPer; ++j) acc[u][j] += Acc(sc) * to_f(e[j]);
       }
     }
 #pragma unroll
@@ -175,7 +182,12 @@ __device__ __forceinline__ void reduce_token(const ReturnedRow* rows, int num_ra
       int4 r;
       T* o = reinterpret_cast<T*>(&r);
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) o[j] = from_f<T>(acc[u][j]);
+      for (int j = 0; j < kPer; ++j) {
+        if constexpr (std::is_same_v<T, double>)
+          o[j] = acc[u][j];
+        else
+          o[j] = from_f<T>(acc[u][j]);
+      }
       out[i0 + u * 32] = r;
     }
   }
@@ -195,6 +207,8 @@ __device__ __forceinline__ void reduce_token_any(const ReturnedRow* rows, int nu
     reduce_token<float>(rows, num_ranks, io, t, K, lane);
   else if (io.dtype == DEEPEP4J_BFLOAT16)
     reduce_token<__nv_bfloat16>(rows, num_ranks, io, t, K, lane);
+  else if (io.dtype == DEEPEP4J_FLOAT64)
+    reduce_token<double>(rows, num_ranks, io, t, K, lane);
   else
     reduce_token<__half>(rows, num_ranks, io, t, K, lane);
 }

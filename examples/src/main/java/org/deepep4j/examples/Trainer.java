@@ -208,7 +208,7 @@ public final class Trainer {
             long now = System.nanoTime();
             PhaseTimes p = timing.lastTimes().get(moe.getIndex());
             long moeNs = moe.isEngineBlock()
-                    ? add("engine block fwd+bwd (router, dispatch, experts, combine, staging)", p.engineMs())
+                    ? add("engine fwd+bwd", p.engineMs())
                             + add("engine Adam step", p.engineStepMs()) + add("expert views sync", p.viewSyncMs())
                     : add("routing", p.routingMs()) + add("dispatch", p.dispatchMs())
                             + add("expert compute", p.expertMs()) + add("combine", p.combineMs());

@@ -82,14 +82,14 @@ run() {
   export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   local rc=0
   echo "== GPU-tagged JUnit tests"
-  $java -Dopexec=org.deepep4j.samediff.DeepEpExecutioner -jar "$ROOT/tests/junit-platform-console-standalone-1.10.2.jar" \
+  timeout 150 $java -Dopexec=org.deepep4j.samediff.DeepEpExecutioner -jar "$ROOT/tests/junit-platform-console-standalone-1.10.2.jar" \
       execute --class-path "$ROOT/tests/nd4j-deepep-ops-tests.jar:$ROOT/tests/dl4j-moe-layer-tests.jar:$(ls "$ROOT"/lib/*.jar | tr '\n' ':')" \
       --select-class org.deepep4j.moe.engine.EngineBlockGpuTest --details=tree --disable-banner 2>&1 | tee "$out/gpu-tests.log" || rc=1
   echo "== main job, --device cuda"
-  (cd "$ROOT" && $java -jar deepep4j-examples.jar --device cuda --out "$ROOT/out") 2>&1 | tee "$out/main-cuda.log" || rc=1
+  (cd "$ROOT" && timeout 150 $java -jar deepep4j-examples.jar --device cuda --out "$ROOT/out") 2>&1 | tee "$out/main-cuda.log" || rc=1
   echo "== MoELayer training step, Java CPU path vs engine block on the GPU"
-  for shape in "64 128 8 2 2 512 10 java-cpu,engine-cpu,engine-cuda" "2048 768 64 8 2 4096 3 java-cpu,engine-cuda"; do
-    $java -cp "$cp" org.deepep4j.moe.bench.EngineStepBenchmark $shape 2>&1 | tee -a "$out/bench.log" || rc=1
+  for shape in "64 128 8 2 2 512 10 java-cpu,engine-cpu,engine-cuda" "2048 768 64 8 2 4096 3 engine-cuda,java-cpu"; do
+    timeout 200 $java -cp "$cp" org.deepep4j.moe.bench.EngineStepBenchmark $shape 2>&1 | tee -a "$out/bench.log" || rc=1
   done
   return $rc
 }

@@ -142,8 +142,19 @@ final class Router {
         return Nd4j.createFromArray(topkIdx).reshape(n, k);
     }
 
+    /**
+     * [N, K] routing weights as FLOAT, the engine's type, which the exchange and the experts use as they are (DOUBLE in
+     * a double-precision network, which keeps gradient checks exact).
+     */
     INDArray weightsArray() {
-        return Nd4j.createFromArray(weights).reshape(n, k).castTo(x.dataType());
+        if (x.dataType() == org.nd4j.linalg.api.buffer.DataType.DOUBLE) {
+            return Nd4j.createFromArray(weights).reshape(n, k);
+        }
+        float[] w = new float[weights.length];
+        for (int i = 0; i < w.length; i++) {
+            w[i] = (float) weights[i];
+        }
+        return Nd4j.createFromArray(w).reshape(n, k);
     }
 
     /**

@@ -1,7 +1,10 @@
 package org.deepep4j.moe.train;
 
 import org.deepep4j.moe.exchange.ExpertExchange;
-import org.deepep4j.moe.exchange.InProcessExchangeGroup;
+import org.deepep4j.EpBuffer;
+import org.deepep4j.EpConfig;
+import org.deepep4j.EpGroup;
+import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deeplearning4j.nn.api.Layer;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
@@ -27,7 +30,7 @@ import java.util.function.IntFunction;
  * The whole model is built once from the configuration (so its weights do not depend on R); rank r gets a replica with
  * every replicated parameter and experts [r*E/R, (r+1)*E/R). Each step every rank fits its own minibatch from the
  * shared iterator (batches are dealt round-robin; a last round with fewer than R batches is dropped), MoE layers move
- * tokens through the rank's {@link ExpertExchange}, and gradients are averaged before the updater runs.
+ * tokens through deepep4j's engine (one {@link EpBuffer} per rank), and gradients are averaged before the updater runs.
  * <pre>
  * ExpertParallelTrainer t = ExpertParallelTrainer.builder().group(EpGroup.inProcess(2), EpConfig.defaults())
  *         .network(conf).iterator(it).epochs(3).build();
@@ -50,7 +53,7 @@ public final class ExpertParallelTrainer {
     private final MultiLayerNetwork[] replicas;
     private final MultiLayerNetwork whole;
     /** Set when the ranks are processes: this process runs rank {@code processGroup.processRank()} only. */
-    private final org.deepep4j.EpGroup processGroup;
+    private final EpGroup processGroup;
 
     private ExpertParallelTrainer(Builder b) {
         this.ranks = b.ranks;
@@ -61,12 +64,7 @@ public final class ExpertParallelTrainer {
         this.listeners = b.listeners;
         this.rankListeners = b.rankListeners;
         this.timeout = b.timeout;
-        if (b.exchanges != null) {
-            this.exchanges = b.exchanges;
-        } else {
-            InProcessExchangeGroup group = new InProcessExchangeGroup(ranks, timeout);
-            this.exchanges = group::rank;
-        }
+        this.exchanges = b.exchanges;
         whole = new MultiLayerNetwork(conf.clone());
         whole.init();
         MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, ranks);
@@ -213,9 +211,15 @@ public final class ExpertParallelTrainer {
         return whole;
     }
 
-    /** Configuration of an {@link ExpertParallelTrainer}. */
+    /**
+     * Configuration of an {@link ExpertParallelTrainer}. The ranks come from exactly one of {@link #group},
+     * {@link #ranks} or {@link #exchanges}; setting a second one (or the same one twice) is refused naming the first,
+     * so no setting silently overrides another.
+     */
     public static final class Builder {
-        private int ranks = 2;
+        private int ranks;
+        /** Which setting chose the ranks, for the message when another one tries to. */
+        private String ranksSetBy;
         private MultiLayerConfiguration conf;
         private DataSetIterator iterator;
         private int epochs = 1;
@@ -223,10 +227,67 @@ public final class ExpertParallelTrainer {
         private IntFunction<List<TrainingListener>> rankListeners;
         private IntFunction<ExpertExchange> exchanges;
         private Duration timeout = Duration.ofSeconds(120);
-        private org.deepep4j.EpGroup processGroup;
+        private EpGroup processGroup;
 
-        /** Number of ranks (threads); MoE layers' numExperts must be divisible by it. */
-        public Builder ranks(int ranks) { this.ranks = ranks; return this; }
+        private void setRanks(String setting, int ranks) {
+            if (ranksSetBy != null) {
+                throw new IllegalStateException(setting + ": the ranks were already set by " + ranksSetBy
+                        + "; group(...), ranks(...) and exchanges(...) are alternatives, set one of them once");
+            }
+            if (ranks < 1) {
+                throw new IllegalArgumentException("ranks=" + ranks + ": must be >= 1");
+            }
+            this.ranksSetBy = setting;
+            this.ranks = ranks;
+        }
+
+        /**
+         * Moves tokens through deepep4j's native engine: one {@link EpBuffer} per rank of {@code group}, made with
+         * {@code config} on the rank's thread and closed after {@link #fit()}. With an in-process group all ranks run
+         * here; with a multi-process group ({@code EpGroup.fromEnvironment()}) this process runs its own rank, reads
+         * the same iterator as the others and keeps the batches dealt to it, and gradients are averaged through the
+         * group.
+         */
+        public Builder group(EpGroup group, EpConfig config) {
+            if (group == null) {
+                throw new IllegalArgumentException("group=null: an EpGroup is required");
+            }
+            if (config == null) {
+                throw new IllegalArgumentException("config=null: an EpConfig is required");
+            }
+            setRanks("group(" + (group.isInProcess() ? "in-process" : "multi-process") + " EpGroup of " + group.size()
+                    + " ranks)", group.size());
+            this.processGroup = group.isInProcess() ? null : group;
+            this.exchanges = rank -> new EpBufferExchange(group.buffer(rank, config), true);
+            return this;
+        }
+
+        /**
+         * Shorthand for {@code group(EpGroup.inProcess(ranks), EpConfig.defaults())}: {@code ranks} threads of this
+         * JVM, tokens moved by the engine's CPU backend. MoE layers' numExperts must be divisible by it.
+         */
+        public Builder ranks(int ranks) {
+            setRanks("ranks(" + ranks + ")", ranks);
+            EpGroup group = EpGroup.inProcess(ranks);
+            EpConfig config = EpConfig.defaults();
+            this.exchanges = rank -> new EpBufferExchange(group.buffer(rank, config), true);
+            return this;
+        }
+
+        /**
+         * {@code ranks} in-process ranks whose exchanges come from {@code perRank}, called once on each rank's own
+         * thread (making a native EpBuffer is collective). For transports of your own or a reference exchange in
+         * tests; {@link #group} is the engine's path.
+         */
+        public Builder exchanges(int ranks, IntFunction<ExpertExchange> perRank) {
+            if (perRank == null) {
+                throw new IllegalArgumentException("exchanges=null: a function from rank to ExpertExchange is required");
+            }
+            setRanks("exchanges(" + ranks + ", ...)", ranks);
+            this.exchanges = perRank;
+            return this;
+        }
+
         /** The whole model's configuration (MoE layers with epSize 1). */
         public Builder network(MultiLayerConfiguration conf) { this.conf = conf; return this; }
         public Builder iterator(DataSetIterator iterator) { this.iterator = iterator; return this; }
@@ -239,37 +300,14 @@ public final class ExpertParallelTrainer {
          * {@code iterationDone} sees the rank's own score, routing and phase times of that step).
          */
         public Builder rankListeners(IntFunction<List<TrainingListener>> perRank) { this.rankListeners = perRank; return this; }
-        /**
-         * Where each rank's exchange comes from; called once on the rank's own thread (creating a native EpBuffer is
-         * collective). Default: an {@link InProcessExchangeGroup}.
-         */
-        public Builder exchanges(IntFunction<ExpertExchange> perRank) { this.exchanges = perRank; return this; }
-        /**
-         * Moves tokens through deepep4j's native engine: one {@link org.deepep4j.EpBuffer} per rank of
-         * {@code group}, made with {@code config} on the rank's thread and closed after {@link #fit()}. With an
-         * in-process group all ranks run here; with a multi-process group ({@code EpGroup.fromEnvironment()}) this
-         * process runs its own rank, reads the same iterator as the others and keeps the batches dealt to it, and
-         * gradients are averaged through the group.
-         */
-        public Builder group(org.deepep4j.EpGroup group, org.deepep4j.EpConfig config) {
-            if (group == null) {
-                throw new IllegalArgumentException("group=null: an EpGroup is required");
-            }
-            this.processGroup = group.isInProcess() ? null : group;
-            if (config == null) {
-                throw new IllegalArgumentException("config=null: an EpConfig is required");
-            }
-            this.ranks = group.size();
-            this.exchanges = rank -> new org.deepep4j.moe.exchange.EpBufferExchange(group.buffer(rank, config), true);
-            return this;
-        }
 
         /** Bound on every wait between ranks. */
         public Builder timeout(Duration timeout) { this.timeout = timeout; return this; }
 
         public ExpertParallelTrainer build() {
-            if (ranks < 1) {
-                throw new IllegalArgumentException("ranks=" + ranks + ": must be >= 1");
+            if (ranksSetBy == null) {
+                throw new IllegalArgumentException("ranks=unset: call group(EpGroup, EpConfig) (or ranks(int) for"
+                        + " in-process ranks with EpConfig defaults)");
             }
             if (conf == null) {
                 throw new IllegalArgumentException("network=null: a MultiLayerConfiguration is required");

@@ -36,6 +36,8 @@ public final class EpBuffer implements AutoCloseable {
   private static final java.util.Map<Integer, EpBuffer> OPEN = new java.util.concurrent.ConcurrentHashMap<>();
   private final int id = NEXT_ID.getAndIncrement();
   private final java.util.Set<EpHandle> liveHandles = java.util.concurrent.ConcurrentHashMap.newKeySet();
+  /** Whether this rank's last collective call ended in an error: then every rank has seen that step fail. */
+  private boolean lastStepFailed;
 
   private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer) {
     this.group = group;
@@ -151,8 +153,39 @@ public final class EpBuffer implements AutoCloseable {
 
   /** Throws on every rank: this rank joins the peers' step with its local failure. */
   private IllegalArgumentException failStep(String message) {
+    lastStepFailed = true;
     DeepEp4jNative.deepep4j_fail_step(nativeBuffer(), DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT, message);
     return new IllegalArgumentException(message);
+  }
+
+  /** Status of a collective call: remembered (see {@link #joinStepWithFailure}), then thrown as an exception. */
+  private void collective(int status) {
+    lastStepFailed = status != DeepEp4jNative.DEEPEP4J_OK;
+    Status.check(status);
+  }
+
+  /**
+   * Collective: a rank that failed outside a collective call (in its own listener, on a bad batch) joins the step its
+   * peers are making, or make next, with {@code message}; they stop with {@link EpPeerException} naming this rank
+   * instead of waiting for it until the timeout. Does nothing when this rank's last collective call already ended in
+   * an error, because every rank has seen that step fail. Returns when the peers have joined (or after the timeout).
+   */
+  public synchronized void joinStepWithFailure(String message) {
+    if (lastStepFailed || buffer == null) return;
+    lastStepFailed = true;
+    DeepEp4jNative.deepep4j_fail_step(buffer, DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT,
+        message == null ? "failed" : message);
+  }
+
+  /**
+   * Collective: returns when every rank made this call; throws {@link EpPeerException} when a rank joined it with its
+   * failure ({@link #joinStepWithFailure}). A run's closing step, so that no rank reports success while another failed.
+   */
+  public synchronized void barrier() {
+    // an empty notify is the lightest collective step the engine has
+    collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), 0L, 0, 1, group.size(), 4,
+        DeepEp4jNative.DEEPEP4J_FLOAT32, handleOut, numRecvOut, perExpert, 0L));
+    DeepEp4jNative.deepep4j_handle_destroy(new DeepEp4jNative.Handle(handleOut.get(0)));
   }
 
   // ------------------------------------------------------------------------------------------------ layout (local)
@@ -210,7 +243,7 @@ public final class EpBuffer implements AutoCloseable {
       perExpert.close();
       perExpert = new IntPointer(localExperts);
     }
-    Status.check(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
+    collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
         dtype, handleOut, numRecvOut, perExpert, 0L));
     int[] counts = new int[localExperts];
     perExpert.get(counts);
@@ -238,7 +271,7 @@ public final class EpBuffer implements AutoCloseable {
         .recv_x(NativeArrays.address(recvX)).recv_x_scales(0).recv_topk_idx(NativeArrays.address(recvIdx))
         .recv_topk_weights(NativeArrays.address(recvW)).recv_src_token(0).recv_src_rank(0);
     try {
-      Status.check(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), handle.nativeHandle(), dtype, dispatchArgs, 0L));
+      collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), handle.nativeHandle(), dtype, dispatchArgs, 0L));
     } catch (RuntimeException e) {
       handle.close();
       throw e;
@@ -259,7 +292,7 @@ public final class EpBuffer implements AutoCloseable {
     INDArray recvX = NativeArrays.create(xs.dataType(), cached.numRecvTokens(), cached.hidden());
     dispatchArgs.x(NativeArrays.address(xs)).x_scales(0).topk_weights(0).recv_x(NativeArrays.address(recvX))
         .recv_x_scales(0).recv_topk_idx(0).recv_topk_weights(0).recv_src_token(0).recv_src_rank(0);
-    Status.check(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), cached.nativeHandle(), dtype, dispatchArgs, 0L));
+    collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), cached.nativeHandle(), dtype, dispatchArgs, 0L));
     return recvX;
   }
 
@@ -295,7 +328,7 @@ public final class EpBuffer implements AutoCloseable {
     INDArray outW = yw == null ? null : NativeArrays.create(DataType.FLOAT, handle.numTokens(), handle.numTopk());
     combineArgs.y(NativeArrays.address(ys)).recv_topk_weights(NativeArrays.address(rw))
         .y_topk_weights(NativeArrays.address(yw)).out(NativeArrays.address(out)).out_topk_weights(NativeArrays.address(outW));
-    Status.check(DeepEp4jNative.deepep4j_combine(nativeBuffer(), handle.nativeHandle(), dtype, combineArgs, 0L));
+    collective(DeepEp4jNative.deepep4j_combine(nativeBuffer(), handle.nativeHandle(), dtype, combineArgs, 0L));
     return new EpCombineResult(out, outW);
   }
 

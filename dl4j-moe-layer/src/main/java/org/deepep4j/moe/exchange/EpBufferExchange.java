@@ -44,6 +44,16 @@ public final class EpBufferExchange implements ExpertExchange {
     }
 
     @Override
+    public void fail(String message) {
+        buffer.joinStepWithFailure(message);
+    }
+
+    @Override
+    public void finish() {
+        buffer.barrier();
+    }
+
+    @Override
     public void close() {
         if (closeBuffer) {
             buffer.close();

@@ -25,6 +25,21 @@ public interface ExpertExchange extends AutoCloseable {
      */
     Dispatched dispatch(INDArray x, INDArray topkIdx, INDArray topkWeights, int numExperts);
 
+    /**
+     * Collective: a rank that failed outside a collective call joins its peers' current (or next) call with
+     * {@code message}, so they stop with an error naming this rank instead of waiting for it. Nothing to do where the
+     * last collective call already failed on every rank, or where the transport has no such step (the default).
+     */
+    default void fail(String message) {
+    }
+
+    /**
+     * Collective: the closing step of a run; returns when every rank made it and throws when a rank joined it with its
+     * failure ({@link #fail}), so no rank reports success while another failed. Nothing by default.
+     */
+    default void finish() {
+    }
+
     @Override
     default void close() {
     }

@@ -4,6 +4,8 @@ import org.deepep4j.moe.exchange.ExpertExchange;
 import org.deepep4j.EpBuffer;
 import org.deepep4j.EpConfig;
 import org.deepep4j.EpGroup;
+import org.deepep4j.EpPeerException;
+import org.deepep4j.EpTimeoutException;
 import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deeplearning4j.nn.api.Layer;
@@ -83,11 +85,20 @@ public final class ExpertParallelTrainer {
         return new Builder();
     }
 
-    /** Runs all epochs on all ranks; rethrows the first failure of any rank. */
+    /**
+     * Runs all epochs on all ranks. When a rank fails, the others stop at their next collective call with an error
+     * naming it, and this throws an {@link IllegalStateException} whose message starts with that rank and its root
+     * cause ("rank 1 failed: java.lang.IllegalArgumentException: ..."), the root cause as its cause and the other
+     * ranks' consequent errors suppressed.
+     */
     public void fit() {
         if (processGroup != null) {
-            runRank(processGroup.processRank(), new GradientAverager(processGroup, timeout),
-                    new RoundRobinBatches(iterator, ranks));
+            int rank = processGroup.processRank();
+            try {
+                runRank(rank, new GradientAverager(processGroup, timeout), new RoundRobinBatches(iterator, ranks));
+            } catch (RuntimeException | Error e) {
+                throw rankFailure(new Throwable[]{e}, rank);
+            }
             return;
         }
         GradientAverager averager = new GradientAverager(ranks, timeout);
@@ -102,32 +113,25 @@ public final class ExpertParallelTrainer {
             for (int r = 0; r < ranks; r++) {
                 final int rank = r;
                 futures.add(pool.submit(() -> {
-                    try {
-                        runRank(rank, averager, batches);
-                    } catch (RuntimeException | Error e) {
-                        averager.abort();
-                        throw e;
-                    }
+                    runRank(rank, averager, batches);
                     return null;
                 }));
             }
-            RuntimeException first = null;
+            Throwable[] failures = new Throwable[ranks];
+            boolean failed = false;
             for (int r = 0; r < ranks; r++) {
                 try {
                     futures.get(r).get();
                 } catch (java.util.concurrent.ExecutionException e) {
-                    if (first == null) {
-                        Throwable c = e.getCause();
-                        first = c instanceof RuntimeException ? (RuntimeException) c
-                                : new IllegalStateException("rank " + r + " failed", c);
-                    }
+                    failures[r] = e.getCause();
+                    failed = true;
                 } catch (InterruptedException e) {
                     Thread.currentThread().interrupt();
                     throw new IllegalStateException("interrupted while waiting for rank " + r, e);
                 }
             }
-            if (first != null) {
-                throw first;
+            if (failed) {
+                throw rankFailure(failures, 0);
             }
         } finally {
             pool.shutdownNow();
@@ -139,31 +143,69 @@ public final class ExpertParallelTrainer {
         }
     }
 
-    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
-        MultiLayerNetwork net = replicas[rank];
-        ExpertExchange ex = exchanges.apply(rank);
-        for (Layer l : net.getLayers()) {
-            if (l instanceof MoELayerImpl) {
-                ((MoELayerImpl) l).setExchange(ex);
+    /**
+     * One exception for the failures of a step, root cause first: the lowest rank whose failure is its own (not a
+     * peer's error passed on, not a stop because a peer failed), timeouts after other causes.
+     * @param firstRank rank of {@code failures[0]}
+     */
+    private static IllegalStateException rankFailure(Throwable[] failures, int firstRank) {
+        int root = -1;
+        for (int pass = 0; pass < 3 && root < 0; pass++) {
+            for (int r = 0; r < failures.length && root < 0; r++) {
+                Throwable t = failures[r];
+                boolean consequence = t instanceof EpPeerException || t instanceof RankAbortedException;
+                boolean timeout = t instanceof EpTimeoutException;
+                if (t != null && (pass == 2 || (!consequence && (pass == 1 || !timeout)))) {
+                    root = r;
+                }
             }
         }
-        List<TrainingListener> ls = new ArrayList<>();
-        ls.add(averager.listener(rank, net));
-        if (PhaseTimingListener.enabledByEnvironment()) {
-            ls.add(new PhaseTimingListener("rank " + rank + " "));
+        Throwable cause = failures[root];
+        IllegalStateException e = new IllegalStateException("rank " + (firstRank + root) + " failed: " + cause, cause);
+        for (int r = 0; r < failures.length; r++) {
+            if (r != root && failures[r] != null) {
+                e.addSuppressed(failures[r]);
+            }
         }
-        if (rankListeners != null) {
-            ls.addAll(rankListeners.apply(rank));
-        }
-        if (rank == 0) {
-            ls.addAll(listeners);
-        }
-        net.setListeners(ls);
+        return e;
+    }
+
+    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
+        MultiLayerNetwork net = replicas[rank];
+        ExpertExchange ex = null;
         try {
+            ex = exchanges.apply(rank);
+            for (Layer l : net.getLayers()) {
+                if (l instanceof MoELayerImpl) {
+                    ((MoELayerImpl) l).setExchange(ex);
+                }
+            }
+            List<TrainingListener> ls = new ArrayList<>();
+            ls.add(averager.listener(rank, net));
+            if (PhaseTimingListener.enabledByEnvironment()) {
+                ls.add(new PhaseTimingListener("rank " + rank + " "));
+            }
+            if (rankListeners != null) {
+                ls.addAll(rankListeners.apply(rank));
+            }
+            if (rank == 0) {
+                ls.addAll(listeners);
+            }
+            net.setListeners(ls);
             fitRank(net, ls, batches, rank);
+            ex.finish();
+        } catch (RuntimeException | Error e) {
+            // a failure of this rank alone: the peers must hear of it now, not after their timeout
+            averager.abort("rank " + rank + " failed: " + e);
+            if (ex != null) {
+                ex.fail(e.toString());
+            }
+            throw e;
         } finally {
             net.clear();
-            ex.close();
+            if (ex != null) {
+                ex.close();
+            }
         }
     }
 

@@ -162,7 +162,8 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         long t0 = System.nanoTime();
         INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
         f.router = new Router(c, x, getParam(MoEParamInitializer.ROUTER_WEIGHT),
-                getParam(MoEParamInitializer.ROUTER_BIAS), replay);
+                getParam(MoEParamInitializer.ROUTER_BIAS), replay, describe(ex),
+                f.inputShape.length == 3 ? f.inputShape[2] : 0);
         lastAuxLoss = f.router.auxLoss;
         lastLoad = f.router.load;
         if (routingMode == RoutingMode.RECORD) {
@@ -187,6 +188,12 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         INDArray out = timedCombine(f, f.experts.y, null).out();
         INDArray shared = sharedForward(x, f);
         return shared == null ? out : out.add(shared);
+    }
+
+    /** "MoELayer 'name' (layer 1) on rank 0", for errors. */
+    private String describe(ExpertExchange ex) {
+        String name = layerConf().getLayerName();
+        return "MoELayer " + (name == null ? "" : "'" + name + "' ") + "(layer " + getIndex() + ") on rank " + ex.rank();
     }
 
     private INDArray requireRecorded() {

@@ -171,6 +171,24 @@ class ExpertParallelTrainerTest {
     }
 
     @Test
+    void aClosedGroupIsRefusedByTheBuilderAndByFit() {
+        org.deepep4j.EpGroup closed = org.deepep4j.EpGroup.inProcess(2);
+        closed.close();
+        IllegalStateException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class,
+                () -> ExpertParallelTrainer.builder().group(closed, org.deepep4j.EpConfig.defaults()));
+        assertTrue(e.getMessage().startsWith("ExpertParallelTrainer.Builder.group: this EpGroup of 2 ranks is closed"),
+                e.getMessage());
+        org.deepep4j.EpGroup group = org.deepep4j.EpGroup.inProcess(2);
+        ExpertParallelTrainer t = ExpertParallelTrainer.builder().group(group, org.deepep4j.EpConfig.defaults())
+                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe(), HIDDEN))
+                .iterator(new ListDataSetIterator<>(data(), 8)).build();
+        group.close();
+        e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class, t::fit);
+        assertTrue(e.getMessage().startsWith("ExpertParallelTrainer.fit: this EpGroup of 2 ranks is closed"),
+                e.getMessage());
+    }
+
+    @Test
     void badTrainerSettingsAreRejected() {
         MultiLayerConfiguration conf = Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe());
         IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,

@@ -56,10 +56,13 @@ public final class ExpertParallelTrainer {
     private final MultiLayerNetwork whole;
     /** Set when the ranks are processes: this process runs rank {@code processGroup.processRank()} only. */
     private final EpGroup processGroup;
+    /** The group whose buffers carry the tokens; null when the exchanges come from {@link Builder#exchanges}. */
+    private final EpGroup group;
 
     private ExpertParallelTrainer(Builder b) {
         this.ranks = b.ranks;
         this.processGroup = b.processGroup;
+        this.group = b.group;
         this.conf = b.conf;
         this.iterator = b.iterator;
         this.epochs = b.epochs;
@@ -92,6 +95,9 @@ public final class ExpertParallelTrainer {
      * ranks' consequent errors suppressed.
      */
     public void fit() {
+        if (group != null) {
+            group.requireOpen("ExpertParallelTrainer.fit");
+        }
         if (processGroup != null) {
             int rank = processGroup.processRank();
             try {
@@ -270,6 +276,7 @@ public final class ExpertParallelTrainer {
         private IntFunction<ExpertExchange> exchanges;
         private Duration timeout = Duration.ofSeconds(120);
         private EpGroup processGroup;
+        private EpGroup group;
 
         private void setRanks(String setting, int ranks) {
             if (ranksSetBy != null) {
@@ -297,8 +304,10 @@ public final class ExpertParallelTrainer {
             if (config == null) {
                 throw new IllegalArgumentException("config=null: an EpConfig is required");
             }
+            group.requireOpen("ExpertParallelTrainer.Builder.group");
             setRanks("group(" + (group.isInProcess() ? "in-process" : "multi-process") + " EpGroup of " + group.size()
                     + " ranks)", group.size());
+            this.group = group;
             this.processGroup = group.isInProcess() ? null : group;
             this.exchanges = rank -> new EpBufferExchange(group.buffer(rank, config), true);
             return this;
@@ -312,6 +321,7 @@ public final class ExpertParallelTrainer {
             setRanks("ranks(" + ranks + ")", ranks);
             EpGroup group = EpGroup.inProcess(ranks);
             EpConfig config = EpConfig.defaults();
+            this.group = group;
             this.exchanges = rank -> new EpBufferExchange(group.buffer(rank, config), true);
             return this;
         }

@@ -90,7 +90,7 @@ public final class Trainer {
                     .iterator(batches)
                     .epochs(o.epochs)
                     .rankListeners(rank -> {
-                        PhaseTimingListener timing = new PhaseTimingListener("rank " + rank + " ");
+                        PhaseTimingListener timing = new PhaseTimingListener("rank " + rank + " ", false);
                         stats[rank] = new RankStats(o, rank, timing, batches, log);
                         return List.<TrainingListener>of(timing, stats[rank]);
                     })

@@ -52,6 +52,7 @@ public final class ExpertParallelTrainer {
     private final IntFunction<List<TrainingListener>> rankListeners;
     private final IntFunction<ExpertExchange> exchanges;
     private final Duration timeout;
+    private final boolean phaseTiming;
     private final MultiLayerNetwork[] replicas;
     private final MultiLayerNetwork whole;
     /** Set when the ranks are processes: this process runs rank {@code processGroup.processRank()} only. */
@@ -69,6 +70,7 @@ public final class ExpertParallelTrainer {
         this.listeners = b.listeners;
         this.rankListeners = b.rankListeners;
         this.timeout = b.timeout;
+        this.phaseTiming = b.phaseTiming;
         this.exchanges = b.exchanges;
         whole = new MultiLayerNetwork(conf.clone());
         whole.init();
@@ -188,7 +190,7 @@ public final class ExpertParallelTrainer {
             }
             List<TrainingListener> ls = new ArrayList<>();
             ls.add(averager.listener(rank, net));
-            if (PhaseTimingListener.enabledByEnvironment()) {
+            if (phaseTiming) {
                 ls.add(new PhaseTimingListener("rank " + rank + " "));
             }
             if (rankListeners != null) {
@@ -275,6 +277,7 @@ public final class ExpertParallelTrainer {
         private IntFunction<List<TrainingListener>> rankListeners;
         private IntFunction<ExpertExchange> exchanges;
         private Duration timeout = Duration.ofSeconds(120);
+        private boolean phaseTiming = PhaseTimingListener.enabledByEnvironment();
         private EpGroup processGroup;
         private EpGroup group;
 
@@ -352,6 +355,12 @@ public final class ExpertParallelTrainer {
          * {@code iterationDone} sees the rank's own score, routing and phase times of that step).
          */
         public Builder rankListeners(IntFunction<List<TrainingListener>> perRank) { this.rankListeners = perRank; return this; }
+
+        /**
+         * Logs every rank's per-phase times (routing, dispatch, expert compute, combine) per MoE layer and iteration
+         * at INFO through {@link PhaseTimingListener}. Default: on when the environment has {@code DEEPEP4J_DEBUG_EP=1}.
+         */
+        public Builder phaseTiming(boolean on) { this.phaseTiming = on; return this; }
 
         /** Bound on every wait between ranks. */
         public Builder timeout(Duration timeout) { this.timeout = timeout; return this; }

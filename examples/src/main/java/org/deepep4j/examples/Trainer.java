@@ -160,7 +160,7 @@ public final class Trainer {
             if (done % o.stepsPerEpoch == 0) {
                 double mean = 0;
                 for (int s = done - o.stepsPerEpoch; s < done; s++) mean += stepLoss[s] / o.stepsPerEpoch;
-                if (done < o.totalSteps()) out.print("\r\033[K");
+                if (done < o.totalSteps() && bar.redraws()) out.print("\r\033[K");
                 out.printf(Locale.ROOT, "epoch %d/%d  loss %.5f%n", done / o.stepsPerEpoch, o.epochs, mean);
             }
         }

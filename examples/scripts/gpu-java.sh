@@ -89,7 +89,7 @@ run() {
   (cd "$ROOT" && timeout 150 $java -jar deepep4j-examples.jar --device cuda --out "$ROOT/out") 2>&1 | tee "$out/main-cuda.log" || rc=1
   echo "== MoELayer training step, Java CPU path vs engine block on the GPU"
   for shape in "64 128 8 2 2 512 10 java-cpu,engine-cpu,engine-cuda" "2048 768 64 8 2 4096 3 engine-cuda,java-cpu"; do
-    timeout 200 $java -cp "$cp" org.deepep4j.moe.bench.EngineStepBenchmark $shape 2>&1 | tee -a "$out/bench.log" || rc=1
+    timeout 200 $java -cp "$cp:$ROOT/tests/dl4j-moe-layer-tests.jar" org.deepep4j.moe.bench.EngineStepBenchmark $shape 2>&1 | tee -a "$out/bench.log" || rc=1
   done
   return $rc
 }

@@ -287,6 +287,8 @@ typedef enum deepep4j_moe_tensor {
   DEEPEP4J_MOE_STATE_V = 3  /* optimizer state: Adam/AdamW second moment */
 } deepep4j_moe_tensor;
 
+/* Streams: forward / backward / step queue their work on `stream` (cudaStream_t); NULL means the block's own stream and
+   the call returns with its work complete. */
 /* Copies a tensor to / from host memory of host_dtype FLOAT32 or FLOAT64 (converted from / to the block's dtype).
    Waits for the block's queued work. Local (not collective). */
 DEEPEP4J_API int deepep4j_moe_read(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, void* host, int64_t count);

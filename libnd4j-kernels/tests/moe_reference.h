@@ -239,19 +239,21 @@ inline Result run_block(const Model& m, int32_t dtype, int32_t num_ranks, const 
   res.grads.assign(size_t(m.E * per_expert), 0.0);
   const size_t es = dtype == DEEPEP4J_FLOAT64 ? 8 : dtype == DEEPEP4J_BFLOAT16 ? 2 : 4;
   ep::run_ranks(R, [&](int32_t r) {
-    deepep4j_moe* moe = nullptr;
-    REQUIRE_OK(deepep4j_moe_create(g[r], &mc, &moe));
     std::vector<double> mine(m.experts.begin() + r * L * per_expert, m.experts.begin() + (r + 1) * L * per_expert);
-    REQUIRE_OK(deepep4j_moe_write(moe, DEEPEP4J_MOE_PARAMS, DEEPEP4J_FLOAT64, mine.data(), int64_t(mine.size())));
     const int64_t n = ns[size_t(r)];
     std::vector<uint8_t> x = to_bytes(xs[size_t(r)], dtype), wr = to_bytes(m.wr, dtype), gy = to_bytes(gs[size_t(r)], dtype);
     std::vector<uint8_t> y(size_t(n * m.H) * es), gx(size_t(n * m.H) * es), gwr(size_t(m.H * m.E) * es);
     std::vector<uint8_t> topk(size_t(n * m.K) * 8);
-    double aux = -1;
     auto dev = [&](const std::vector<uint8_t>& v) -> void* {
       return mem && mem->to_device ? mem->to_device(v) : const_cast<uint8_t*>(v.data());
     };
+    // Device arrays are made before the first collective: allocation may wait for the device, where the other
+    // rank's kernels may be waiting for this one.
     void *dx = dev(x), *dwr = dev(wr), *dgy = dev(gy), *dy = dev(y), *dgx = dev(gx), *dgwr = dev(gwr), *dtopk = dev(topk);
+    deepep4j_moe* moe = nullptr;
+    REQUIRE_OK(deepep4j_moe_create(g[r], &mc, &moe));
+    REQUIRE_OK(deepep4j_moe_write(moe, DEEPEP4J_MOE_PARAMS, DEEPEP4J_FLOAT64, mine.data(), int64_t(mine.size())));
+    double aux = -1;
     deepep4j_moe_forward_args fa{};
     fa.memory = mem ? mem->memory : DEEPEP4J_MEMORY_HOST;
     fa.x = dx;

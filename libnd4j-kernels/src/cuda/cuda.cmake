@@ -31,7 +31,8 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/moe/moe_permute.cu
   ${DEEPEP4J_CUDA_DIR}/moe/moe_rows.cu
   ${DEEPEP4J_CUDA_DIR}/moe/moe_swiglu.cu
-  ${DEEPEP4J_CUDA_DIR}/moe/moe_optimizer.cu)
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_optimizer.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_accumulate.cu)
 set(DEEPEP4J_CUDA_WARNINGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-fvisibility-inlines-hidden)
 
 # Compiled once into the object library that both deepep4j and deepep4j_static are linked from.

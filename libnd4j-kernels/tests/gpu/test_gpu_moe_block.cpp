@@ -82,7 +82,7 @@ TEST(gpu_equals_cpu_reference) {
       Case many = make_case(64, 32, 32, 4, R == 1 ? std::vector<int64_t>{60} : std::vector<int64_t>{60, 37}, 4, dtype);
       for (Case* c : {&small, &many}) {
         moeref::Result cpu = moeref::run_block(c->m, dtype, R, c->xs, c->gs, c->ns, DEEPEP4J_DEVICE_CPU);
-        for (int32_t gemm : {DEEPEP4J_MOE_GEMM_AUTO, DEEPEP4J_MOE_GEMM_GROUPED, DEEPEP4J_MOE_GEMM_LOOP})
+        for (int32_t gemm : {DEEPEP4J_MOE_GEMM_LOOP, DEEPEP4J_MOE_GEMM_AUTO, DEEPEP4J_MOE_GEMM_GROUPED})
           for (bool device : {false, true}) {
             std::string label = t::fmt("dtype %d, %d rank(s), E %d, gemm %d, %s memory", dtype, R, c->m.E, gemm,
                                        device ? "device" : "host");
@@ -102,7 +102,7 @@ TEST(gpu_single_rank) {
   for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64}) {
     Case c = make_case(64, 32, 32, 4, {40}, 8, dtype);
     moeref::Result cpu = moeref::run_block(c.m, dtype, 1, c.xs, c.gs, c.ns, DEEPEP4J_DEVICE_CPU);
-    for (int32_t gemm : {DEEPEP4J_MOE_GEMM_GROUPED, DEEPEP4J_MOE_GEMM_LOOP}) {
+    for (int32_t gemm : {DEEPEP4J_MOE_GEMM_LOOP, DEEPEP4J_MOE_GEMM_GROUPED}) {
       moeref::Result gpu = moeref::run_block(c.m, dtype, 1, c.xs, c.gs, c.ns, DEEPEP4J_DEVICE_CUDA, gemm, &dev);
       compare(gpu, cpu, dtype == DEEPEP4J_FLOAT32 ? 1e-5 : dtype == DEEPEP4J_FLOAT64 ? 1e-12 : 3e-2,
               t::fmt("single rank dtype %d gemm %d", dtype, gemm));

@@ -2,6 +2,7 @@
 // `s` and returns the launch error; arguments mean what the matching MoeOps method of src/moe/moe_ops.h says.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "moe/moe_ops.h"
@@ -32,6 +33,14 @@ cudaError_t launch_scatter_slots(int32_t dtype, int64_t m, int32_t k, const int3
                                  void* values, int32_t values_dtype, int64_t stride, int64_t offset, cudaStream_t s);
 cudaError_t launch_columns(bool pack, int32_t dtype, int64_t rows, int32_t k, const void* in, int32_t other_dtype,
                            int64_t stride, int64_t offset, void* out, cudaStream_t s);
+// moe_accumulate.cu: c[r * ldc + j] = beta * c + alpha * product[r * n + j] for each group (fp32 C, bf16 products).
+struct AccumulateGroup {
+  float* c;
+  const __nv_bfloat16* product;
+  int64_t m, n, ldc;
+};
+cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t count, float alpha, float beta,
+                                     cudaStream_t s);
 // moe_swiglu.cu
 cudaError_t launch_swiglu_forward(int32_t dtype, int64_t count, const void* a, const void* b, void* h, cudaStream_t s);
 cudaError_t launch_swiglu_backward(int32_t dtype, int64_t count, const void* a, const void* b, const void* gh, void* ga,

@@ -75,15 +75,10 @@ int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, 
   if (!k.ok()) return fail(k);
   k = check_payload(hidden, dtype, true, "buffer_size_hint");
   if (!k.ok()) return fail(k);
-  // R * channels rings, each of ring_tokens slots of the larger of the dispatch / combine slot for K = DEEPEP4J_MAX_TOPK
-  // (fp8 rows are combined in bf16). Ring counters live outside buffer_bytes.
-  int64_t slot = dispatch_slot_bytes(hidden, dtype, DEEPEP4J_MAX_TOPK);
-  int32_t combine_dtype = dtype == DEEPEP4J_FP8_E4M3 ? DEEPEP4J_BFLOAT16 : dtype;
-  int64_t cslot = combine_slot_bytes(hidden, combine_dtype, DEEPEP4J_MAX_TOPK);
-  if (cslot > slot) slot = cslot;
-  int64_t rings = (int64_t)num_ranks * num_channels(c);
-  // Each ring starts on a 64-byte boundary (the backend rounds ring sizes down to it), so round each ring up.
-  *out_bytes = rings * ((((int64_t)c.ring_tokens * slot) + 63) & ~int64_t(63));
+  // R * channels rings, each of ring_tokens slots of the larger of the dispatch / combine slot for K = DEEPEP4J_MAX_TOPK.
+  // Ring counters live outside buffer_bytes.
+  *out_bytes = buffer_bytes_for(step_slot_bytes(hidden, dtype, DEEPEP4J_MAX_TOPK), c.ring_tokens, num_ranks,
+                                num_channels(c));
   return ok();
 }
 

@@ -125,15 +125,4 @@ Check check_combine_args(const deepep4j_handle& h, int32_t dtype, const deepep4j
   return Check{};
 }
 
-static int64_t align16(int64_t v) { return (v + 15) & ~int64_t(15); }
-
-int64_t dispatch_slot_bytes(int64_t hidden, int32_t dtype, int32_t k) {
-  int64_t scales = dtype == DEEPEP4J_FP8_E4M3 ? (hidden / DEEPEP4J_FP8_BLOCK) * 4 : 0;
-  return align16(8 + (int64_t)k * 12) + align16(hidden * (int64_t)dtype_size(dtype)) + align16(scales);
-}
-
-int64_t combine_slot_bytes(int64_t hidden, int32_t dtype, int32_t k) {
-  return align16(hidden * (int64_t)dtype_size(dtype)) + align16((int64_t)(k + 1) * 4);
-}
-
 }  // namespace deepep4j

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/slot_layout.h"
 #include "deepep4j.h"
 
 namespace deepep4j {
@@ -64,13 +65,9 @@ struct alignas(64) RingHeader {
   alignas(64) std::atomic<uint64_t> head;  // rows consumed by the owner
 };
 
-inline size_t ring_bytes_of(int64_t buffer_bytes, int num_ranks, int channels) {
-  return size_t(buffer_bytes / (int64_t(num_ranks) * channels)) & ~size_t(63);
-}
-
 inline size_t region_bytes(int64_t buffer_bytes, int num_ranks, int channels) {
   return sizeof(Control) + sizeof(RingHeader) * size_t(num_ranks) * channels +
-         ring_bytes_of(buffer_bytes, num_ranks, channels) * size_t(num_ranks) * channels;
+         size_t(ring_bytes_of(buffer_bytes, num_ranks, channels)) * size_t(num_ranks) * channels;
 }
 
 // Views of one mapped region.

@@ -95,6 +95,45 @@ int CudaBackend::broken_check(const char* call) const {
                    "recreate the group", call, rank_, broken_reason_.c_str());
 }
 
+int CudaBackend::begin_dispatch(const char* call, Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a,
+                                void* stream, StepStart<DispatchIo>* out) {
+  if (int st = broken_check(call)) return st;
+  if (int st = use_device()) return st;
+  out->h = static_cast<CudaHandle*>(handle);
+  out->s = pick(stream);
+  out->check = check_dispatch_args(*out->h, dtype, a);
+  DispatchIo& io = out->io;
+  io.row_bytes = out->h->hidden * int64_t(dtype_size(dtype));
+  io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(out->h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
+  if (out->check.ok()) {
+    io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
+    io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
+    io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
+    io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
+  }
+  return DEEPEP4J_OK;
+}
+
+int CudaBackend::begin_combine(const char* call, Handle* handle, int32_t dtype, const deepep4j_combine_args* a,
+                               void* stream, StepStart<CombineIo>* out) {
+  if (int st = broken_check(call)) return st;
+  if (int st = use_device()) return st;
+  out->h = static_cast<CudaHandle*>(handle);
+  out->s = pick(stream);
+  out->check = check_combine_args(*out->h, dtype, a);
+  if (out->check.ok() && !out->h->dispatched)
+    out->check = Check::fail(DEEPEP4J_ERR_STATE, "handle: combine needs a dispatch on this handle first");
+  CombineIo& io = out->io;
+  io.row_bytes = out->h->hidden * int64_t(dtype_size(dtype));
+  io.dtype = dtype;
+  if (out->check.ok()) {
+    io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
+    io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
+    io.out_topk_weights = a->out_topk_weights;
+  }
+  return DEEPEP4J_OK;
+}
+
 Blob CudaBackend::own_blob() const {
   Blob b{};
   b.magic = kBlobMagic, b.version = 1, b.rank = rank_, b.num_ranks = R_;

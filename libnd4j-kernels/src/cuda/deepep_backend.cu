@@ -89,36 +89,22 @@ class DeepepBackend : public CudaBackend {
 
   int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) override {
     const char* call = "deepep4j_dispatch";
-    if (int st = broken_check(call)) return st;
-    if (int st = use_device()) return st;
-    auto* h = static_cast<CudaHandle*>(handle);
-    cudaStream_t s = pick(stream);
-    Check check = check_dispatch_args(*h, dtype, a);
-    DispatchIo io{};
+    StepStart<DispatchIo> b;
+    if (int st = begin_dispatch(call, handle, dtype, a, stream, &b)) return st;
+    CudaHandle* h = b.h;
+    const DispatchIo& io = b.io;
     Rings rings{};
-    int64_t slot_bytes = 0;
-    if (check.ok()) {
-      io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
-      io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
-      slot_bytes = DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes;
-      check = rings_for(slot_bytes, &rings);
-    }
-    if (check.ok()) {
-      io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
-      io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
-      io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
-      io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
-    }
+    if (b.check.ok()) b.check = rings_for(DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes, &rings);
     CePlan plan{};
     const DispatchSlot meta = ce_dispatch_meta(h->num_topk, io.num_scales);
     const bool ce_vote =
-        check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); },
-                                plan, &check);
+        b.check.ok() &&
+        ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); }, plan, &b.check);
     DirectTargets direct = ce_vote ? publish_direct(*h, io, &plan) : DirectTargets{};
     int fin = run_step(
-        call, check, ce_vote, &direct, s,
-        [&](const Step& st) { return ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, s); },
-        [&](const Step& st) { return launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s); });
+        call, b.check, ce_vote, &direct, b.s,
+        [&](const Step& st) { return ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, b.s); },
+        [&](const Step& st) { return launch_dispatch(st, rings, h->r, io, cfg_.num_sms, b.s); });
     if (fin != DEEPEP4J_OK) return fin;
     h->dispatched = true;
     return ok();
@@ -126,33 +112,20 @@ class DeepepBackend : public CudaBackend {
 
   int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
     const char* call = "deepep4j_combine";
-    if (int st = broken_check(call)) return st;
-    if (int st = use_device()) return st;
-    auto* h = static_cast<CudaHandle*>(handle);
-    cudaStream_t s = pick(stream);
-    Check check = check_combine_args(*h, dtype, a);
-    if (check.ok() && !h->dispatched)
-      check = Check::fail(DEEPEP4J_ERR_STATE, "handle: combine needs a dispatch on this handle first");
-    CombineIo io{};
+    StepStart<CombineIo> b;
+    if (int st = begin_combine(call, handle, dtype, a, stream, &b)) return st;
+    CudaHandle* h = b.h;
+    const CombineIo& io = b.io;
     Rings rings{};
-    if (check.ok()) {
-      io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
-      io.dtype = dtype;
-      check = rings_for(CombineSlot::make(io.row_bytes, h->num_topk).bytes, &rings);
-    }
-    if (check.ok()) {
-      io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
-      io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
-      io.out_topk_weights = a->out_topk_weights;
-    }
+    if (b.check.ok()) b.check = rings_for(CombineSlot::make(io.row_bytes, h->num_topk).bytes, &rings);
     CePlan plan{};
     const bool ce_vote =
-        check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan,
-                                &check);
+        b.check.ok() &&
+        ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan, &b.check);
     int fin = run_step(
-        call, check, ce_vote, nullptr, s,
-        [&](const Step& st) { return ce_.run_combine(st, plan, *h, io, cfg_.num_sms, s); },
-        [&](const Step& st) { return launch_combine(st, rings, h->r, io, cfg_.num_sms, s); });
+        call, b.check, ce_vote, nullptr, b.s,
+        [&](const Step& st) { return ce_.run_combine(st, plan, *h, io, cfg_.num_sms, b.s); },
+        [&](const Step& st) { return launch_combine(st, rings, h->r, io, cfg_.num_sms, b.s); });
     return fin == DEEPEP4J_OK ? ok() : fin;
   }
 
@@ -279,7 +252,7 @@ class DeepepBackend : public CudaBackend {
     const int C = channels();
     Rings r{};
     r.channels = C;
-    r.ring_bytes = (cfg_.buffer_bytes / (int64_t(C) * R_)) & ~int64_t(15);
+    r.ring_bytes = ring_bytes_of(cfg_.buffer_bytes, R_, C);  // common/slot_layout.h
     r.slot_bytes = slot_bytes;
     int64_t fit = r.ring_bytes / slot_bytes;
     if (fit < 1)

@@ -14,13 +14,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/slot_layout.h"
 #include "deepep4j.h"
 
-#ifdef __CUDACC__
-#define DEEPEP4J_HD __host__ __device__
-#else
-#define DEEPEP4J_HD
-#endif
 
 namespace deepep4j {
 namespace cuda {
@@ -99,32 +95,7 @@ struct Rings {
   }
 };
 
-// Where each part of a dispatch slot lives: [src token, K local ids, K weights] [row] [fp8 scales].
-struct DispatchSlot {
-  int64_t ids_off, weights_off, row_off, scales_off, bytes;
-  DEEPEP4J_HD static int64_t align16(int64_t v) { return (v + 15) & ~int64_t(15); }
-  DEEPEP4J_HD static DispatchSlot make(int64_t row_bytes, int32_t k, int32_t num_scales) {
-    DispatchSlot s;
-    s.ids_off = 4;
-    s.weights_off = 4 + 4 * int64_t(k);
-    s.row_off = align16(4 + 8 * int64_t(k));
-    s.scales_off = s.row_off + row_bytes;
-    s.bytes = s.scales_off + align16(4 * int64_t(num_scales));
-    return s;
-  }
-};
-
-// A combine slot: [row] [K returned weights, then the row's combine scale].
-struct CombineSlot {
-  int64_t weights_off, scale_off, bytes;
-  DEEPEP4J_HD static CombineSlot make(int64_t row_bytes, int32_t k) {
-    CombineSlot s;
-    s.weights_off = row_bytes;
-    s.scale_off = row_bytes + 4 * int64_t(k);
-    s.bytes = row_bytes + DispatchSlot::align16(4 * (int64_t(k) + 1));
-    return s;
-  }
-};
+// Dispatch and combine slots: DispatchSlot / CombineSlot of common/slot_layout.h.
 
 }  // namespace cuda
 }  // namespace deepep4j

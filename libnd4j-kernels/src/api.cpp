@@ -12,23 +12,6 @@ using namespace deepep4j;
 
 namespace {
 
-int fail(const Check& c) { return set_error(c.status, "%s", c.message.c_str()); }
-
-int need_buffer(const deepep4j_buffer* buf, bool connected, const char* call) {
-  if (buf == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "buf = NULL: %s needs a buffer", call);
-  if (connected && !buf->connected)
-    return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer not connected (call deepep4j_buffer_connect first)", call,
-                     buf->rank);
-  return DEEPEP4J_OK;
-}
-
-int need_handle(const deepep4j_buffer* buf, const deepep4j_handle* h, const char* call) {
-  if (h == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "handle = NULL: %s needs a dispatch handle", call);
-  if (h->owner != buf)
-    return set_error(DEEPEP4J_ERR_STATE, "handle: belongs to another buffer than the one %s was called on", call);
-  return DEEPEP4J_OK;
-}
-
 // Catches what a backend must never let escape (bad_alloc, logic errors) so no C++ exception crosses the C boundary.
 template <class F>
 int guarded(const char* call, F&& f) {
@@ -39,6 +22,26 @@ int guarded(const char* call, F&& f) {
   } catch (const std::exception& e) {
     return set_error(DEEPEP4J_ERR_INTERNAL, "%s: %s", call, e.what());
   }
+}
+
+int fail(const Check& c) { return set_error(c.status, "%s", c.message.c_str()); }
+
+int need_buffer(const deepep4j_buffer* buf, bool connected, const char* call) {
+  if (buf == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "buf = NULL: %s needs a buffer", call);
+  if (connected && !buf->connected)
+    return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer not connected (call deepep4j_buffer_connect first)", call,
+                     buf->rank);
+  return DEEPEP4J_OK;
+}
+
+// A bad handle is seen by this rank only, so the failure joins the peers' step (they fail with PEER_ERROR).
+int need_handle(deepep4j_buffer* buf, const deepep4j_handle* h, const char* call) {
+  Check c;
+  if (h == nullptr) c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "handle = NULL: %s needs a dispatch handle", call);
+  else if (h->owner != buf)
+    c = Check::fail(DEEPEP4J_ERR_STATE, "handle: belongs to another buffer than the one %s was called on", call);
+  if (c.ok()) return DEEPEP4J_OK;
+  return guarded(call, [&] { return buf->backend->fail_step(c.status, c.message.c_str()); });
 }
 
 }  // namespace
@@ -113,13 +116,17 @@ int deepep4j_buffer_export(deepep4j_buffer* buf, void* blob, size_t capacity, si
 int deepep4j_buffer_connect(deepep4j_buffer* buf, const void* const* blobs, const size_t* lens) {
   if (int st = need_buffer(buf, false, "deepep4j_buffer_connect")) return st;
   if (buf->connected) return set_error(DEEPEP4J_ERR_STATE, "deepep4j_buffer_connect: rank %d is already connected", buf->rank);
+  // Checks only this rank can see reach the peers through fail_connect (they would otherwise wait for this rank).
+  Check c;
   if (blobs == nullptr || lens == nullptr)
-    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs/lens = NULL: connect needs one blob per rank (%d)",
-                     buf->num_ranks);
-  for (int i = 0; i < buf->num_ranks; ++i)
+    c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs/lens = NULL: connect needs one blob per rank (%d)",
+                    buf->num_ranks);
+  for (int i = 0; c.ok() && i < buf->num_ranks; ++i)
     if (blobs[i] == nullptr || lens[i] == 0 || lens[i] > DEEPEP4J_MAX_BLOB_BYTES)
-      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d] (len %zu): must be a non-empty blob of at most %d bytes",
-                       i, lens[i], DEEPEP4J_MAX_BLOB_BYTES);
+      c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d] (len %zu): must be a non-empty blob of at most %d bytes",
+                      i, blobs[i] == nullptr ? size_t(0) : lens[i], DEEPEP4J_MAX_BLOB_BYTES);
+  if (!c.ok())
+    return guarded("deepep4j_buffer_connect", [&] { return buf->backend->fail_connect(c.status, c.message.c_str()); });
   return guarded("deepep4j_buffer_connect", [&] {
     int st = buf->backend->connect(blobs, lens);
     if (st == DEEPEP4J_OK) buf->connected = true;
@@ -157,8 +164,11 @@ int deepep4j_notify_dispatch(deepep4j_buffer* buf, const int64_t* topk_idx, int6
                              int32_t num_experts, int64_t hidden, int32_t dtype, deepep4j_handle** out_handle,
                              int64_t* num_recv_tokens, int32_t* per_local_expert, void* stream) {
   if (int st = need_buffer(buf, true, "deepep4j_notify_dispatch")) return st;
-  if (out_handle == nullptr || num_recv_tokens == nullptr)
-    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "out_handle/num_recv_tokens = NULL: notify must return both");
+  if (out_handle == nullptr || num_recv_tokens == nullptr)  // the peers learn of it: the step fails on every rank
+    return guarded("deepep4j_notify_dispatch", [&] {
+      return buf->backend->fail_step(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                                     "out_handle/num_recv_tokens = NULL: notify_dispatch must return both");
+    });
   // Argument rules are checked inside the backend, after which every rank learns every rank's verdict.
   return guarded("deepep4j_notify_dispatch", [&] {
     Handle* h = nullptr;

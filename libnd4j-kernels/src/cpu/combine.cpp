@@ -55,6 +55,7 @@ void store_row(uint8_t* out, const float* acc, int32_t dtype, int64_t h) {
 }  // namespace
 
 int CpuBackend::combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void*) {
+  if (broken_) return broken_error("deepep4j_combine");
   auto* h = static_cast<CpuHandle*>(handle);
   Check c = check_combine_args(*h, dtype, a);
   if (c.ok() && a->recv_topk_weights != nullptr && !h->has_recv_local_idx)

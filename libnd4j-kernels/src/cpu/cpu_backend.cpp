@@ -93,25 +93,26 @@ int CpuBackend::connect(const void* const* blobs, const size_t* lens) {
   std::vector<Blob> all(R_);
   for (int r = 0; r < R_; ++r) {
     if (lens[r] != sizeof(Blob))
-      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: length %zu is not a CPU-backend blob (%zu bytes)", r,
-                       lens[r], sizeof(Blob));
+      return fail_connect(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                          t_fmt("blobs[%d]: length %zu is not a CPU-backend blob (%zu bytes)", r, lens[r],
+                                sizeof(Blob)).c_str());
     std::memcpy(&all[r], blobs[r], sizeof(Blob));
     if (all[r].magic != kRegionMagic || all[r].version != kBlobVersion)
-      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: not a deepep4j CPU blob of version %u", r,
-                       kBlobVersion);
+      return fail_connect(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                          t_fmt("blobs[%d]: not a deepep4j CPU blob of version %u", r, kBlobVersion).c_str());
     if (all[r].rank != r || all[r].num_ranks != R_)
-      return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
-                       "blobs[%d]: comes from rank %d of %d ranks; expected rank %d of %d (blobs must be in rank "
-                       "order)",
-                       r, all[r].rank, all[r].num_ranks, r, R_);
+      return fail_connect(DEEPEP4J_ERR_PEER_MISMATCH,
+                          t_fmt("blobs[%d]: comes from rank %d of %d ranks; expected rank %d of %d (blobs must be in "
+                                "rank order)", r, all[r].rank, all[r].num_ranks, r, R_).c_str());
   }
   // Every rank sees every blob, so every rank reaches the same verdict without another exchange.
   for (int r = 1; r < R_; ++r) {
     const deepep4j_config &a = all[0].config, &b = all[r].config;
-#define DEEPEP4J_SAME(field, fmt)                                                                                     \
-if (a.field != b.field)                                                                                            \
-  return set_error(DEEPEP4J_ERR_PEER_MISMATCH, "ranks disagree on the config: " #field " = " fmt " on rank 0 but " \
-                   fmt " on rank %d", a.field, b.field, r);
+#define DEEPEP4J_SAME(field, fmt)                                                                       \
+  if (a.field != b.field)                                                                              \
+    return fail_connect(DEEPEP4J_ERR_PEER_MISMATCH,                                                    \
+                        t_fmt("ranks disagree on the config: " #field " = " fmt " on rank 0 but " fmt " on rank %d", \
+                              a.field, b.field, r).c_str());
     DEEPEP4J_SAME(buffer_bytes, "%" PRId64)
     DEEPEP4J_SAME(num_sms, "%d")
     DEEPEP4J_SAME(max_send_tokens_per_chunk, "%d")
@@ -139,29 +140,29 @@ if (a.field != b.field)                                                         
       peers_[r] = std::make_unique<ShmRegion>();
       int e = peers_[r]->open(all[r].name, all[r].region_bytes);
       if (e != 0)
-        return set_error(DEEPEP4J_ERR_PEER_ERROR,
-                         "rank %d: cannot map the shared memory %s of rank %d (%s); has rank %d exited?", rank_,
-                         all[r].name, r, strerror(e), r);
+        return fail_connect(DEEPEP4J_ERR_PEER_ERROR,
+                            t_fmt("rank %d: cannot map the shared memory %s of rank %d (%s); has rank %d exited?",
+                                  rank_, all[r].name, r, strerror(e), r).c_str());
       base = static_cast<uint8_t*>(peers_[r]->data());
     }
     views_[r] = RegionView{base, R_, C_, ring_bytes_};
   }
-  for (int r = 0; r < R_; ++r) views_[r].control()->connected[rank_].store(1, std::memory_order_release);
-  Deadline deadline(cfg_.timeout_ms);
-  Control* mine = views_[rank_].control();
-  for (int r = 0; r < R_; ++r) {
-    Backoff backoff;
-    while (mine->connected[r].load(std::memory_order_acquire) == 0) {
-      if (deadline.passed())
-        return set_error(DEEPEP4J_ERR_TIMEOUT,
-                         "rank %d: timed out after %d ms in connect waiting for rank %d (the peer did not arrive or "
-                         "died)",
-                         rank_, cfg_.timeout_ms, r);
-      backoff.pause();
-    }
-  }
+  // Meet every peer once (the group's first step) so no rank writes to a peer that has not mapped it yet.
+  StepData mine{};
+  fill_header(&mine, Check{}, kStepConnect, 0, 0, 0, 0, 0, 0, 0);
+  std::vector<const StepData*> met;
+  if (int st = exchange(mine, &met)) return st;
   own_.unlink();  // every peer has mapped this region: no name is left behind if a process dies
   return ok();
+}
+
+int CpuBackend::fail_connect(int32_t status, const char* message) {
+  Control* ctl = static_cast<Control*>(own_.data());
+  snprintf(ctl->connect_message, sizeof(ctl->connect_message), "%s", message);
+  ctl->connect_failure.store(status, std::memory_order_release);
+  broken_ = true;
+  broken_reason_ = "connect failed on this rank";
+  return set_error(status, "%s", message);
 }
 
 }  // namespace cpu

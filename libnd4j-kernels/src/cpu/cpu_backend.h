@@ -69,6 +69,7 @@ struct Deadline {
 };
 
 const char* step_name(int kind);
+std::string t_fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 class CpuBackend final : public Backend {
  public:
@@ -85,6 +86,7 @@ class CpuBackend final : public Backend {
   int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void*) override;
   int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void*) override;
   int fail_step(int32_t status, const char* message) override;
+  int fail_connect(int32_t status, const char* message) override;
 
  private:
   // ------------------------------------------------------------------------------------------------ step exchange
@@ -92,8 +94,14 @@ class CpuBackend final : public Backend {
   void publish(StepData* d, std::initializer_list<const void*> ptrs) const;
   // Where rows exchanged with reader d start in this rank's receive order, per channel.
   void publish_offsets(const CpuHandle* h, int d, StepData* s) const;
-  // Ranks of one process touch each other's arrays during a step, so none returns before all are done.
+  // The end of dispatch and combine: every rank reports its transfer's status `st` and all return the same verdict
+  // (ranks of one process also touch each other's arrays, so none may return before all are done).
   int finish_step(int st, int kind);
+  // Agrees with the peers on how step step_ ended: `proposal` is this rank's view (0 = everyone arrived). Returns the
+  // decision word (see step_exchange.cpp).
+  uint64_t decide(uint64_t proposal);
+  // DEEPEP4J_ERR_STATE naming the failure that broke the buffer.
+  int broken_error(const char* call) const;
   Check check_ring(int64_t slot_bytes, const char* what) const;
   int64_t ring_slots(int64_t slot_bytes) const;
   static void fill_header(StepData* d, const Check& c, int kind, int64_t n, int64_t hidden, int32_t k, int32_t e,
@@ -178,6 +186,10 @@ class CpuBackend final : public Backend {
   deepep4j_config cfg_;
   size_t ring_bytes_ = 0;
   uint64_t step_ = 0;
+  // After a timeout (or a connect that failed) the group's steps can no longer be trusted: every later collective
+  // call refuses with DEEPEP4J_ERR_STATE. Every rank of the step that failed reaches this state.
+  bool broken_ = false;
+  std::string broken_reason_;
   ShmRegion own_;
   std::vector<std::unique_ptr<ShmRegion>> peers_;
   std::vector<RegionView> views_;

@@ -37,6 +37,7 @@ int CpuBackend::get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t 
 
 int CpuBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype,
                     Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert, void*) {
+  if (broken_) return broken_error("deepep4j_notify_dispatch");
   Check c = check_routing(topk_idx, n, k, e, R_, true);
   if (c.ok()) c = check_payload(hidden, dtype, true, "notify_dispatch");
   if (c.ok()) c = check_ring(dispatch_slot_bytes(hidden, dtype, k), "dispatch");
@@ -111,6 +112,7 @@ int CpuBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, i
 }
 
 int CpuBackend::dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void*) {
+  if (broken_) return broken_error("deepep4j_dispatch");
   auto* h = static_cast<CpuHandle*>(handle);
   Check c = check_dispatch_args(*h, dtype, a);
   const int64_t slot = dispatch_slot_bytes(h->hidden, dtype, h->num_topk);

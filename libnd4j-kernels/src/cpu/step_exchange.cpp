@@ -11,14 +11,26 @@
 #include "../common/dtype.h"
 #include "cpu_backend.h"
 
+#include <cstdarg>
+
 namespace deepep4j {
 namespace cpu {
+
+std::string t_fmt(const char* fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  return buf;
+}
 
 const char* step_name(int kind) {
   switch (kind) {
     case kStepNotify: return "notify_dispatch";
     case kStepDispatch: return "dispatch";
     case kStepCombine: return "combine";
+    case kStepConnect: return "connect";
     default: return "unknown step";
   }
 }
@@ -26,6 +38,7 @@ const char* step_name(int kind) {
 // acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row. One straight
 
 int CpuBackend::fail_step(int32_t status, const char* message) {
+  if (broken_) return broken_error("deepep4j_fail_step");
   StepData mine{};
   Check c;
   c.status = status;
@@ -49,13 +62,24 @@ void CpuBackend::publish_offsets(const CpuHandle* h, int d, StepData* s) const {
 }
 
 int CpuBackend::finish_step(int st, int kind) {
-  if (!direct_ || st != DEEPEP4J_OK) return st;
+  // Every rank reports how its transfer went, so a step that failed on one rank fails on all; a failed transfer
+  // leaves rings half-read, so the buffer is then broken on every rank.
+  Check c;
+  if (st != DEEPEP4J_OK) {
+    c.status = st;
+    c.message = last_error();
+  }
   StepData mine{};
-  fill_header(&mine, Check{}, kind, 0, 0, 0, 0, 0, 0, 0);
+  fill_header(&mine, c, kind, 0, 0, 0, 0, 0, 0, 0);
   std::vector<const StepData*> all;
   int e = exchange(mine, &all);
   if (e != DEEPEP4J_OK) return e;
-  return verdict(all, kind);
+  e = verdict(all, kind);
+  if (e != DEEPEP4J_OK && !broken_) {
+    broken_ = true;
+    broken_reason_ = std::string(step_name(kind)) + " failed while moving rows";
+  }
+  return e;
 }
 
 Check CpuBackend::check_ring(int64_t slot_bytes, const char* what) const {
@@ -87,30 +111,98 @@ void CpuBackend::fill_header(StepData* d, const Check& c, int kind, int64_t n, i
   snprintf(d->message, sizeof(d->message), "%s", c.message.c_str());
 }
 
+// The decision word (rank 0's region): bits 63..16 the step, bit 15 abandoned, bits 14..8 the rank that gave up,
+// bits 7..0 the rank it waited for; or, at connect, bit 14 set in the low half: rank (bits 7..0) failed locally.
+namespace {
+constexpr uint64_t kAbandoned = 1u << 15;
+constexpr uint64_t kPeerFailed = 1u << 14;
+constexpr uint64_t kLate = 0x7f;  // "gave up" field when this rank found the group already past the step
+}  // namespace
+
+uint64_t CpuBackend::decide(uint64_t proposal) {
+  std::atomic<uint64_t>& word = views_[0].control()->decision;
+  const uint64_t mine = (step_ << 16) | proposal;
+  uint64_t cur = word.load(std::memory_order_acquire);
+  for (;;) {
+    const uint64_t step = cur >> 16;
+    if (step == step_) return cur;  // decided by another rank
+    // The group has decided a later step: it went on without this rank, so this step was abandoned.
+    if (step > step_) return (step_ << 16) | kAbandoned | (kLate << 8);
+    if (word.compare_exchange_weak(cur, mine, std::memory_order_acq_rel, std::memory_order_acquire)) return mine;
+  }
+}
+
+int CpuBackend::broken_error(const char* call) const {
+  return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: the buffer is broken (%s): destroy and recreate the group's "
+                   "buffers", call, rank_, broken_reason_.c_str());
+}
+
 int CpuBackend::exchange(const StepData& mine, std::vector<const StepData*>* all,
                          const std::function<void(int, StepData*)>& per_peer) {
   ++step_;
   const int parity = int(step_ & 1);
+  // Data first, then the step numbers: a rank that sees this rank's step number anywhere may read its data
+  // everywhere (release/acquire, and the decision word passes that on).
   for (int d = 0; d < R_; ++d) {
     StepSlot& slot = views_[d].control()->slots[parity][rank_];
     slot.data = mine;
     if (per_peer) per_peer(d, &slot.data);
-    slot.seq.store(step_, std::memory_order_release);
   }
+  for (int d = 0; d < R_; ++d) views_[d].control()->slots[parity][rank_].seq.store(step_, std::memory_order_release);
   Deadline deadline(cfg_.timeout_ms);
   Control* ctl = views_[rank_].control();
-  all->assign(R_, nullptr);
-  for (int s = 0; s < R_; ++s) {
+  int missing = -1, failed = -1;
+  for (int s = 0; s < R_ && missing < 0 && failed < 0; ++s) {
     Backoff backoff;
     while (ctl->slots[parity][s].seq.load(std::memory_order_acquire) != step_) {
-      if (deadline.passed())
-        return set_error(DEEPEP4J_ERR_TIMEOUT,
-                         "rank %d: timed out after %d ms in %s waiting for rank %d (the peer did not arrive or died)",
-                         rank_, cfg_.timeout_ms, step_name(mine.kind), s);
+      if (mine.kind == kStepConnect && views_[s].control()->connect_failure.load(std::memory_order_acquire) != 0) {
+        failed = s;  // the peer failed before it could reach anyone
+        break;
+      }
+      if (deadline.passed()) {
+        missing = s;
+        break;
+      }
       backoff.pause();
     }
-    (*all)[s] = &ctl->slots[parity][s].data;
   }
+  const uint64_t d = decide(failed >= 0    ? kPeerFailed | uint64_t(failed)
+                            : missing >= 0 ? kAbandoned | (uint64_t(rank_) << 8) | uint64_t(missing)
+                                           : 0);
+  const char* what = step_name(mine.kind);
+  if (d & kPeerFailed) {
+    const int f = int(d & 0xff);
+    broken_ = true;
+    broken_reason_ = t_fmt("rank %d failed in connect", f);
+    char msg[kMessageBytes + 1] = {};
+    std::memcpy(msg, views_[f].control()->connect_message, kMessageBytes);
+    return set_error(DEEPEP4J_ERR_PEER_ERROR, "rank %d reported in connect: %s", f, msg);
+  }
+  if (d & kAbandoned) {
+    const int gave_up = int((d >> 8) & 0x7f), waited_for = int(d & 0xff);
+    broken_ = true;
+    if (gave_up == int(kLate)) {
+      broken_reason_ = t_fmt("rank %d arrived at %s after the others had abandoned it", rank_, what);
+      return set_error(DEEPEP4J_ERR_TIMEOUT,
+                       "rank %d: %s was abandoned by the other ranks before this rank arrived (they waited "
+                       "timeout_ms = %d); the buffer is broken: destroy and recreate the group's buffers",
+                       rank_, what, cfg_.timeout_ms);
+    }
+    broken_reason_ = t_fmt("%s timed out: rank %d waited for rank %d", what, gave_up, waited_for);
+    if (gave_up == rank_)
+      return set_error(DEEPEP4J_ERR_TIMEOUT,
+                       "rank %d: timed out after %d ms in %s waiting for rank %d (the peer did not arrive or died); "
+                       "the step is abandoned on every rank and the buffer is broken: destroy and recreate the "
+                       "group's buffers",
+                       rank_, cfg_.timeout_ms, what, waited_for);
+    return set_error(DEEPEP4J_ERR_TIMEOUT,
+                     "rank %d: %s abandoned: rank %d timed out after %d ms waiting for rank %d; the buffer is broken: "
+                     "destroy and recreate the group's buffers",
+                     rank_, what, gave_up, cfg_.timeout_ms, waited_for);
+  }
+  // Complete: every rank arrived, so every rank's data is here (see the order of the writes above).
+  all->assign(R_, nullptr);
+  for (int s = 0; s < R_; ++s) (*all)[s] = &ctl->slots[parity][s].data;
   return DEEPEP4J_OK;
 }
 

@@ -91,8 +91,8 @@ int CudaBackend::init() {
 
 int CudaBackend::broken_check(const char* call) const {
   if (!broken_) return DEEPEP4J_OK;
-  return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer unusable after an earlier failure (%s); destroy and "
-                   "recreate the group", call, rank_, broken_reason_.c_str());
+  return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: the buffer is broken (%s): destroy and recreate the group's "
+                   "buffers", call, rank_, broken_reason_.c_str());
 }
 
 int CudaBackend::begin_dispatch(const char* call, Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a,
@@ -198,9 +198,20 @@ int CudaBackend::finish_step(cudaStream_t s, const char* call) {
   const char* where = mb.where >= 0 && mb.where < 5 ? kWhere[mb.where] : "wait";
   broken_ = true;
   broken_reason_ = std::string(call) + " timed out";
+  const int gave_up = mb.abandoned_by - 1;
+  if (gave_up == int(kLateRank))
+    return set_error(DEEPEP4J_ERR_TIMEOUT,
+                     "%s on rank %d: the other ranks abandoned this step (timeout_ms = %d) before this rank arrived; "
+                     "the buffer is broken: destroy and recreate the group's buffers", call, rank_, cfg_.timeout_ms);
+  if (gave_up >= 0 && gave_up != rank_)
+    return set_error(DEEPEP4J_ERR_TIMEOUT,
+                     "%s on rank %d: step abandoned: rank %d waited for rank %d longer than timeout_ms = %d; the buffer "
+                     "is broken: destroy and recreate the group's buffers", call, rank_, gave_up, mb.peer,
+                     cfg_.timeout_ms);
   return set_error(DEEPEP4J_ERR_TIMEOUT,
-                   "%s on rank %d: %s waited for rank %d longer than timeout_ms = %d (peer gone or not calling)", call,
-                   rank_, where, mb.peer, cfg_.timeout_ms);
+                   "%s on rank %d: %s waited for rank %d longer than timeout_ms = %d (peer gone or not calling); the "
+                   "step is abandoned on every rank and the buffer is broken: destroy and recreate the group's buffers",
+                   call, rank_, where, mb.peer, cfg_.timeout_ms);
 }
 
 int CudaBackend::get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,

@@ -56,7 +56,7 @@ class DeepepBackend : public CudaBackend {
   int connect(const void* const* blobs, const size_t* lens) override {
     if (int st = use_device()) return st;
     std::vector<Blob> all;
-    if (int st = read_blobs(blobs, lens, &all)) return st;
+    if (int st = read_blobs(blobs, lens, &all)) return fail_connect(st, std::string(last_error()).c_str());
     const Blob& me = all[size_t(rank_)];
     for (int r = 0; r < R_; ++r) {
       const Blob& b = all[size_t(r)];
@@ -84,7 +84,40 @@ class DeepepBackend : public CudaBackend {
     // Every rank mapped every region: meet once so no rank writes to a peer that is not listening yet.
     cudaStream_t s = own_stream_;
     DEEPEP4J_CUDA_TRY(launch_barrier(step(epoch_), 0, nullptr, s));
-    return finish_step(s, "deepep4j_buffer_connect") == DEEPEP4J_OK ? ok() : DEEPEP4J_ERR_TIMEOUT;
+    if (int st = finish_step(s, "deepep4j_buffer_connect")) {
+      broken_ = true;  // a connect that failed is not retried: recreate the buffers
+      broken_reason_ = "connect failed";
+      return st;
+    }
+    return ok();
+  }
+
+  // A rank that fails before it could map its peers publishes its status in its own region (which they have mapped)
+  // and raises its own flag of the connect barrier (epoch 1): the peers' barrier reads it there.
+  int fail_connect(int32_t status, const char* message) override {
+    if (use_device() == DEEPEP4J_OK && region_ != nullptr) {
+      PeerStatus ps{};
+      ps.status = status;
+      std::snprintf(ps.message, sizeof(ps.message), "%s", message);
+      const uint32_t epoch = 1;
+      if (cudaMemcpy(status_slot(region_, epoch, rank_), &ps, sizeof(ps), cudaMemcpyHostToDevice) == cudaSuccess)
+        cudaMemcpy(flags(region_) + rank_, &epoch, sizeof(epoch), cudaMemcpyHostToDevice);
+    }
+    broken_ = true;
+    broken_reason_ = "connect failed on this rank";
+    return set_error(status, "%s", message);
+  }
+
+  // Joins the peers' step (notify, dispatch or combine: each starts with a barrier) with this rank's failure.
+  int fail_step(int32_t status, const char* message) override {
+    const char* call = "deepep4j_fail_step";
+    if (int st = broken_check(call)) return st;
+    if (int st = use_device()) return st;
+    Check failure;
+    failure.status = status;
+    failure.message = message;
+    return run_step(call, failure, false, nullptr, own_stream_, [](const Step&) { return int(DEEPEP4J_OK); },
+                    [](const Step&) { return cudaSuccess; });
   }
 
   int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) override {

@@ -105,10 +105,28 @@ typedef struct deepep4j_config {
   int32_t num_threads;               /* CPU copy threads per rank; 0 = automatic */
   int32_t max_hidden_bytes;          /* largest token row (H * element size) the buffer must carry; 0 = checked at
                                         dispatch time instead of at creation */
+  int32_t cuda_transfer;             /* deepep4j_cuda_transfer: how the CUDA deepep backend moves rows; all ranks
+                                        must agree */
+  int32_t ce_chunks;                 /* copy-engine copies per peer and step, in [1, 16]; all ranks must agree
+                                        (senders and receivers cut a step into the same chunks) */
+  int32_t cuda_trace;                /* 1: after each copy-engine step, one line on stderr with where its time went */
+  int32_t cpu_direct;                /* CPU: 1 = ranks of one process copy rows directly (used when every rank
+                                        allows it), 0 = every row goes through the rings */
 } deepep4j_config;
 
+typedef enum deepep4j_cuda_transfer {
+  DEEPEP4J_CUDA_TRANSFER_AUTO = 0,       /* copy engines when every rank's step fits its landing zones and moves
+                                            >= 8 MiB to or from some peer, else the SM rings */
+  DEEPEP4J_CUDA_TRANSFER_SM = 1,         /* always the SM ring kernels */
+  DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE = 2 /* copy engines; a step that does not fit fails naming buffer_bytes */
+} deepep4j_cuda_transfer;
+
 /* Fills defaults: 256 MiB buffer, 20 SMs, chunk 16 tokens, ring 128 tokens, 60 s timeout, CPU device 0, deepep, auto
-   threads, max_hidden_bytes 0. */
+   threads, max_hidden_bytes 0, cuda_transfer AUTO, ce_chunks 4, cuda_trace 0, cpu_direct 1. The environment gives
+   other defaults for the last four (and only here; the library reads no environment elsewhere):
+   DEEPEP4J_CUDA_TRANSFER = auto | sm | copy_engine, DEEPEP4J_CE_CHUNKS = n, DEEPEP4J_CUDA_TRACE = 1,
+   DEEPEP4J_CPU_DIRECT = 0. A value that is none of these makes the field invalid (-1), which buffer_create rejects
+   naming the field. */
 DEEPEP4J_API void deepep4j_config_init(deepep4j_config* config);
 
 /* Smallest buffer_bytes that carries one chunk per ring for rows of `hidden` elements of `dtype` with K <= 32 top-k

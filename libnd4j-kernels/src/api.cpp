@@ -1,5 +1,8 @@
 // api.cpp — the C API: checks what needs no peer, then forwards to the buffer's backend (src/common/backend.h).
 #include <cinttypes>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "common/backend.h"
@@ -22,6 +25,13 @@ int guarded(const char* call, F&& f) {
   } catch (const std::exception& e) {
     return set_error(DEEPEP4J_ERR_INTERNAL, "%s: %s", call, e.what());
   }
+}
+
+// A decimal int, or -1 when `v` is not one.
+int int_or_invalid(const char* v) {
+  char* end = nullptr;
+  long n = std::strtol(v, &end, 10);
+  return (end == v || *end != 0 || n < 0 || n > INT32_MAX) ? -1 : int(n);
 }
 
 int fail(const Check& c) { return set_error(c.status, "%s", c.message.c_str()); }
@@ -66,6 +76,19 @@ void deepep4j_config_init(deepep4j_config* c) {
   c->backend = DEEPEP4J_BACKEND_DEEPEP;
   c->num_threads = 0;
   c->max_hidden_bytes = 0;
+  // Defaults from the environment (the only place the library reads it); a bad value is kept invalid for
+  // buffer_create to name.
+  const char* v = getenv("DEEPEP4J_CUDA_TRANSFER");
+  c->cuda_transfer = v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0 ? DEEPEP4J_CUDA_TRANSFER_AUTO
+                     : std::strcmp(v, "sm") == 0                             ? DEEPEP4J_CUDA_TRANSFER_SM
+                     : std::strcmp(v, "copy_engine") == 0                    ? DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE
+                                                                             : -1;
+  v = getenv("DEEPEP4J_CE_CHUNKS");
+  c->ce_chunks = v == nullptr || *v == 0 ? 4 : int_or_invalid(v);
+  v = getenv("DEEPEP4J_CUDA_TRACE");
+  c->cuda_trace = v != nullptr && std::strcmp(v, "1") == 0 ? 1 : 0;
+  v = getenv("DEEPEP4J_CPU_DIRECT");
+  c->cpu_direct = v != nullptr && std::strcmp(v, "0") == 0 ? 0 : 1;
 }
 
 int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, const deepep4j_config* config,

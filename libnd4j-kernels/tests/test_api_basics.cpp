@@ -1,5 +1,8 @@
 // test_api_basics.cpp — version, status names, config defaults, size hint, buffer getters, blob export, thread-local
 // errors and a one-rank step (every row stays home).
+#include <string>
+#include <vector>
+
 #include "ep_group.h"
 
 TEST(version_and_status_names) {
@@ -28,7 +31,51 @@ TEST(config_defaults) {
   CHECK_EQ(c.backend, DEEPEP4J_BACKEND_DEEPEP);
   CHECK_EQ(c.num_threads, 0);
   CHECK_EQ(c.max_hidden_bytes, 0);
+  CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_AUTO);
+  CHECK_EQ(c.ce_chunks, 4);
+  CHECK_EQ(c.cuda_trace, 0);
+  CHECK_EQ(c.cpu_direct, 1);
   deepep4j_config_init(nullptr);  // documented as harmless
+}
+
+// The environment gives defaults to the transfer settings, through config_init only; a bad value is an invalid field
+// that buffer_create names.
+TEST(config_defaults_from_environment) {
+  const char* names[] = {"DEEPEP4J_CUDA_TRANSFER", "DEEPEP4J_CE_CHUNKS", "DEEPEP4J_CUDA_TRACE", "DEEPEP4J_CPU_DIRECT"};
+  std::vector<std::pair<bool, std::string>> saved;
+  for (const char* n : names) saved.push_back({getenv(n) != nullptr, getenv(n) ? getenv(n) : ""});
+  setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
+  setenv("DEEPEP4J_CE_CHUNKS", "3", 1);
+  setenv("DEEPEP4J_CUDA_TRACE", "1", 1);
+  setenv("DEEPEP4J_CPU_DIRECT", "0", 1);
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE);
+  CHECK_EQ(c.ce_chunks, 3);
+  CHECK_EQ(c.cuda_trace, 1);
+  CHECK_EQ(c.cpu_direct, 0);
+  setenv("DEEPEP4J_CUDA_TRANSFER", "sm", 1);
+  deepep4j_config_init(&c);
+  CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_SM);
+  setenv("DEEPEP4J_CUDA_TRANSFER", "fast", 1);
+  setenv("DEEPEP4J_CE_CHUNKS", "four", 1);
+  deepep4j_config_init(&c);
+  deepep4j_buffer* b = nullptr;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cuda_transfer = -1",
+            "DEEPEP4J_CUDA_TRANSFER");
+  c.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_AUTO;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "ce_chunks = -1", "[1, 16]");
+  c.ce_chunks = 17;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "ce_chunks = 17");
+  c.ce_chunks = 4;
+  c.cpu_direct = 2;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cpu_direct = 2");
+  c.cpu_direct = 1;
+  c.cuda_trace = -1;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cuda_trace = -1");
+  CHECK(b == nullptr);
+  for (size_t i = 0; i < saved.size(); ++i)
+    if (saved[i].first) setenv(names[i], saved[i].second.c_str(), 1); else unsetenv(names[i]);
 }
 
 TEST(size_hint_grows_with_ring_ranks_and_row) {

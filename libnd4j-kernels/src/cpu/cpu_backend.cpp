@@ -65,8 +65,7 @@ int CpuBackend::init() {
     threads = std::max(1, int(hw) / R_);
   }
   pool_ = std::make_unique<WorkerPool>(std::min(threads, C_));
-  const char* direct = getenv("DEEPEP4J_CPU_DIRECT");
-  direct_wanted_ = !(direct && std::strcmp(direct, "0") == 0);
+  direct_wanted_ = cfg_.cpu_direct != 0;
   return ok();
 }
 
@@ -121,6 +120,8 @@ int CpuBackend::connect(const void* const* blobs, const size_t* lens) {
     DEEPEP4J_SAME(device, "%d")
     DEEPEP4J_SAME(backend, "%d")
     DEEPEP4J_SAME(max_hidden_bytes, "%d")
+    DEEPEP4J_SAME(cuda_transfer, "%d")
+    DEEPEP4J_SAME(ce_chunks, "%d")
 #undef DEEPEP4J_SAME
   }
   // Ranks of one process copy rows straight between their arrays (one copy instead of two through a ring),

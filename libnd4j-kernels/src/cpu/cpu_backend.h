@@ -194,7 +194,7 @@ class CpuBackend final : public Backend {
   std::vector<std::unique_ptr<ShmRegion>> peers_;
   std::vector<RegionView> views_;
   std::unique_ptr<WorkerPool> pool_;
-  bool direct_wanted_ = true;       // this rank allows direct copies (DEEPEP4J_CPU_DIRECT != 0)
+  bool direct_wanted_ = true;       // this rank allows direct copies (config.cpu_direct)
   bool direct_ = false;             // every rank allows them
   std::vector<bool> peer_direct_;   // [R] rows to/from this rank skip the rings (self; same process when direct_)
   std::vector<float> scratch_;   // combine: fp32 accumulators for bf16/fp16 outputs

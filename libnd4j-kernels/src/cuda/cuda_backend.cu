@@ -141,6 +141,7 @@ Blob CudaBackend::own_blob() const {
   b.device_id = cfg_.device_id, b.backend = cfg_.backend, b.buffer_bytes = cfg_.buffer_bytes;
   b.num_sms = cfg_.num_sms, b.chunk = cfg_.max_send_tokens_per_chunk, b.ring_tokens = cfg_.ring_tokens;
   b.timeout_ms = cfg_.timeout_ms;
+  b.cuda_transfer = cfg_.cuda_transfer, b.ce_chunks = cfg_.ce_chunks;
   return b;
 }
 
@@ -154,13 +155,23 @@ int CudaBackend::read_blobs(const void* const* blobs, const size_t* lens, std::v
     std::memcpy(&b, blobs[r], sizeof(Blob));
     if (b.magic != kBlobMagic || b.rank != r)
       return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: not the CUDA blob of rank %d", r, r);
-    const char* field = b.num_ranks != R_ ? "num_ranks" : b.backend != cfg_.backend ? "backend"
-                        : b.buffer_bytes != cfg_.buffer_bytes ? "buffer_bytes" : b.num_sms != cfg_.num_sms ? "num_sms"
-                        : b.chunk != cfg_.max_send_tokens_per_chunk ? "max_send_tokens_per_chunk"
-                        : b.ring_tokens != cfg_.ring_tokens ? "ring_tokens" : nullptr;
-    if (field)
-      return set_error(DEEPEP4J_ERR_PEER_MISMATCH, "config.%s: rank %d and rank %d differ; all ranks must agree", field,
-                       rank_, r);
+    // Fields every rank must agree on, with both values in the message.
+    struct Field {
+      const char* name;
+      int64_t mine, theirs;
+    } fields[] = {{"num_ranks", R_, b.num_ranks},
+                  {"backend", cfg_.backend, b.backend},
+                  {"buffer_bytes", cfg_.buffer_bytes, b.buffer_bytes},
+                  {"num_sms", cfg_.num_sms, b.num_sms},
+                  {"max_send_tokens_per_chunk", cfg_.max_send_tokens_per_chunk, b.chunk},
+                  {"ring_tokens", cfg_.ring_tokens, b.ring_tokens},
+                  {"cuda_transfer", cfg_.cuda_transfer, b.cuda_transfer},
+                  {"ce_chunks", cfg_.ce_chunks, b.ce_chunks}};
+    for (const Field& f : fields)
+      if (f.mine != f.theirs)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                         "ranks disagree on the config: %s = %" PRId64 " on rank %d but %" PRId64 " on rank %d; all "
+                         "ranks must agree", f.name, f.mine, rank_, f.theirs, r);
   }
   return DEEPEP4J_OK;
 }

@@ -30,6 +30,7 @@ struct Blob {
   cudaIpcMemHandle_t ipc;
   int32_t has_nccl_id, pad;
   uint8_t nccl_id[128];
+  int32_t cuda_transfer, ce_chunks;
 };
 static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
 constexpr uint32_t kBlobMagic = 0x64657034;  // "dep4"

@@ -164,12 +164,11 @@ class DeepepBackend : public CudaBackend {
 
  protected:
   int init_backend() override {
-    Check mode = transfer_from_env(&transfer_);
-    if (!mode.ok()) return set_error(mode.status, "%s", mode.message.c_str());
+    transfer_ = transfer_of(cfg_);
     if (transfer_ != Transfer::kSm) {
-      if (int st = ce_.init(R_)) return st;
+      if (int st = ce_.init(R_, cfg_.ce_chunks, cfg_.cuda_trace == 1)) return st;
       if (transfer_ == Transfer::kCopyEngine && !ce_.available())
-        return set_error(DEEPEP4J_ERR_UNAVAILABLE, "DEEPEP4J_CUDA_TRANSFER = copy_engine: %s",
+        return set_error(DEEPEP4J_ERR_UNAVAILABLE, "cuda_transfer = copy_engine: %s",
                          ce_.unavailable_reason().c_str());
     }
     const size_t bytes = kRings + size_t(cfg_.buffer_bytes);

@@ -157,17 +157,17 @@ TEST(bad_topk_on_one_rank) {
   }
 }
 
-// DEEPEP4J_CUDA_TRANSFER=copy_engine with landing zones too small for the step: every rank names buffer_bytes and
+// cuda_transfer = copy_engine with landing zones too small for the step: every rank names buffer_bytes and
 // leaves the outputs untouched, and the group still works with a step that fits.
 TEST(copy_engine_without_room) {
-  const char* was = getenv("DEEPEP4J_CUDA_TRANSFER");
   const char* was_mb = getenv("DEEPEP4J_TEST_BUFFER_MB");
-  const std::string saved = was ? was : "", saved_mb = was_mb ? was_mb : "";
-  setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
+  const std::string saved_mb = was_mb ? was_mb : "";
   unsetenv("DEEPEP4J_TEST_BUFFER_MB");
   {
     ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
-    gpu::Group g(2, gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2));  // ring of 2 slots: zones of ~2 rows
+    deepep4j_config cfg = gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2);  // ring of 2 slots: zones of ~2 rows
+    cfg.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE;
+    gpu::Group g(2, cfg);
     std::vector<ref::RankInput> in = ep::make_inputs(s, {40, 40}, 9);
     ep::run_ranks(2, [&](int32_t r) {
       cudaSetDevice(g.devices[size_t(r)]);
@@ -190,7 +190,6 @@ TEST(copy_engine_without_room) {
     ep::StepOptions o;
     gpu::run_and_verify(g, s, {2, 1}, o, 10, "copy_engine: a step that fits, after one that did not");
   }
-  if (was) setenv("DEEPEP4J_CUDA_TRANSFER", saved.c_str(), 1); else unsetenv("DEEPEP4J_CUDA_TRANSFER");
   if (was_mb) setenv("DEEPEP4J_TEST_BUFFER_MB", saved_mb.c_str(), 1);
 }
 

@@ -129,11 +129,21 @@ typedef enum deepep4j_cuda_transfer {
    naming the field. */
 DEEPEP4J_API void deepep4j_config_init(deepep4j_config* config);
 
-/* Smallest buffer_bytes that carries one chunk per ring for rows of `hidden` elements of `dtype` with K <= 32 top-k
-   entries on `num_ranks` ranks under `config` (its num_sms / ring_tokens / max_send_tokens_per_chunk). Ring depth is
-   what makes transfers fast: pass a config with the ring_tokens you want and use the result as buffer_bytes. */
+/* Recommended buffer_bytes: room for the full ring depth, config->ring_tokens slots in each of the num_ranks x
+   num_sms/2 rings (each rounded up to 64 bytes), a slot being the larger of a dispatch and a combine slot of rows of
+   `hidden` elements of `dtype` (fp8 rows are combined in bf16) with K = DEEPEP4J_MAX_TOPK. Ring depth is what makes
+   transfers fast: pass a config with the ring_tokens you want and use the result as buffer_bytes. Not the minimum
+   (see deepep4j_buffer_size_min). */
 DEEPEP4J_API int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks,
                                            const deepep4j_config* config, int64_t* out_bytes);
+
+/* Smallest buffer_bytes with which a step of rows of `hidden` elements of `dtype` and K = num_topk runs on num_ranks
+   ranks under `config`: one chunk (max_send_tokens_per_chunk rows) in each ring, for its dispatch and for its combine
+   in the same dtype (bf16 for fp8). A buffer 1 byte smaller fails that step with INVALID_ARGUMENT on every rank, and
+   the message names this value. (The CUDA ring kernels need only one slot per ring and then send smaller chunks, so
+   they also run with less; copy-engine transfers need room for a whole step per source.) */
+DEEPEP4J_API int deepep4j_buffer_size_min(int64_t hidden, int32_t dtype, int32_t num_topk, int32_t num_ranks,
+                                          const deepep4j_config* config, int64_t* out_bytes);
 
 /* ---------------------------------------------------------------- buffer and peer memory */
 typedef struct deepep4j_buffer deepep4j_buffer;

@@ -108,6 +108,22 @@ int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, 
   return ok();
 }
 
+int deepep4j_buffer_size_min(int64_t hidden, int32_t dtype, int32_t num_topk, int32_t num_ranks,
+                             const deepep4j_config* config, int64_t* out_bytes) {
+  if (config == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "config = NULL: pass a deepep4j_config");
+  if (out_bytes == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "out_bytes = NULL: nowhere to write");
+  if (num_topk < 1 || num_topk > DEEPEP4J_MAX_TOPK)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "num_topk = %d: must be in [1, %d]", num_topk, DEEPEP4J_MAX_TOPK);
+  deepep4j_config c = *config;
+  c.buffer_bytes = 1;  // the value being computed; not checked here
+  Check k = check_config(0, num_ranks, c);
+  if (!k.ok()) return fail(k);
+  k = check_payload(hidden, dtype, true, "buffer_size_min");
+  if (!k.ok()) return fail(k);
+  *out_bytes = min_buffer_bytes(hidden, dtype, num_topk, c.max_send_tokens_per_chunk, num_ranks, num_channels(c));
+  return ok();
+}
+
 int deepep4j_buffer_create(int32_t rank, int32_t num_ranks, const deepep4j_config* config, deepep4j_buffer** out) {
   if (out == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "out = NULL: nowhere to return the buffer");
   if (config == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "config = NULL: pass a deepep4j_config");

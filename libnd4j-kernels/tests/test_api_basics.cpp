@@ -106,6 +106,43 @@ TEST(size_hint_grows_with_ring_ranks_and_row) {
   CHECK_EQ(untouched, 12345);
 }
 
+// buffer_size_min is the smallest buffer a step runs with: that size works, one byte less fails the step on every rank
+// with a message naming the same minimum; the hint (full ring depth) is larger.
+TEST(size_min_is_the_smallest_working_buffer) {
+  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16}) {
+    ref::Shape s;
+    s.num_ranks = 2, s.num_experts = 4, s.num_topk = 2, s.hidden = 64, s.dtype = dtype;
+    deepep4j_config c = ep::small_config(s, 32, 8, 4);
+    int64_t min = 0, hint = 0;
+    REQUIRE_OK(deepep4j_buffer_size_min(s.hidden, dtype, s.num_topk, s.num_ranks, &c, &min));
+    REQUIRE_OK(deepep4j_buffer_size_hint(s.hidden, dtype, s.num_ranks, &c, &hint));
+    CHECK_MSG(hint > min, "hint %lld <= min %lld", (long long)hint, (long long)min);
+    c.buffer_bytes = min;
+    ep::StepOptions o;
+    o.combine_weights = true;
+    ep::run_and_verify(s, {40, 33}, c, o, 6, t::fmt("buffer_bytes = size_min (%s)", dtype == 0 ? "fp32" : "bf16"));
+    c.buffer_bytes = min - 1;
+    ep::Group g(2, c);
+    std::vector<ref::RankInput> in = ep::make_inputs(s, {40, 33}, 6);
+    const std::string named = t::fmt("minimum is %lld bytes", (long long)min);
+    ep::run_ranks(2, [&](int32_t r) {
+      deepep4j_handle* h = nullptr;
+      int64_t M = 0;
+      CHECK_ERR(deepep4j_notify_dispatch(g[r], in[size_t(r)].topk_idx.data(), in[size_t(r)].n, s.num_topk,
+                                         s.num_experts, s.hidden, dtype, &h, &M, nullptr, nullptr),
+                r == 0 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR, named.c_str());
+    });
+  }
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  int64_t untouched = 7;
+  CHECK_ERR(deepep4j_buffer_size_min(64, DEEPEP4J_FLOAT32, 0, 2, &c, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "num_topk = 0");
+  CHECK_ERR(deepep4j_buffer_size_min(7, DEEPEP4J_FLOAT32, 2, 2, &c, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "hidden = 7");
+  CHECK_EQ(untouched, 7);
+}
+
 TEST(buffer_getters_and_export) {
   ref::Shape s;
   s.num_ranks = 3;

@@ -78,4 +78,10 @@ inline int64_t buffer_bytes_for(int64_t slot_bytes, int64_t slots, int32_t num_r
   return int64_t(num_ranks) * channels * ((slot_bytes * slots + 63) & ~int64_t(63));
 }
 
+// deepep4j_buffer_size_min: one chunk per ring for a step's dispatch and its combine.
+inline int64_t min_buffer_bytes(int64_t hidden, int32_t dtype, int32_t num_topk, int32_t chunk, int32_t num_ranks,
+                                int32_t channels) {
+  return buffer_bytes_for(step_slot_bytes(hidden, dtype, num_topk), chunk, num_ranks, channels);
+}
+
 }  // namespace deepep4j

@@ -87,9 +87,9 @@ Check CpuBackend::check_ring(int64_t slot_bytes, const char* what) const {
   if (slots < cfg_.max_send_tokens_per_chunk)
     return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
                        "buffer_bytes = %" PRId64 ": each of the %d rings holds %zu bytes, less than one %s chunk of "
-                       "%d rows x %" PRId64 " bytes; minimum is %" PRId64 " bytes (deepep4j_buffer_size_hint)",
+                       "%d rows x %" PRId64 " bytes; minimum is %" PRId64 " bytes (deepep4j_buffer_size_min)",
                        cfg_.buffer_bytes, R_ * C_, ring_bytes_, what, cfg_.max_send_tokens_per_chunk, slot_bytes,
-                       slot_bytes * cfg_.max_send_tokens_per_chunk * R_ * C_);
+                       buffer_bytes_for(slot_bytes, cfg_.max_send_tokens_per_chunk, R_, C_));
   return Check{};
 }
 

@@ -290,8 +290,8 @@ class DeepepBackend : public CudaBackend {
     if (fit < 1)
       return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
                          "buffer_bytes = %" PRId64 ": too small for one %" PRId64 "-byte slot in each of %d rings; "
-                         "use deepep4j_buffer_size_hint",
-                         cfg_.buffer_bytes, slot_bytes, C * R_);
+                         "minimum is %" PRId64 " bytes (deepep4j_buffer_size_min gives the size for full chunks)",
+                         cfg_.buffer_bytes, slot_bytes, C * R_, buffer_bytes_for(slot_bytes, 1, R_, C));
     r.slots = int32_t(std::min<int64_t>(fit, cfg_.ring_tokens));
     r.chunk = std::min(r.slots, cfg_.max_send_tokens_per_chunk);
     *out = r;

@@ -100,8 +100,10 @@ public final class EpConfig {
   public Boolean cpuDirect() { return cpuDirect; }
 
   /**
-   * Smallest buffer (in GB) that carries one chunk per ring for rows of {@code hidden} elements of {@code dtype} on
-   * {@code numRanks} ranks with this config's SMs, chunk and ring sizes.
+   * Recommended buffer (in GB) for rows of {@code hidden} elements of {@code dtype} on {@code numRanks} ranks: room for
+   * this config's full ring depth ({@code ringTokens} slots per ring, any top-k up to 32), as
+   * {@code deepep4j_buffer_size_hint} computes it. A step also runs with less (down to one chunk per ring:
+   * {@code deepep4j_buffer_size_min}), more slowly.
    */
   public double bufferSizeHintGb(long hidden, org.nd4j.linalg.api.buffer.DataType dtype, int numRanks) {
     try (DeepEp4jNative.Config c = toNative(0);

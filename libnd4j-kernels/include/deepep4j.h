@@ -31,7 +31,15 @@
  * Threading: calls on one buffer are not re-entrant; different buffers (ranks) may be driven from different threads.
  * Errors: every call returns a deepep4j_status; deepep4j_last_error() (thread-local) names the argument, value and rule.
  *   Validation errors of a collective call are exchanged so every rank of the step returns the same error; outputs are
- *   untouched when a call fails. Every wait honours config.timeout_ms and ends in DEEPEP4J_ERR_TIMEOUT.
+ *   untouched when a call fails. Checks that only one rank can make (a NULL output or handle, a handle of another
+ *   buffer, NULL blobs at connect) are exchanged too: the others return DEEPEP4J_ERR_PEER_ERROR naming that rank and
+ *   its reason (CUDA alltoall backend: in notify only; in dispatch / combine / connect its peers time out).
+ * Timeouts: every wait honours config.timeout_ms and ends in DEEPEP4J_ERR_TIMEOUT. A step that timed out is abandoned
+ *   on every rank, one arriving late included (it is told DEEPEP4J_ERR_TIMEOUT, never OK), and the buffer is broken
+ *   from then on: every later collective call (connect, notify_dispatch, dispatch, combine, fail_step) returns
+ *   DEEPEP4J_ERR_STATE "the buffer is broken (...): destroy and recreate the group's buffers". Recovery is to destroy
+ *   the buffers of every rank and create, export and connect new ones. Outputs of a call that timed out while moving
+ *   rows are undefined. A failed connect breaks the buffer as well.
  */
 #ifndef DEEPEP4J_H
 #define DEEPEP4J_H

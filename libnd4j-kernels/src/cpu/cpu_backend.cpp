@@ -89,6 +89,7 @@ int CpuBackend::export_blob(void* out, size_t capacity, size_t* len) {
 }
 
 int CpuBackend::connect(const void* const* blobs, const size_t* lens) {
+  if (broken_) return broken_error("deepep4j_buffer_connect");
   std::vector<Blob> all(R_);
   for (int r = 0; r < R_; ++r) {
     if (lens[r] != sizeof(Blob))

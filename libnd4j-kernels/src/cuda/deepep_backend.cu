@@ -54,6 +54,7 @@ class DeepepBackend : public CudaBackend {
   }
 
   int connect(const void* const* blobs, const size_t* lens) override {
+    if (int st = broken_check("deepep4j_buffer_connect")) return st;
     if (int st = use_device()) return st;
     std::vector<Blob> all;
     if (int st = read_blobs(blobs, lens, &all)) return fail_connect(st, std::string(last_error()).c_str());

@@ -63,7 +63,7 @@ TEST(four_ranks_every_dtype) { all_dtypes(4, 8, 4, 4); }
 
 // DeepEP's benchmark shape at 512 tokens: hidden 7168, top-8 of 256 experts, bf16, 24 SMs, deep rings.
 TEST(benchmark_shape_bf16) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     ref::Shape s = shape(2, 256, 8, 7168, DEEPEP4J_BFLOAT16);
     gpu::Group g(2, gpu::cuda_config(s, backend, 64, 16, 24));
     ep::StepOptions o;
@@ -74,7 +74,7 @@ TEST(benchmark_shape_bf16) {
 
 // Steps of different shapes and dtypes on one group: ring counters carry over from step to step.
 TEST(many_steps_one_group) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     ref::Shape s0 = shape(2, 16, 4, 512, DEEPEP4J_BFLOAT16);
     gpu::Group g(2, gpu::cuda_config(s0, backend, 16, 4, 8));
     for (int step = 0; step < 8; ++step) {
@@ -89,7 +89,7 @@ TEST(many_steps_one_group) {
 
 // Cached mode: the handle of a step carries new data, also as bf16 over an fp32 handle (backward's precision).
 TEST(cached_mode_and_dtype_override) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     const int32_t R = 2;
     ref::Shape s = shape(R, 8, 3, 128, DEEPEP4J_FLOAT32);
     gpu::Group g(R, gpu::cuda_config(s, backend, 8, 4, 4));
@@ -134,7 +134,7 @@ TEST(cached_mode_and_dtype_override) {
 
 // An out-of-range expert id on one rank: that rank names it, the other reports the peer's error; both keep working.
 TEST(bad_topk_on_one_rank) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
     gpu::Group g(2, gpu::cuda_config(s, backend));
     std::vector<ref::RankInput> in = ep::make_inputs(s, {10, 10}, 5);

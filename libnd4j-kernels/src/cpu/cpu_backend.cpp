@@ -159,6 +159,7 @@ int CpuBackend::connect(const void* const* blobs, const size_t* lens) {
 }
 
 int CpuBackend::fail_connect(int32_t status, const char* message) {
+  if (broken_) return broken_error("deepep4j_buffer_connect");
   Control* ctl = static_cast<Control*>(own_.data());
   snprintf(ctl->connect_message, sizeof(ctl->connect_message), "%s", message);
   ctl->connect_failure.store(status, std::memory_order_release);

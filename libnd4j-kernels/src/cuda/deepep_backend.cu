@@ -96,6 +96,7 @@ class DeepepBackend : public CudaBackend {
   // A rank that fails before it could map its peers publishes its status in its own region (which they have mapped)
   // and raises its own flag of the connect barrier (epoch 1): the peers' barrier reads it there.
   int fail_connect(int32_t status, const char* message) override {
+    if (int st = broken_check("deepep4j_buffer_connect")) return st;
     if (use_device() == DEEPEP4J_OK && region_ != nullptr) {
       PeerStatus ps{};
       ps.status = status;

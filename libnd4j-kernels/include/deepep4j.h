@@ -33,7 +33,7 @@
  *   Validation errors of a collective call are exchanged so every rank of the step returns the same error; outputs are
  *   untouched when a call fails. Checks that only one rank can make (a NULL output or handle, a handle of another
  *   buffer, NULL blobs at connect) are exchanged too: the others return DEEPEP4J_ERR_PEER_ERROR naming that rank and
- *   its reason (CUDA alltoall backend: in notify only; in dispatch / combine / connect its peers time out).
+ *   its reason (not on the CUDA alltoall backend, whose peers are inside NCCL exchanges then: they time out).
  * Timeouts: every wait honours config.timeout_ms and ends in DEEPEP4J_ERR_TIMEOUT. A step that timed out is abandoned
  *   on every rank, one arriving late included (it is told DEEPEP4J_ERR_TIMEOUT, never OK), and the buffer is broken
  *   from then on: every later collective call (connect, notify_dispatch, dispatch, combine, fail_step) returns
@@ -245,7 +245,8 @@ DEEPEP4J_API int deepep4j_combine(deepep4j_buffer* buf, deepep4j_handle* handle,
 /* Collective. A rank whose own checks failed before it could make the step's call (a binding's shape check, say)
    joins the step the other ranks are making with this failure, so every rank returns the same error instead of
    waiting for it: the others get DEEPEP4J_ERR_PEER_ERROR with "rank r reported ...: <message>". Returns `status`
-   (which must not be DEEPEP4J_OK) with `message` as this rank's last error. */
+   (which must not be DEEPEP4J_OK) with `message` as this rank's last error. On the CUDA alltoall backend the failure
+   stays local (the peers time out). */
 DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const char* message);
 
 /* ---------------------------------------------------------------- handle */

@@ -1,17 +1,16 @@
-// step_exchange.cpp — the start (and, for direct copies, the end) of every collective step: each rank writes its
-// verdict, shapes and counts into every peer's control area and waits for all peers', then every rank reaches the
-// same verdict from the same data.
+// step_exchange.cpp — the start and the end of every collective step: each rank writes its verdict, shapes and counts
+// (or, at the end, how its transfer went) into every peer's control area and waits for all peers', then every rank
+// reaches the same verdict from the same data; one compare-and-swap settles whether the step completed or was
+// abandoned after a timeout, so every rank ends it the same way.
 #include <unistd.h>
 
 #include <algorithm>
 #include <cinttypes>
+#include <cstdarg>
 #include <cstdlib>
 #include <cstring>
 
-#include "../common/dtype.h"
 #include "cpu_backend.h"
-
-#include <cstdarg>
 
 namespace deepep4j {
 namespace cpu {
@@ -34,8 +33,6 @@ const char* step_name(int kind) {
     default: return "unknown step";
   }
 }
-
-// acc = scale * row (first contribution: saves zero-filling and re-reading acc) or acc += scale * row. One straight
 
 int CpuBackend::fail_step(int32_t status, const char* message) {
   if (broken_) return broken_error("deepep4j_fail_step");

@@ -28,6 +28,12 @@ cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t coun
   return cudaGetLastError();
 }
 
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
+cudaError_t preload_accumulate_kernels() {
+  cudaFuncAttributes a;
+  return cudaFuncGetAttributes(&a, accumulate_kernel);
+}
+
 }  // namespace moe
 }  // namespace cuda
 }  // namespace deepep4j

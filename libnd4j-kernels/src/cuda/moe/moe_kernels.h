@@ -49,6 +49,22 @@ cudaError_t launch_swiglu_backward(int32_t dtype, int64_t count, const void* a, 
 cudaError_t launch_optimizer_step(int32_t dtype, int64_t count, const deepep4j_optimizer& opt, void* params,
                                   const void* grads, void* m, void* v, cudaStream_t s);
 
+// Each file's kernels, loaded now for every dtype. With lazy module loading (CUDA's default) a kernel's first launch
+// loads it and may wait for the whole device, where another rank's spinning dispatch/combine kernel may be waiting for
+// this rank: so the block loads every kernel at deepep4j_moe_create, before any collective step.
+cudaError_t preload_accumulate_kernels();
+cudaError_t preload_optimizer_kernels();
+cudaError_t preload_permute_kernels();
+cudaError_t preload_router_kernels();
+cudaError_t preload_rows_kernels();
+cudaError_t preload_swiglu_kernels();
+inline cudaError_t preload_moe_kernels() {
+  for (auto f : {preload_accumulate_kernels, preload_optimizer_kernels, preload_permute_kernels, preload_router_kernels,
+                 preload_rows_kernels, preload_swiglu_kernels})
+    if (cudaError_t e = f()) return e;
+  return cudaSuccess;
+}
+
 }  // namespace moe
 }  // namespace cuda
 }  // namespace deepep4j

@@ -72,7 +72,11 @@ class CudaMoeOps final : public MoeOps {
       DEEPEP4J_CUDA_TRY(cudaMalloc(&s.dev, kSlabBytes));
       DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&s.event, cudaEventDisableTiming));
     }
-    return DEEPEP4J_OK;
+    // Everything that may load code or wait for the device happens here, before the block's first collective step:
+    // with two ranks on one GPU, a lazy kernel load inside a step can wait behind the other rank's spinning kernel,
+    // which waits for this rank (moe_kernels.h).
+    if (cudaError_t e = preload_moe_kernels()) return cuda_status(e, "loading the MoE block's kernels");
+    return warm_cublas();
   }
 
   bool on_device() const override { return true; }
@@ -225,6 +229,35 @@ class CudaMoeOps final : public MoeOps {
   };
 
   int use_device() const { return cuda_status(cudaSetDevice(device_), "cudaSetDevice"); }
+
+  // cuBLAS sets up its handle and loads kernels at first use: one small product of every kind the block runs (each
+  // dtype, fp32 C from bf16, loop and grouped, each transpose the backward uses), run now and waited for.
+  int warm_cublas() {
+    constexpr int64_t n = 64;
+    const size_t bytes = size_t(n * n) * sizeof(double);
+    void* buf = nullptr;
+    DEEPEP4J_CUDA_TRY(cudaMalloc(&buf, 4 * bytes));
+    char* p = static_cast<char*>(buf);
+    int st = cuda_status(cudaMemsetAsync(buf, 0, 4 * bytes, stream_), "cudaMemsetAsync");
+    const GemmGroup groups[2] = {{n, n, n, p, p + bytes, p + 2 * bytes}, {n, n, n, p, p + bytes, p + 3 * bytes}};
+    for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
+      for (int32_t c_dtype : {dtype, int32_t(DEEPEP4J_FLOAT32)})
+        for (int32_t mode : {DEEPEP4J_MOE_GEMM_LOOP, DEEPEP4J_MOE_GEMM_GROUPED})
+          for (int t = 0; t < 3 && st == DEEPEP4J_OK; ++t) {
+            if (c_dtype != dtype && dtype != DEEPEP4J_BFLOAT16) continue;
+            if (mode == DEEPEP4J_MOE_GEMM_GROUPED && api_->GemmGroupedBatchedEx == nullptr) continue;
+            GemmDesc d;
+            d.trans_a = t == 1;
+            d.trans_b = t == 2;
+            d.ab_dtype = dtype;
+            d.c_dtype = c_dtype;
+            d.lda = d.ldb = d.ldc = n;
+            st = gemm(d, groups, 2, mode);
+          }
+    if (st == DEEPEP4J_OK) st = synchronize();
+    cudaFree(buf);
+    return st;
+  }
 
   int launched(cudaError_t e, const char* what) { return cuda_status(e, what); }
 

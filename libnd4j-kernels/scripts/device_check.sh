@@ -2,7 +2,9 @@
 # device_check.sh — everything the GPU machine runs in one go: build the native module with CUDA, the GPU tests (ranks as
 # threads with peer access, and as processes with CUDA IPC; both backends), compute-sanitizer memcheck and racecheck on
 # a small case, the peer-dies test, and the bench_ep table. Logs go to $OUT (or ./device-logs).
-#   scripts/device_check.sh [all|tests|bench|moe|sweep]   (moe: the MoE block's GPU tests, memcheck and bench_moe)
+#   scripts/device_check.sh [all|tests|bench|moe|quick|sweep]
+#   moe: the MoE block's GPU tests, memcheck on its single-rank cases and bench_moe (EP1 and EP2 on one GPU);
+#   quick: the shortest run of the GPU test programs: the block (moe), then the default round trip and step recovery.
 # Passes, or skips with a printed reason, on 1, 2 and 4 GPUs: cases that need one GPU per rank (NCCL all-to-all) or
 # ranks on their own GPUs (compute-sanitizer) say why they were not run. CUDA_ARCHS (e.g. 90) limits the build to
 # the machine's architecture.
@@ -63,11 +65,16 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   run bench_ep_64sms 300 "$build/bench_ep" --device cuda --backends deepep-sm,deepep-ce --num-sms 64 --chunk 32
   cat "$out/bench_ep_64sms.log"
 fi
-if [ "$what" = all ] || [ "$what" = moe ]; then
-  run gpu_moe_block 400 "$build/gpu_test_moe_block"
-  run sanitizer_memcheck_moe 400 compute-sanitizer --error-exitcode 9 --tool memcheck "$build/gpu_test_moe_block" gpu_single_rank
-  run bench_moe 400 "$build/bench_moe"
+if [ "$what" = all ] || [ "$what" = moe ] || [ "$what" = quick ]; then
+  lim() { if [ "$what" = quick ]; then echo "$2"; else echo "$1"; fi; }  # quick: tighter limits (a hang leaves time)
+  run gpu_moe_block $(lim 400 150) "$build/gpu_test_moe_block"
+  run bench_moe $(lim 400 150) "$build/bench_moe"
+  run sanitizer_memcheck_moe $(lim 400 100) compute-sanitizer --error-exitcode 9 --tool memcheck "$build/gpu_test_moe_block" gpu_single_rank
   cat "$out/bench_moe.log"
+fi
+if [ "$what" = quick ]; then
+  run gpu_step_recovery 60 "$build/gpu_test_step_recovery"
+  run gpu_roundtrip 120 "$build/gpu_test_roundtrip"
 fi
 if [ "$what" = sweep ]; then
   run bench_sweep 500 "$build/bench_ep" --device cuda --tokens 512,4096 --sweep

@@ -5,7 +5,7 @@
 //            [--dtypes bf16,fp8] [--backends deepep-sm,deepep-ce,alltoall] [--num-sms 24] [--ring-tokens 0]
 //            [--chunk 0] [--buffer-mb 0] [--timeout-ms 30000] [--iters 20] [--warmup 5] [--seed 1] [--sweep]
 //
-// Backends: deepep-sm = the NVLink backend with SM ring kernels (DEEPEP4J_CUDA_TRANSFER=sm), deepep-ce = the same
+// Backends: deepep-sm = the NVLink backend with SM ring kernels (config.cuda_transfer = sm), deepep-ce = the same
 // with copy-engine transfers (copy_engine), deepep = its default (auto), alltoall = NCCL. --buffer-mb 0 sizes the
 // buffer by buffer_size_hint for the rings, and for copy engines large enough for every source's whole step.
 //
@@ -143,10 +143,11 @@ struct Group {
   std::vector<deepep4j_buffer*> bufs;
   Group(const Opts& o, const std::string& name, int32_t num_sms, int32_t ring, int32_t chunk) : bufs(size_t(o.ranks)) {
     const int32_t backend = name == "alltoall" ? DEEPEP4J_BACKEND_ALLTOALL : DEEPEP4J_BACKEND_DEEPEP;
-    // Read by deepep4j_buffer_create.
-    setenv("DEEPEP4J_CUDA_TRANSFER", name == "deepep-sm" ? "sm" : name == "deepep-ce" ? "copy_engine" : "auto", 1);
     deepep4j_config c;
     deepep4j_config_init(&c);
+    c.cuda_transfer = name == "deepep-sm"   ? DEEPEP4J_CUDA_TRANSFER_SM
+                      : name == "deepep-ce" ? DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE
+                                            : DEEPEP4J_CUDA_TRANSFER_AUTO;
     c.device = DEEPEP4J_DEVICE_CUDA;
     c.backend = backend;
     c.num_sms = num_sms;

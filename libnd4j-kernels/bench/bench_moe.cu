@@ -31,8 +31,8 @@ __global__ void fill_kernel(__nv_bfloat16* p, int64_t n, uint64_t seed, float sc
   }
 }
 
-void fill(void* p, int64_t n, uint64_t seed, float scale) {
-  fill_kernel<<<4096, 256>>>(static_cast<__nv_bfloat16*>(p), n, seed, scale);
+void fill(void* p, int64_t n, uint64_t seed, float scale, cudaStream_t s = nullptr) {
+  fill_kernel<<<4096, 256, 0, s>>>(static_cast<__nv_bfloat16*>(p), n, seed, scale);
 }
 
 #define CK(call)                                                                          \
@@ -127,9 +127,11 @@ Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm) {
       CK(deepep4j_moe_create(b, &mc, &moe));
       // Expert weights filled in place (writing them through deepep4j_moe_write would need a host copy of all).
       const int64_t per_expert = 3 * s.h * s.f;
-      fill(moe->params, (s.e / R) * per_expert, 10 + r, 1.0f / std::sqrt(float(s.h)));
+      // Every call of a rank on its own non-blocking stream (no legacy-stream or device-wide waits while the other
+      // rank's kernels spin).
       cudaStream_t st;
       cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+      fill(moe->params, (s.e / R) * per_expert, 10 + r, 1.0f / std::sqrt(float(s.h)), st);
       void *x, *wr, *y, *gy, *gx, *gwr;
       cudaMalloc(&x, n * s.h * 2);
       cudaMalloc(&wr, s.h * s.e * 2);
@@ -137,10 +139,10 @@ Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm) {
       cudaMalloc(&gy, n * s.h * 2);
       cudaMalloc(&gx, n * s.h * 2);
       cudaMalloc(&gwr, s.h * s.e * 2);
-      fill(x, n * s.h, 100 + r, 1.0f);
-      fill(gy, n * s.h, 200 + r, 1e-3f);
-      fill(wr, s.h * s.e, 300, 1.0f / std::sqrt(float(s.h)));
-      cudaDeviceSynchronize();
+      fill(x, n * s.h, 100 + r, 1.0f, st);
+      fill(gy, n * s.h, 200 + r, 1e-3f, st);
+      fill(wr, s.h * s.e, 300, 1.0f / std::sqrt(float(s.h)), st);
+      cudaStreamSynchronize(st);
       deepep4j_moe_forward_args fa{};
       fa.memory = DEEPEP4J_MEMORY_DEVICE;
       fa.x = x;

@@ -31,7 +31,15 @@
  * Threading: calls on one buffer are not re-entrant; different buffers (ranks) may be driven from different threads.
  * Errors: every call returns a deepep4j_status; deepep4j_last_error() (thread-local) names the argument, value and rule.
  *   Validation errors of a collective call are exchanged so every rank of the step returns the same error; outputs are
- *   untouched when a call fails. Every wait honours config.timeout_ms and ends in DEEPEP4J_ERR_TIMEOUT.
+ *   untouched when a call fails. Checks that only one rank can make (a NULL output or handle, a handle of another
+ *   buffer, NULL blobs at connect) are exchanged too: the others return DEEPEP4J_ERR_PEER_ERROR naming that rank and
+ *   its reason (not on the CUDA alltoall backend, whose peers are inside NCCL exchanges then: they time out).
+ * Timeouts: every wait honours config.timeout_ms and ends in DEEPEP4J_ERR_TIMEOUT. A step that timed out is abandoned
+ *   on every rank, one arriving late included (it is told DEEPEP4J_ERR_TIMEOUT, never OK), and the buffer is broken
+ *   from then on: every later collective call (connect, notify_dispatch, dispatch, combine, fail_step) returns
+ *   DEEPEP4J_ERR_STATE "the buffer is broken (...): destroy and recreate the group's buffers". Recovery is to destroy
+ *   the buffers of every rank and create, export and connect new ones. Outputs of a call that timed out while moving
+ *   rows are undefined. A failed connect breaks the buffer as well.
  */
 #ifndef DEEPEP4J_H
 #define DEEPEP4J_H
@@ -106,17 +114,45 @@ typedef struct deepep4j_config {
   int32_t num_threads;               /* CPU copy threads per rank; 0 = automatic */
   int32_t max_hidden_bytes;          /* largest token row (H * element size) the buffer must carry; 0 = checked at
                                         dispatch time instead of at creation */
+  int32_t cuda_transfer;             /* deepep4j_cuda_transfer: how the CUDA deepep backend moves rows; all ranks
+                                        must agree */
+  int32_t ce_chunks;                 /* copy-engine copies per peer and step, in [1, 16]; all ranks must agree
+                                        (senders and receivers cut a step into the same chunks) */
+  int32_t cuda_trace;                /* 1: after each copy-engine step, one line on stderr with where its time went */
+  int32_t cpu_direct;                /* CPU: 1 = ranks of one process copy rows directly (used when every rank
+                                        allows it), 0 = every row goes through the rings */
 } deepep4j_config;
 
+typedef enum deepep4j_cuda_transfer {
+  DEEPEP4J_CUDA_TRANSFER_AUTO = 0,       /* copy engines when every rank's step fits its landing zones and moves
+                                            >= 8 MiB to or from some peer, else the SM rings */
+  DEEPEP4J_CUDA_TRANSFER_SM = 1,         /* always the SM ring kernels */
+  DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE = 2 /* copy engines; a step that does not fit fails naming buffer_bytes */
+} deepep4j_cuda_transfer;
+
 /* Fills defaults: 256 MiB buffer, 20 SMs, chunk 16 tokens, ring 128 tokens, 60 s timeout, CPU device 0, deepep, auto
-   threads, max_hidden_bytes 0. */
+   threads, max_hidden_bytes 0, cuda_transfer AUTO, ce_chunks 4, cuda_trace 0, cpu_direct 1. The environment gives
+   other defaults for the last four (and only here; the library reads no environment elsewhere):
+   DEEPEP4J_CUDA_TRANSFER = auto | sm | copy_engine, DEEPEP4J_CE_CHUNKS = n, DEEPEP4J_CUDA_TRACE = 1,
+   DEEPEP4J_CPU_DIRECT = 0. A value that is none of these makes the field invalid (-1), which buffer_create rejects
+   naming the field. */
 DEEPEP4J_API void deepep4j_config_init(deepep4j_config* config);
 
-/* Smallest buffer_bytes that carries one chunk per ring for rows of `hidden` elements of `dtype` with K <= 32 top-k
-   entries on `num_ranks` ranks under `config` (its num_sms / ring_tokens / max_send_tokens_per_chunk). Ring depth is
-   what makes transfers fast: pass a config with the ring_tokens you want and use the result as buffer_bytes. */
+/* Recommended buffer_bytes: room for the full ring depth, config->ring_tokens slots in each of the num_ranks x
+   num_sms/2 rings (each rounded up to 64 bytes), a slot being the larger of a dispatch and a combine slot of rows of
+   `hidden` elements of `dtype` (fp8 rows are combined in bf16) with K = DEEPEP4J_MAX_TOPK. Ring depth is what makes
+   transfers fast: pass a config with the ring_tokens you want and use the result as buffer_bytes. Not the minimum
+   (see deepep4j_buffer_size_min). */
 DEEPEP4J_API int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks,
                                            const deepep4j_config* config, int64_t* out_bytes);
+
+/* Smallest buffer_bytes with which a step of rows of `hidden` elements of `dtype` and K = num_topk runs on num_ranks
+   ranks under `config`: one chunk (max_send_tokens_per_chunk rows) in each ring, for its dispatch and for its combine
+   in the same dtype (bf16 for fp8). A buffer 1 byte smaller fails that step with INVALID_ARGUMENT on every rank, and
+   the message names this value. (The CUDA ring kernels need only one slot per ring and then send smaller chunks, so
+   they also run with less; copy-engine transfers need room for a whole step per source.) */
+DEEPEP4J_API int deepep4j_buffer_size_min(int64_t hidden, int32_t dtype, int32_t num_topk, int32_t num_ranks,
+                                          const deepep4j_config* config, int64_t* out_bytes);
 
 /* ---------------------------------------------------------------- buffer and peer memory */
 typedef struct deepep4j_buffer deepep4j_buffer;
@@ -210,7 +246,8 @@ DEEPEP4J_API int deepep4j_combine(deepep4j_buffer* buf, deepep4j_handle* handle,
 /* Collective. A rank whose own checks failed before it could make the step's call (a binding's shape check, say)
    joins the step the other ranks are making with this failure, so every rank returns the same error instead of
    waiting for it: the others get DEEPEP4J_ERR_PEER_ERROR with "rank r reported ...: <message>". Returns `status`
-   (which must not be DEEPEP4J_OK) with `message` as this rank's last error. */
+   (which must not be DEEPEP4J_OK) with `message` as this rank's last error. On the CUDA alltoall backend the failure
+   stays local (the peers time out). */
 DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const char* message);
 
 /* ---------------------------------------------------------------- handle */
@@ -287,6 +324,8 @@ typedef enum deepep4j_moe_tensor {
   DEEPEP4J_MOE_STATE_V = 3  /* optimizer state: Adam/AdamW second moment */
 } deepep4j_moe_tensor;
 
+/* Streams: forward / backward / step queue their work on `stream` (cudaStream_t); NULL means the block's own stream and
+   the call returns with its work complete. */
 /* Copies a tensor to / from host memory of host_dtype FLOAT32 or FLOAT64 (converted from / to the block's dtype).
    Waits for the block's queued work. Local (not collective). */
 DEEPEP4J_API int deepep4j_moe_read(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, void* host, int64_t count);

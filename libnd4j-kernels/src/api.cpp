@@ -1,5 +1,8 @@
 // api.cpp — the C API: checks what needs no peer, then forwards to the buffer's backend (src/common/backend.h).
 #include <cinttypes>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "common/backend.h"
@@ -12,23 +15,6 @@ using namespace deepep4j;
 
 namespace {
 
-int fail(const Check& c) { return set_error(c.status, "%s", c.message.c_str()); }
-
-int need_buffer(const deepep4j_buffer* buf, bool connected, const char* call) {
-  if (buf == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "buf = NULL: %s needs a buffer", call);
-  if (connected && !buf->connected)
-    return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer not connected (call deepep4j_buffer_connect first)", call,
-                     buf->rank);
-  return DEEPEP4J_OK;
-}
-
-int need_handle(const deepep4j_buffer* buf, const deepep4j_handle* h, const char* call) {
-  if (h == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "handle = NULL: %s needs a dispatch handle", call);
-  if (h->owner != buf)
-    return set_error(DEEPEP4J_ERR_STATE, "handle: belongs to another buffer than the one %s was called on", call);
-  return DEEPEP4J_OK;
-}
-
 // Catches what a backend must never let escape (bad_alloc, logic errors) so no C++ exception crosses the C boundary.
 template <class F>
 int guarded(const char* call, F&& f) {
@@ -39,6 +25,33 @@ int guarded(const char* call, F&& f) {
   } catch (const std::exception& e) {
     return set_error(DEEPEP4J_ERR_INTERNAL, "%s: %s", call, e.what());
   }
+}
+
+// A decimal int, or -1 when `v` is not one.
+int int_or_invalid(const char* v) {
+  char* end = nullptr;
+  long n = std::strtol(v, &end, 10);
+  return (end == v || *end != 0 || n < 0 || n > INT32_MAX) ? -1 : int(n);
+}
+
+int fail(const Check& c) { return set_error(c.status, "%s", c.message.c_str()); }
+
+int need_buffer(const deepep4j_buffer* buf, bool connected, const char* call) {
+  if (buf == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "buf = NULL: %s needs a buffer", call);
+  if (connected && !buf->connected)
+    return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer not connected (call deepep4j_buffer_connect first)", call,
+                     buf->rank);
+  return DEEPEP4J_OK;
+}
+
+// A bad handle is seen by this rank only, so the failure joins the peers' step (they fail with PEER_ERROR).
+int need_handle(deepep4j_buffer* buf, const deepep4j_handle* h, const char* call) {
+  Check c;
+  if (h == nullptr) c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "handle = NULL: %s needs a dispatch handle", call);
+  else if (h->owner != buf)
+    c = Check::fail(DEEPEP4J_ERR_STATE, "handle: belongs to another buffer than the one %s was called on", call);
+  if (c.ok()) return DEEPEP4J_OK;
+  return guarded(call, [&] { return buf->backend->fail_step(c.status, c.message.c_str()); });
 }
 
 }  // namespace
@@ -63,6 +76,19 @@ void deepep4j_config_init(deepep4j_config* c) {
   c->backend = DEEPEP4J_BACKEND_DEEPEP;
   c->num_threads = 0;
   c->max_hidden_bytes = 0;
+  // Defaults from the environment (the only place the library reads it); a bad value is kept invalid for
+  // buffer_create to name.
+  const char* v = getenv("DEEPEP4J_CUDA_TRANSFER");
+  c->cuda_transfer = v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0 ? DEEPEP4J_CUDA_TRANSFER_AUTO
+                     : std::strcmp(v, "sm") == 0                             ? DEEPEP4J_CUDA_TRANSFER_SM
+                     : std::strcmp(v, "copy_engine") == 0                    ? DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE
+                                                                             : -1;
+  v = getenv("DEEPEP4J_CE_CHUNKS");
+  c->ce_chunks = v == nullptr || *v == 0 ? 4 : int_or_invalid(v);
+  v = getenv("DEEPEP4J_CUDA_TRACE");
+  c->cuda_trace = v != nullptr && std::strcmp(v, "1") == 0 ? 1 : 0;
+  v = getenv("DEEPEP4J_CPU_DIRECT");
+  c->cpu_direct = v != nullptr && std::strcmp(v, "0") == 0 ? 0 : 1;
 }
 
 int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, const deepep4j_config* config,
@@ -75,15 +101,26 @@ int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, 
   if (!k.ok()) return fail(k);
   k = check_payload(hidden, dtype, true, "buffer_size_hint");
   if (!k.ok()) return fail(k);
-  // R * channels rings, each of ring_tokens slots of the larger of the dispatch / combine slot for K = DEEPEP4J_MAX_TOPK
-  // (fp8 rows are combined in bf16). Ring counters live outside buffer_bytes.
-  int64_t slot = dispatch_slot_bytes(hidden, dtype, DEEPEP4J_MAX_TOPK);
-  int32_t combine_dtype = dtype == DEEPEP4J_FP8_E4M3 ? DEEPEP4J_BFLOAT16 : dtype;
-  int64_t cslot = combine_slot_bytes(hidden, combine_dtype, DEEPEP4J_MAX_TOPK);
-  if (cslot > slot) slot = cslot;
-  int64_t rings = (int64_t)num_ranks * num_channels(c);
-  // Each ring starts on a 64-byte boundary (the backend rounds ring sizes down to it), so round each ring up.
-  *out_bytes = rings * ((((int64_t)c.ring_tokens * slot) + 63) & ~int64_t(63));
+  // R * channels rings, each of ring_tokens slots of the larger of the dispatch / combine slot for K = DEEPEP4J_MAX_TOPK.
+  // Ring counters live outside buffer_bytes.
+  *out_bytes = buffer_bytes_for(step_slot_bytes(hidden, dtype, DEEPEP4J_MAX_TOPK), c.ring_tokens, num_ranks,
+                                num_channels(c));
+  return ok();
+}
+
+int deepep4j_buffer_size_min(int64_t hidden, int32_t dtype, int32_t num_topk, int32_t num_ranks,
+                             const deepep4j_config* config, int64_t* out_bytes) {
+  if (config == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "config = NULL: pass a deepep4j_config");
+  if (out_bytes == nullptr) return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "out_bytes = NULL: nowhere to write");
+  if (num_topk < 1 || num_topk > DEEPEP4J_MAX_TOPK)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "num_topk = %d: must be in [1, %d]", num_topk, DEEPEP4J_MAX_TOPK);
+  deepep4j_config c = *config;
+  c.buffer_bytes = 1;  // the value being computed; not checked here
+  Check k = check_config(0, num_ranks, c);
+  if (!k.ok()) return fail(k);
+  k = check_payload(hidden, dtype, true, "buffer_size_min");
+  if (!k.ok()) return fail(k);
+  *out_bytes = min_buffer_bytes(hidden, dtype, num_topk, c.max_send_tokens_per_chunk, num_ranks, num_channels(c));
   return ok();
 }
 
@@ -118,13 +155,17 @@ int deepep4j_buffer_export(deepep4j_buffer* buf, void* blob, size_t capacity, si
 int deepep4j_buffer_connect(deepep4j_buffer* buf, const void* const* blobs, const size_t* lens) {
   if (int st = need_buffer(buf, false, "deepep4j_buffer_connect")) return st;
   if (buf->connected) return set_error(DEEPEP4J_ERR_STATE, "deepep4j_buffer_connect: rank %d is already connected", buf->rank);
+  // Checks only this rank can see reach the peers through fail_connect (they would otherwise wait for this rank).
+  Check c;
   if (blobs == nullptr || lens == nullptr)
-    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs/lens = NULL: connect needs one blob per rank (%d)",
-                     buf->num_ranks);
-  for (int i = 0; i < buf->num_ranks; ++i)
+    c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs/lens = NULL: connect needs one blob per rank (%d)",
+                    buf->num_ranks);
+  for (int i = 0; c.ok() && i < buf->num_ranks; ++i)
     if (blobs[i] == nullptr || lens[i] == 0 || lens[i] > DEEPEP4J_MAX_BLOB_BYTES)
-      return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d] (len %zu): must be a non-empty blob of at most %d bytes",
-                       i, lens[i], DEEPEP4J_MAX_BLOB_BYTES);
+      c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d] (len %zu): must be a non-empty blob of at most %d bytes",
+                      i, blobs[i] == nullptr ? size_t(0) : lens[i], DEEPEP4J_MAX_BLOB_BYTES);
+  if (!c.ok())
+    return guarded("deepep4j_buffer_connect", [&] { return buf->backend->fail_connect(c.status, c.message.c_str()); });
   return guarded("deepep4j_buffer_connect", [&] {
     int st = buf->backend->connect(blobs, lens);
     if (st == DEEPEP4J_OK) buf->connected = true;
@@ -162,8 +203,11 @@ int deepep4j_notify_dispatch(deepep4j_buffer* buf, const int64_t* topk_idx, int6
                              int32_t num_experts, int64_t hidden, int32_t dtype, deepep4j_handle** out_handle,
                              int64_t* num_recv_tokens, int32_t* per_local_expert, void* stream) {
   if (int st = need_buffer(buf, true, "deepep4j_notify_dispatch")) return st;
-  if (out_handle == nullptr || num_recv_tokens == nullptr)
-    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "out_handle/num_recv_tokens = NULL: notify must return both");
+  if (out_handle == nullptr || num_recv_tokens == nullptr)  // the peers learn of it: the step fails on every rank
+    return guarded("deepep4j_notify_dispatch", [&] {
+      return buf->backend->fail_step(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                                     "out_handle/num_recv_tokens = NULL: notify_dispatch must return both");
+    });
   // Argument rules are checked inside the backend, after which every rank learns every rank's verdict.
   return guarded("deepep4j_notify_dispatch", [&] {
     Handle* h = nullptr;

@@ -239,19 +239,21 @@ inline Result run_block(const Model& m, int32_t dtype, int32_t num_ranks, const 
   res.grads.assign(size_t(m.E * per_expert), 0.0);
   const size_t es = dtype == DEEPEP4J_FLOAT64 ? 8 : dtype == DEEPEP4J_BFLOAT16 ? 2 : 4;
   ep::run_ranks(R, [&](int32_t r) {
-    deepep4j_moe* moe = nullptr;
-    REQUIRE_OK(deepep4j_moe_create(g[r], &mc, &moe));
     std::vector<double> mine(m.experts.begin() + r * L * per_expert, m.experts.begin() + (r + 1) * L * per_expert);
-    REQUIRE_OK(deepep4j_moe_write(moe, DEEPEP4J_MOE_PARAMS, DEEPEP4J_FLOAT64, mine.data(), int64_t(mine.size())));
     const int64_t n = ns[size_t(r)];
     std::vector<uint8_t> x = to_bytes(xs[size_t(r)], dtype), wr = to_bytes(m.wr, dtype), gy = to_bytes(gs[size_t(r)], dtype);
     std::vector<uint8_t> y(size_t(n * m.H) * es), gx(size_t(n * m.H) * es), gwr(size_t(m.H * m.E) * es);
     std::vector<uint8_t> topk(size_t(n * m.K) * 8);
-    double aux = -1;
     auto dev = [&](const std::vector<uint8_t>& v) -> void* {
       return mem && mem->to_device ? mem->to_device(v) : const_cast<uint8_t*>(v.data());
     };
+    // Device arrays are made before the first collective: allocation may wait for the device, where the other
+    // rank's kernels may be waiting for this one.
     void *dx = dev(x), *dwr = dev(wr), *dgy = dev(gy), *dy = dev(y), *dgx = dev(gx), *dgwr = dev(gwr), *dtopk = dev(topk);
+    deepep4j_moe* moe = nullptr;
+    REQUIRE_OK(deepep4j_moe_create(g[r], &mc, &moe));
+    REQUIRE_OK(deepep4j_moe_write(moe, DEEPEP4J_MOE_PARAMS, DEEPEP4J_FLOAT64, mine.data(), int64_t(mine.size())));
+    double aux = -1;
     deepep4j_moe_forward_args fa{};
     fa.memory = mem ? mem->memory : DEEPEP4J_MEMORY_HOST;
     fa.x = dx;
@@ -294,6 +296,57 @@ inline double max_rel(const std::vector<double>& a, const std::vector<double>& b
   for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
     worst = std::max(worst, std::fabs(a[i] - b[i]) / (atol + std::fabs(b[i])));
   return worst;
+}
+
+// Rank 1 calls forward with a bad argument: it gets INVALID_ARGUMENT, rank 0 PEER_ERROR with its message (at once, by
+// deepep4j_fail_step, not after a timeout), and neither's outputs change; then the group still works. On `device`
+// (CPU, or CUDA with both ranks on device 0), host memory.
+inline void check_bad_input_on_one_rank(int32_t device) {
+  Model m = make_model(8, 6, 4, 2, 6);
+  ep::Group g(2, buffer_config(m, 2, device));
+  deepep4j_moe_config mc = moe_config(m, DEEPEP4J_FLOAT32, 16);
+  std::vector<float> wr(m.wr.begin(), m.wr.end());
+  ep::run_ranks(2, [&](int32_t r) {
+    deepep4j_moe* moe = nullptr;
+    REQUIRE_OK(deepep4j_moe_create(g[r], &mc, &moe));
+    const int64_t n = 5;
+    std::vector<float> x(size_t(n * m.H), 0.5f), y(size_t(n * m.H), -7.0f);
+    std::vector<int64_t> topk(size_t(n * m.K), -9);
+    deepep4j_moe_forward_args fa{};
+    fa.memory = DEEPEP4J_MEMORY_HOST;
+    fa.x = r == 1 ? nullptr : x.data();
+    fa.router_weight = wr.data();
+    fa.y = y.data();
+    fa.topk_idx = topk.data();
+    int st = deepep4j_moe_forward(moe, n, &fa, nullptr);
+    std::string msg = deepep4j_last_error();
+    CHECK_MSG(st == (r == 1 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR), "rank %d: %s: %s", r,
+              deepep4j_status_name(st), msg.c_str());
+    CHECK_MSG(msg.find("args.x = NULL") != std::string::npos, "rank %d: %s", r, msg.c_str());
+    for (float v : y) CHECK(v == -7.0f);
+    for (int64_t v : topk) CHECK_EQ(v, -9);
+    // Too many tokens on rank 0 this time.
+    fa.x = x.data();
+    st = deepep4j_moe_forward(moe, r == 0 ? 17 : n, &fa, nullptr);
+    msg = deepep4j_last_error();
+    CHECK_MSG(st == (r == 0 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR), "rank %d: %s", r, msg.c_str());
+    CHECK_MSG(msg.find("num_tokens = 17") != std::string::npos, "rank %d: %s", r, msg.c_str());
+    for (float v : y) CHECK(v == -7.0f);
+    // Backward after a failed forward is a state error on both ranks.
+    std::vector<float> gwr(wr.size(), -3.0f);
+    deepep4j_moe_backward_args ba{};
+    ba.memory = DEEPEP4J_MEMORY_HOST;
+    ba.grad_y = x.data();
+    ba.grad_x = y.data();
+    ba.grad_router_weight = gwr.data();
+    st = deepep4j_moe_backward(moe, &ba, nullptr);
+    CHECK_MSG(st == DEEPEP4J_ERR_STATE || st == DEEPEP4J_ERR_PEER_ERROR, "rank %d: %s", r, deepep4j_status_name(st));
+    for (float v : gwr) CHECK(v == -3.0f);
+    // And the group still works.
+    REQUIRE_OK(deepep4j_moe_forward(moe, n, &fa, nullptr));
+    CHECK(y[0] != -7.0f);
+    deepep4j_moe_destroy(moe);
+  });
 }
 
 }  // namespace moeref

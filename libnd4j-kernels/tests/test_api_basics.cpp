@@ -1,5 +1,8 @@
 // test_api_basics.cpp — version, status names, config defaults, size hint, buffer getters, blob export, thread-local
 // errors and a one-rank step (every row stays home).
+#include <string>
+#include <vector>
+
 #include "ep_group.h"
 
 TEST(version_and_status_names) {
@@ -28,7 +31,51 @@ TEST(config_defaults) {
   CHECK_EQ(c.backend, DEEPEP4J_BACKEND_DEEPEP);
   CHECK_EQ(c.num_threads, 0);
   CHECK_EQ(c.max_hidden_bytes, 0);
+  CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_AUTO);
+  CHECK_EQ(c.ce_chunks, 4);
+  CHECK_EQ(c.cuda_trace, 0);
+  CHECK_EQ(c.cpu_direct, 1);
   deepep4j_config_init(nullptr);  // documented as harmless
+}
+
+// The environment gives defaults to the transfer settings, through config_init only; a bad value is an invalid field
+// that buffer_create names.
+TEST(config_defaults_from_environment) {
+  const char* names[] = {"DEEPEP4J_CUDA_TRANSFER", "DEEPEP4J_CE_CHUNKS", "DEEPEP4J_CUDA_TRACE", "DEEPEP4J_CPU_DIRECT"};
+  std::vector<std::pair<bool, std::string>> saved;
+  for (const char* n : names) saved.push_back({getenv(n) != nullptr, getenv(n) ? getenv(n) : ""});
+  setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
+  setenv("DEEPEP4J_CE_CHUNKS", "3", 1);
+  setenv("DEEPEP4J_CUDA_TRACE", "1", 1);
+  setenv("DEEPEP4J_CPU_DIRECT", "0", 1);
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE);
+  CHECK_EQ(c.ce_chunks, 3);
+  CHECK_EQ(c.cuda_trace, 1);
+  CHECK_EQ(c.cpu_direct, 0);
+  setenv("DEEPEP4J_CUDA_TRANSFER", "sm", 1);
+  deepep4j_config_init(&c);
+  CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_SM);
+  setenv("DEEPEP4J_CUDA_TRANSFER", "fast", 1);
+  setenv("DEEPEP4J_CE_CHUNKS", "four", 1);
+  deepep4j_config_init(&c);
+  deepep4j_buffer* b = nullptr;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cuda_transfer = -1",
+            "DEEPEP4J_CUDA_TRANSFER");
+  c.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_AUTO;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "ce_chunks = -1", "[1, 16]");
+  c.ce_chunks = 17;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "ce_chunks = 17");
+  c.ce_chunks = 4;
+  c.cpu_direct = 2;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cpu_direct = 2");
+  c.cpu_direct = 1;
+  c.cuda_trace = -1;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cuda_trace = -1");
+  CHECK(b == nullptr);
+  for (size_t i = 0; i < saved.size(); ++i)
+    if (saved[i].first) setenv(names[i], saved[i].second.c_str(), 1); else unsetenv(names[i]);
 }
 
 TEST(size_hint_grows_with_ring_ranks_and_row) {
@@ -57,6 +104,43 @@ TEST(size_hint_grows_with_ring_ranks_and_row) {
   CHECK_ERR(deepep4j_buffer_size_hint(64, DEEPEP4J_FLOAT32, 2, nullptr, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
             "config");
   CHECK_EQ(untouched, 12345);
+}
+
+// buffer_size_min is the smallest buffer a step runs with: that size works, one byte less fails the step on every rank
+// with a message naming the same minimum; the hint (full ring depth) is larger.
+TEST(size_min_is_the_smallest_working_buffer) {
+  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16}) {
+    ref::Shape s;
+    s.num_ranks = 2, s.num_experts = 4, s.num_topk = 2, s.hidden = 64, s.dtype = dtype;
+    deepep4j_config c = ep::small_config(s, 32, 8, 4);
+    int64_t min = 0, hint = 0;
+    REQUIRE_OK(deepep4j_buffer_size_min(s.hidden, dtype, s.num_topk, s.num_ranks, &c, &min));
+    REQUIRE_OK(deepep4j_buffer_size_hint(s.hidden, dtype, s.num_ranks, &c, &hint));
+    CHECK_MSG(hint > min, "hint %lld <= min %lld", (long long)hint, (long long)min);
+    c.buffer_bytes = min;
+    ep::StepOptions o;
+    o.combine_weights = true;
+    ep::run_and_verify(s, {40, 33}, c, o, 6, t::fmt("buffer_bytes = size_min (%s)", dtype == 0 ? "fp32" : "bf16"));
+    c.buffer_bytes = min - 1;
+    ep::Group g(2, c);
+    std::vector<ref::RankInput> in = ep::make_inputs(s, {40, 33}, 6);
+    const std::string named = t::fmt("minimum is %lld bytes", (long long)min);
+    ep::run_ranks(2, [&](int32_t r) {
+      deepep4j_handle* h = nullptr;
+      int64_t M = 0;
+      CHECK_ERR(deepep4j_notify_dispatch(g[r], in[size_t(r)].topk_idx.data(), in[size_t(r)].n, s.num_topk,
+                                         s.num_experts, s.hidden, dtype, &h, &M, nullptr, nullptr),
+                r == 0 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR, named.c_str());
+    });
+  }
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  int64_t untouched = 7;
+  CHECK_ERR(deepep4j_buffer_size_min(64, DEEPEP4J_FLOAT32, 0, 2, &c, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "num_topk = 0");
+  CHECK_ERR(deepep4j_buffer_size_min(7, DEEPEP4J_FLOAT32, 2, 2, &c, &untouched), DEEPEP4J_ERR_INVALID_ARGUMENT,
+            "hidden = 7");
+  CHECK_EQ(untouched, 7);
 }
 
 TEST(buffer_getters_and_export) {

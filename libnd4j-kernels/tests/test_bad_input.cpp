@@ -128,7 +128,13 @@ TEST(calls_before_connect) {
   const void* blobs[2] = {nullptr, nullptr};
   size_t lens[2] = {0, 0};
   CHECK_ERR(deepep4j_buffer_connect(b, blobs, lens), DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[0]");
+  // A failed connect breaks the buffer (its peers were told): recreate it.
+  CHECK_ERR(deepep4j_buffer_connect(b, nullptr, lens), DEEPEP4J_ERR_STATE, "broken", "recreate");
+  deepep4j_buffer_destroy(b);
+  REQUIRE_OK(deepep4j_buffer_create(0, 2, &c, &b));
   CHECK_ERR(deepep4j_buffer_connect(b, nullptr, lens), DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs");
+  deepep4j_buffer_destroy(b);
+  REQUIRE_OK(deepep4j_buffer_create(0, 2, &c, &b));
   // Garbage where a blob should be.
   uint8_t own[DEEPEP4J_MAX_BLOB_BYTES], junk[64];
   size_t own_len = 0;

@@ -203,55 +203,73 @@ TEST(optimizer_steps_follow_dl4j) {
   }
 }
 
-// Rank 1 calls forward with a bad argument: it gets INVALID_ARGUMENT, rank 0 PEER_ERROR with its message, and neither's
-// outputs change.
-TEST(bad_input_on_one_rank_fails_every_rank) {
-  Model m = moeref::make_model(8, 6, 4, 2, 6);
+// Replayed routing, the selection bias, the load / receive counts and an asynchronous forward finished by wait.
+TEST(replay_bias_counts_and_async_forward) {
+  Model m = moeref::make_model(8, 6, 4, 2, 9);
+  m.bias = {0.0f, 0.0f, 0.0f, 5.0f};  // steers every token to expert 3 without changing its weight
   ep::Group g(2, moeref::buffer_config(m, 2, DEEPEP4J_DEVICE_CPU));
-  deepep4j_moe_config mc = moeref::moe_config(m, DEEPEP4J_FLOAT32, 16);
-  std::vector<float> wr(m.wr.begin(), m.wr.end());
+  deepep4j_moe_config mc = moeref::moe_config(m, DEEPEP4J_FLOAT64, 16);
+  Inputs in = make_inputs(m, {6, 4}, 40);
+  std::vector<std::vector<int32_t>> recv(2, std::vector<int32_t>(2, -1));
   ep::run_ranks(2, [&](int32_t r) {
     deepep4j_moe* moe = nullptr;
     REQUIRE_OK(deepep4j_moe_create(g[r], &mc, &moe));
-    const int64_t n = 5;
-    std::vector<float> x(size_t(n * m.H), 0.5f), y(size_t(n * m.H), -7.0f);
-    std::vector<int64_t> topk(size_t(n * m.K), -9);
+    const int64_t per = 2 * 3 * m.H * m.F;
+    REQUIRE_OK(deepep4j_moe_write(moe, DEEPEP4J_MOE_PARAMS, DEEPEP4J_FLOAT64, m.experts.data() + r * per, per));
+    const int64_t n = in.ns[size_t(r)];
+    std::vector<double> y(size_t(n * m.H), -1.0);
+    std::vector<int64_t> topk(size_t(n * m.K), -1);
+    std::vector<float> w(size_t(n * m.K), -1.0f);
+    std::vector<int32_t> load(4, -1);
     deepep4j_moe_forward_args fa{};
     fa.memory = DEEPEP4J_MEMORY_HOST;
-    fa.x = r == 1 ? nullptr : x.data();
-    fa.router_weight = wr.data();
+    fa.x = in.xs[size_t(r)].data();
+    fa.router_weight = m.wr.data();
+    fa.router_bias = m.bias.data();
     fa.y = y.data();
     fa.topk_idx = topk.data();
-    int st = deepep4j_moe_forward(moe, n, &fa, nullptr);
-    std::string msg = deepep4j_last_error();
-    CHECK_MSG(st == (r == 1 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR), "rank %d: %s: %s", r,
-              deepep4j_status_name(st), msg.c_str());
-    CHECK_MSG(msg.find("args.x = NULL") != std::string::npos, "rank %d: %s", r, msg.c_str());
-    for (float v : y) CHECK(v == -7.0f);
-    for (int64_t v : topk) CHECK_EQ(v, -9);
-    // Too many tokens on rank 0 this time.
-    fa.x = x.data();
-    st = deepep4j_moe_forward(moe, r == 0 ? 17 : n, &fa, nullptr);
-    msg = deepep4j_last_error();
-    CHECK_MSG(st == (r == 0 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR), "rank %d: %s", r, msg.c_str());
-    CHECK_MSG(msg.find("num_tokens = 17") != std::string::npos, "rank %d: %s", r, msg.c_str());
-    for (float v : y) CHECK(v == -7.0f);
-    // Backward after a failed forward is a state error on both ranks.
-    std::vector<float> gwr(wr.size(), -3.0f);
-    deepep4j_moe_backward_args ba{};
-    ba.memory = DEEPEP4J_MEMORY_HOST;
-    ba.grad_y = x.data();
-    ba.grad_x = y.data();
-    ba.grad_router_weight = gwr.data();
-    st = deepep4j_moe_backward(moe, &ba, nullptr);
-    CHECK_MSG(st == DEEPEP4J_ERR_STATE || st == DEEPEP4J_ERR_PEER_ERROR, "rank %d: %s", r, deepep4j_status_name(st));
-    for (float v : gwr) CHECK(v == -3.0f);
-    // And the group still works.
+    fa.topk_weights = w.data();
+    fa.expert_load = load.data();
+    fa.recv_per_local_expert = recv[size_t(r)].data();
+    fa.async_combine = 1;
     REQUIRE_OK(deepep4j_moe_forward(moe, n, &fa, nullptr));
-    CHECK(y[0] != -7.0f);
+    REQUIRE_OK(deepep4j_moe_wait(moe));
+    moeref::Forward f = moeref::forward(m, in.xs[size_t(r)], n);
+    CHECK_MSG(topk == f.topk, "rank %d: biased top-k differs from the reference", r);
+    for (int64_t t = 0; t < n; ++t) CHECK_MSG(topk[size_t(t * m.K)] == 3, "rank %d token %lld: bias ignored", r, (long long)t);
+    CHECK(moeref::max_rel(y, f.y, 1e-3) <= 1e-12);
+    for (size_t i = 0; i < w.size(); ++i) CHECK(std::fabs(w[i] - f.weights[i]) <= 1e-6);
+    CHECK(load == f.load);
+    // Replay: the reference's choices in reverse slot order route the same experts, with the weights in that order.
+    std::vector<int64_t> replay(topk.size());
+    for (int64_t t = 0; t < n; ++t)
+      for (int32_t k = 0; k < m.K; ++k) replay[size_t(t * m.K + k)] = topk[size_t(t * m.K + m.K - 1 - k)];
+    Model plain = m;
+    plain.bias.clear();
+    fa.router_bias = nullptr;
+    fa.replay_topk_idx = replay.data();
+    fa.async_combine = 0;
+    REQUIRE_OK(deepep4j_moe_forward(moe, n, &fa, nullptr));
+    moeref::Forward fr = moeref::forward(plain, in.xs[size_t(r)], n, &replay);
+    CHECK(topk == replay);
+    CHECK(moeref::max_rel(y, fr.y, 1e-3) <= 1e-12);
+    // A replayed expert id out of range is an argument error (and the peer's forward a PEER_ERROR).
+    replay[0] = r == 0 ? 4 : replay[0];
+    int st = deepep4j_moe_forward(moe, n, &fa, nullptr);
+    CHECK_MSG(st == (r == 0 ? DEEPEP4J_ERR_INVALID_ARGUMENT : DEEPEP4J_ERR_PEER_ERROR), "rank %d: %s", r,
+              deepep4j_last_error());
     deepep4j_moe_destroy(moe);
   });
+  // Every assignment is received once: per local expert, over both ranks, the global load.
+  int32_t total = 0;
+  for (auto& v : recv)
+    for (int32_t c : v) total += c;
+  CHECK_EQ(total, (6 + 4) * m.K);
 }
+
+// Rank 1 calls forward with a bad argument: it gets INVALID_ARGUMENT, rank 0 PEER_ERROR with its message, and neither's
+// outputs change (the same check runs on the GPU in test_gpu_moe_block).
+TEST(bad_input_on_one_rank_fails_every_rank) { moeref::check_bad_input_on_one_rank(DEEPEP4J_DEVICE_CPU); }
 
 TEST(create_checks_config_on_every_rank) {
   Model m = moeref::make_model(8, 6, 4, 2, 6);

@@ -31,6 +31,8 @@ deepep4j_config base_config() {
   s.num_ranks = 3;
   deepep4j_config c = ep::small_config(s);
   c.timeout_ms = 5000;
+  c.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_AUTO;  // the values the messages above name, whatever the environment
+  c.ce_chunks = 4;
   return c;
 }
 
@@ -79,6 +81,11 @@ TEST(config_disagreement_at_connect) {
   expect_connect_mismatch("ring_tokens", [](deepep4j_config& c) { c.ring_tokens += 1; });
   expect_connect_mismatch("max_send_tokens_per_chunk", [](deepep4j_config& c) { c.max_send_tokens_per_chunk -= 1; });
   expect_connect_mismatch("buffer_bytes", [](deepep4j_config& c) { c.buffer_bytes += 4096; });
+  // Settings of the CUDA transfer must agree too (senders and receivers cut a step into the same chunks); the message
+  // names both values.
+  expect_connect_mismatch("ce_chunks = 4 on rank 0 but 2 on rank 2", [](deepep4j_config& c) { c.ce_chunks = 2; });
+  expect_connect_mismatch("cuda_transfer = 0 on rank 0 but 1 on rank 2",
+                          [](deepep4j_config& c) { c.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_SM; });
 }
 
 TEST(blobs_in_the_wrong_order) {

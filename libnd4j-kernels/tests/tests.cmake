@@ -4,7 +4,7 @@
 find_package(Threads REQUIRED)
 
 set(DEEPEP4J_CPU_TESTS api_basics layout roundtrip cached chunked cross_process bad_input peer_mismatch peer_failure
-    fail_step moe_block)
+    fail_step step_recovery moe_block)
 foreach(name IN LISTS DEEPEP4J_CPU_TESTS)
   add_executable(test_${name} ${CMAKE_CURRENT_LIST_DIR}/test_${name}.cpp)
   target_include_directories(test_${name} PRIVATE ${CMAKE_CURRENT_LIST_DIR} ${CMAKE_CURRENT_LIST_DIR}/../include)
@@ -22,7 +22,7 @@ set_tests_properties(cpu_exported_symbols PROPERTIES TIMEOUT 60 LABELS cpu)
 
 # Ranks of one process copy rows directly by default; these runs force every row through the rings instead, so the
 # ring protocol (the one separate processes always use) is covered by the in-process tests too.
-foreach(name roundtrip cached chunked bad_input peer_failure)
+foreach(name roundtrip cached chunked bad_input peer_failure step_recovery)
   add_test(NAME cpu_${name}_rings COMMAND test_${name})
   set_tests_properties(cpu_${name}_rings PROPERTIES TIMEOUT 240 LABELS cpu ENVIRONMENT DEEPEP4J_CPU_DIRECT=0)
 endforeach()

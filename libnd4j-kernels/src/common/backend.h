@@ -42,6 +42,9 @@ class Backend {
   // Joins the peers' current collective step with a local failure (deepep4j_fail_step). A backend without a
   // step exchange reports the failure locally only.
   virtual int fail_step(int32_t status, const char* message) { return set_error(status, "%s", message); }
+  // A local failure in connect before this rank could reach its peers (bad or missing blobs): published where the
+  // peers, which map this rank's region, see it, so they fail with PEER_ERROR instead of waiting for this rank.
+  virtual int fail_connect(int32_t status, const char* message) { return set_error(status, "%s", message); }
 };
 
 // Factories. The CUDA one lives in src/cuda/ (or src/cuda_unavailable.cpp when the library is built without CUDA,

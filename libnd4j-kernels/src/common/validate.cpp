@@ -45,6 +45,17 @@ Check check_config(int32_t rank, int32_t num_ranks, const deepep4j_config& c) {
     return Check::fail(E_ARG, "num_threads = %d: must be in [0, 64] (0 = automatic)", c.num_threads);
   if (c.max_hidden_bytes < 0)
     return Check::fail(E_ARG, "max_hidden_bytes = %d: must be >= 0 (0 = checked at dispatch)", c.max_hidden_bytes);
+  if (c.cuda_transfer != DEEPEP4J_CUDA_TRANSFER_AUTO && c.cuda_transfer != DEEPEP4J_CUDA_TRANSFER_SM &&
+      c.cuda_transfer != DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE)
+    return Check::fail(E_ARG, "cuda_transfer = %d: must be 0 (auto), 1 (sm) or 2 (copy_engine); the default comes from "
+                       "DEEPEP4J_CUDA_TRANSFER = auto | sm | copy_engine", c.cuda_transfer);
+  if (c.ce_chunks < 1 || c.ce_chunks > 16)
+    return Check::fail(E_ARG, "ce_chunks = %d: must be in [1, 16]; the default comes from DEEPEP4J_CE_CHUNKS",
+                       c.ce_chunks);
+  if (c.cuda_trace != 0 && c.cuda_trace != 1)
+    return Check::fail(E_ARG, "cuda_trace = %d: must be 0 or 1", c.cuda_trace);
+  if (c.cpu_direct != 0 && c.cpu_direct != 1)
+    return Check::fail(E_ARG, "cpu_direct = %d: must be 0 or 1", c.cpu_direct);
   if (c.buffer_bytes <= 0)
     return Check::fail(E_ARG, "buffer_bytes = %" PRId64 ": must be > 0", c.buffer_bytes);
   return Check{};
@@ -123,17 +134,6 @@ Check check_combine_args(const deepep4j_handle& h, int32_t dtype, const deepep4j
   if (h.num_recv_tokens > 0 && h.num_tokens > 0 && (a->y_topk_weights == nullptr) != (a->out_topk_weights == nullptr))
     return Check::fail(E_ARG, "y_topk_weights and out_topk_weights: give both or neither");
   return Check{};
-}
-
-static int64_t align16(int64_t v) { return (v + 15) & ~int64_t(15); }
-
-int64_t dispatch_slot_bytes(int64_t hidden, int32_t dtype, int32_t k) {
-  int64_t scales = dtype == DEEPEP4J_FP8_E4M3 ? (hidden / DEEPEP4J_FP8_BLOCK) * 4 : 0;
-  return align16(8 + (int64_t)k * 12) + align16(hidden * (int64_t)dtype_size(dtype)) + align16(scales);
-}
-
-int64_t combine_slot_bytes(int64_t hidden, int32_t dtype, int32_t k) {
-  return align16(hidden * (int64_t)dtype_size(dtype)) + align16((int64_t)(k + 1) * 4);
 }
 
 }  // namespace deepep4j

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "backend.h"
+#include "slot_layout.h"
 
 namespace deepep4j {
 
@@ -30,10 +31,7 @@ Check check_payload(int64_t hidden, int32_t dtype, bool allow_fp8, const char* w
 Check check_dispatch_args(const deepep4j_handle& h, int32_t dtype, const deepep4j_dispatch_args* a);
 Check check_combine_args(const deepep4j_handle& h, int32_t dtype, const deepep4j_combine_args* a);
 
-// Bytes of one dispatch ring slot: source index + row + K local ids + K weights + fp8 scales, 16-byte aligned.
-int64_t dispatch_slot_bytes(int64_t hidden, int32_t dtype, int32_t num_topk);
-// Bytes of one combine ring slot: row + K returned weights + the row's combine scale, 16-byte aligned.
-int64_t combine_slot_bytes(int64_t hidden, int32_t dtype, int32_t num_topk);
+// Slot sizes and ring geometry: common/slot_layout.h.
 
 // Channels of a config: num_sms / 2 (one sender and one receiver each).
 inline int32_t num_channels(const deepep4j_config& cfg) { return cfg.num_sms / 2; }

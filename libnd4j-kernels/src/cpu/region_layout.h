@@ -3,13 +3,15 @@
 //
 //   [Control][RingHeader x R*C][ring data: R*C x ring_bytes]
 //
-// A peer writes only its own StepSlot, its own connect flag, and the tails of its own rings; the owner writes the heads.
+// A peer writes only its own StepSlot, the decision word of rank 0's region (by compare-and-swap), and the tails of
+// its own rings; the owner writes the heads and its own connect failure.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/slot_layout.h"
 #include "deepep4j.h"
 
 namespace deepep4j {
@@ -23,7 +25,7 @@ constexpr uint64_t kRegionMagic = 0x3450454445455044ull;  // "DEEPEP4\0"-ish tag
 constexpr int32_t kFlagKnown1 = 1 << 8;
 constexpr int32_t kFlagKnown2 = 2 << 8;
 
-enum StepKind : int32_t { kStepNotify = 1, kStepDispatch = 2, kStepCombine = 3 };
+enum StepKind : int32_t { kStepNotify = 1, kStepDispatch = 2, kStepCombine = 3, kStepConnect = 4 };
 
 // One rank's contribution to a collective step, written into every peer's region.
 struct StepData {
@@ -55,7 +57,12 @@ struct alignas(64) Control {
   uint64_t magic;
   int32_t owner_rank;
   int32_t num_ranks;
-  alignas(64) std::atomic<uint32_t> connected[DEEPEP4J_MAX_RANKS];
+  // Rank 0's region only: the outcome of the group's latest decided step (step_exchange.cpp), so that every rank of
+  // a step, late ones included, ends it the same way: complete, or abandoned after a timeout.
+  alignas(64) std::atomic<uint64_t> decision;
+  // The owner's own failure in connect before it could reach its peers (e.g. blobs = NULL): peers read it here.
+  alignas(64) std::atomic<int32_t> connect_failure;
+  char connect_message[kMessageBytes];
   StepSlot slots[2][DEEPEP4J_MAX_RANKS];  // [step parity][writer rank]
 };
 
@@ -64,13 +71,9 @@ struct alignas(64) RingHeader {
   alignas(64) std::atomic<uint64_t> head;  // rows consumed by the owner
 };
 
-inline size_t ring_bytes_of(int64_t buffer_bytes, int num_ranks, int channels) {
-  return size_t(buffer_bytes / (int64_t(num_ranks) * channels)) & ~size_t(63);
-}
-
 inline size_t region_bytes(int64_t buffer_bytes, int num_ranks, int channels) {
   return sizeof(Control) + sizeof(RingHeader) * size_t(num_ranks) * channels +
-         ring_bytes_of(buffer_bytes, num_ranks, channels) * size_t(num_ranks) * channels;
+         size_t(ring_bytes_of(buffer_bytes, num_ranks, channels)) * size_t(num_ranks) * channels;
 }
 
 // Views of one mapped region.

@@ -103,30 +103,21 @@ class AlltoallBackend : public CudaBackend {
 
   int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) override {
     const char* call = "deepep4j_dispatch";
-    if (int st = broken_check(call)) return st;
-    if (int st = use_device()) return st;
-    auto* h = static_cast<CudaHandle*>(handle);
-    cudaStream_t s = pick(stream);
-    Check check = check_dispatch_args(*h, dtype, a);
-    DispatchIo io{};
-    io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
-    io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
+    StepStart<DispatchIo> b;
+    if (int st = begin_dispatch(call, handle, dtype, a, stream, &b)) return st;
+    CudaHandle* h = b.h;
+    const DispatchIo& io = b.io;
+    cudaStream_t s = b.s;
     const int64_t slot = DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes;
     RankBases to{}, from{};
     int64_t sent = 0, recvd = 0;
     blocks(*h, &to, &sent, &from, &recvd);
     if (int st = reserve(sent * slot, recvd * slot, s)) return st;
-    if (check.ok()) {
-      io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
-      io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
-      io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
-      io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
-      DEEPEP4J_CUDA_TRY(launch_a2a_pack_dispatch(h->r, R_, io, to, send_stage_, slot, s));
-    }
+    if (b.check.ok()) DEEPEP4J_CUDA_TRY(launch_a2a_pack_dispatch(h->r, R_, io, to, send_stage_, slot, s));
     auto count_to = [&](int d) { return (d + 1 < R_ ? to.v[d + 1] : sent) - to.v[d]; };
     auto count_from = [&](int r) { return (r + 1 < R_ ? from.v[r + 1] : recvd) - from.v[r]; };
-    if (int st = exchange(check, slot, to, count_to, from, count_from, s, call)) return st;
-    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    if (int st = exchange(b.check, slot, to, count_to, from, count_from, s, call)) return st;
+    if (!b.check.ok()) return set_error(b.check.status, "%s", b.check.message.c_str());
     if (int st = peer_verdict(call)) return st;
     DEEPEP4J_CUDA_TRY(launch_a2a_unpack_dispatch(h->r, R_, recvd, io, from, recv_stage_, slot, s));
     if (int st = wait(s, call)) return st;
@@ -136,32 +127,22 @@ class AlltoallBackend : public CudaBackend {
 
   int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
     const char* call = "deepep4j_combine";
-    if (int st = broken_check(call)) return st;
-    if (int st = use_device()) return st;
-    auto* h = static_cast<CudaHandle*>(handle);
-    cudaStream_t s = pick(stream);
-    Check check = check_combine_args(*h, dtype, a);
-    if (check.ok() && !h->dispatched)
-      check = Check::fail(DEEPEP4J_ERR_STATE, "handle: combine needs a dispatch on this handle first");
-    CombineIo io{};
-    io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
-    io.dtype = dtype;
+    StepStart<CombineIo> b;
+    if (int st = begin_combine(call, handle, dtype, a, stream, &b)) return st;
+    CudaHandle* h = b.h;
+    const CombineIo& io = b.io;
+    cudaStream_t s = b.s;
     const int64_t slot = CombineSlot::make(io.row_bytes, h->num_topk).bytes;
     // Combine runs the dispatch's blocks backwards: rows go back to their sources, tokens come home from the ranks.
     RankBases to{}, from{};
     int64_t sent = 0, recvd = 0;
     blocks(*h, &from, &recvd, &to, &sent);
     if (int st = reserve(sent * slot, recvd * slot, s)) return st;
-    if (check.ok()) {
-      io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
-      io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
-      io.out_topk_weights = a->out_topk_weights;
-      DEEPEP4J_CUDA_TRY(launch_a2a_pack_combine(h->r, sent, io, send_stage_, slot, s));
-    }
+    if (b.check.ok()) DEEPEP4J_CUDA_TRY(launch_a2a_pack_combine(h->r, sent, io, send_stage_, slot, s));
     auto count_to = [&](int d) { return (d + 1 < R_ ? to.v[d + 1] : sent) - to.v[d]; };
     auto count_from = [&](int r) { return (r + 1 < R_ ? from.v[r + 1] : recvd) - from.v[r]; };
-    if (int st = exchange(check, slot, to, count_to, from, count_from, s, call)) return st;
-    if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
+    if (int st = exchange(b.check, slot, to, count_to, from, count_from, s, call)) return st;
+    if (!b.check.ok()) return set_error(b.check.status, "%s", b.check.message.c_str());
     if (int st = peer_verdict(call)) return st;
     DEEPEP4J_CUDA_TRY(launch_a2a_reduce_combine(h->r, R_, io, from, recv_stage_, slot, s));
     return wait(s, call) == DEEPEP4J_OK ? ok() : DEEPEP4J_ERR_TIMEOUT;

@@ -52,15 +52,10 @@ bool CopyTarget::reachable_from(int peer_device) const {
   return flags == cudaMemAccessFlagsProtReadWrite;
 }
 
-Check transfer_from_env(Transfer* out) {
-  const char* v = std::getenv("DEEPEP4J_CUDA_TRANSFER");
-  if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) *out = Transfer::kAuto;
-  else if (std::strcmp(v, "sm") == 0) *out = Transfer::kSm;
-  else if (std::strcmp(v, "copy_engine") == 0) *out = Transfer::kCopyEngine;
-  else
-    return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
-                       "DEEPEP4J_CUDA_TRANSFER = \"%s\": must be auto, sm or copy_engine", v);
-  return Check{};
+Transfer transfer_of(const deepep4j_config& cfg) {
+  return cfg.cuda_transfer == DEEPEP4J_CUDA_TRANSFER_SM            ? Transfer::kSm
+         : cfg.cuda_transfer == DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE ? Transfer::kCopyEngine
+                                                                   : Transfer::kAuto;
 }
 
 CopyEngine::~CopyEngine() {
@@ -75,8 +70,10 @@ CopyEngine::~CopyEngine() {
   if (packed_) cudaFree(packed_);
 }
 
-int CopyEngine::init(int32_t num_ranks) {
+int CopyEngine::init(int32_t num_ranks, int32_t chunks, bool trace) {
   R_ = num_ranks;
+  chunks_ = std::max(1, std::min(chunks, kMaxCeChunks));
+  trace_ = trace;
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   int device = 0;
   DEEPEP4J_CUDA_TRY(cudaGetDevice(&device));
@@ -89,8 +86,6 @@ int CopyEngine::init(int32_t num_ranks) {
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(preload_ce_kernels());
-  if (const char* v = std::getenv("DEEPEP4J_CE_CHUNKS")) chunks_ = std::max(1, std::atoi(v));
-  if (const char* v = std::getenv("DEEPEP4J_CUDA_TRACE")) trace_ = std::strcmp(v, "1") == 0;
   if (trace_) {
     for (cudaEvent_t* e : {&kernel_begin_, &kernel_end_, &copies_begin_}) DEEPEP4J_CUDA_TRY(cudaEventCreate(e));
     for (cudaEvent_t& e : chunk_end_) DEEPEP4J_CUDA_TRY(cudaEventCreate(&e));

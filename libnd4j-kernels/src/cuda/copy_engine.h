@@ -16,14 +16,14 @@
 namespace deepep4j {
 namespace cuda {
 
-// DEEPEP4J_CUDA_TRANSFER: how the NVLink backend moves rows.
+// config.cuda_transfer: how the NVLink backend moves rows.
 enum class Transfer {
   kAuto,        // copy engines when every rank's step fits its landing zones, else the SM rings
   kSm,          // always the SM ring kernels (chunked through rings of ring_tokens slots)
   kCopyEngine,  // copy engines; a step that does not fit fails instead of using the rings
 };
-// Reads DEEPEP4J_CUDA_TRANSFER (auto when unset); a value that is none of auto, sm, copy_engine is an error.
-Check transfer_from_env(Transfer* out);
+// The mode of a config (checked by check_config).
+Transfer transfer_of(const deepep4j_config& cfg);
 
 // Memory a peer's copy engine may be asked to write into: plain device memory of `device`, or memory of a
 // stream-ordered pool, which other devices reach only where its owner granted them access (cudaMemPoolSetAccess).
@@ -39,7 +39,8 @@ class CopyEngine {
   ~CopyEngine();
   // Copy stream, event and counters on the current device; finds cuStreamWaitValue32. Without it (old driver) the
   // engine is unavailable and says why, which is not an error of init.
-  int init(int32_t num_ranks);
+  // chunks: config.ce_chunks (copies per peer and step); trace: config.cuda_trace.
+  int init(int32_t num_ranks, int32_t chunks, bool trace);
   bool available() const { return wait_value32_ != nullptr; }
   const std::string& unavailable_reason() const { return unavailable_; }
   cudaStream_t stream() const { return stream_; }
@@ -60,7 +61,7 @@ class CopyEngine {
   int run_combine(const Step& st, const CePlan& plan, const CudaHandle& h, const CombineIo& io, int32_t num_sms,
                   cudaStream_t s);
 
-  // DEEPEP4J_CUDA_TRACE=1: after a finished step, one line on stderr with where its time went (host phases given by
+  // config.cuda_trace = 1: after a finished step, one line on stderr with where its time went (host phases given by
   // the caller; kernel and every copy-engine chunk from CUDA events), so a slow step shows what bounds it.
   void print_trace(const char* call, int32_t rank, double barrier_us, double enqueue_us, double total_us);
 
@@ -78,7 +79,7 @@ class CopyEngine {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t reset_done_ = nullptr;
   uint32_t* packed_ = nullptr;  // device [kMaxCeChunks] token counts, then the epoch word
-  int chunks_ = 4;  // DEEPEP4J_CE_CHUNKS: copies per peer and step (channel groups); ~16 MiB each at 4096 tokens
+  int chunks_ = 4;  // config.ce_chunks: copies per peer and step (channel groups); ~16 MiB each at 4096 tokens
   cudaMemPool_t pool_ = nullptr;  // staging only: no other device maps it
   uint8_t* staging_ = nullptr;
   int64_t staging_bytes_ = 0;

@@ -31,7 +31,8 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/moe/moe_permute.cu
   ${DEEPEP4J_CUDA_DIR}/moe/moe_rows.cu
   ${DEEPEP4J_CUDA_DIR}/moe/moe_swiglu.cu
-  ${DEEPEP4J_CUDA_DIR}/moe/moe_optimizer.cu)
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_optimizer.cu
+  ${DEEPEP4J_CUDA_DIR}/moe/moe_accumulate.cu)
 set(DEEPEP4J_CUDA_WARNINGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-fvisibility-inlines-hidden)
 
 # Compiled once into the object library that both deepep4j and deepep4j_static are linked from.
@@ -49,7 +50,7 @@ endforeach()
 
 # GPU tests: one program per file in tests/gpu; 77 = no GPU here (skipped, not passed).
 set(DEEPEP4J_GPU_TEST_DIR ${CMAKE_CURRENT_LIST_DIR}/../../tests/gpu)
-set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies moe_block)
+set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block)
 foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_executable(gpu_test_${name} ${DEEPEP4J_GPU_TEST_DIR}/test_gpu_${name}.cpp)
   target_include_directories(gpu_test_${name} PRIVATE ${DEEPEP4J_GPU_TEST_DIR} ${DEEPEP4J_GPU_TEST_DIR}/..

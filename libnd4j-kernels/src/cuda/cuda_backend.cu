@@ -91,8 +91,47 @@ int CudaBackend::init() {
 
 int CudaBackend::broken_check(const char* call) const {
   if (!broken_) return DEEPEP4J_OK;
-  return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: buffer unusable after an earlier failure (%s); destroy and "
-                   "recreate the group", call, rank_, broken_reason_.c_str());
+  return set_error(DEEPEP4J_ERR_STATE, "%s on rank %d: the buffer is broken (%s): destroy and recreate the group's "
+                   "buffers", call, rank_, broken_reason_.c_str());
+}
+
+int CudaBackend::begin_dispatch(const char* call, Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a,
+                                void* stream, StepStart<DispatchIo>* out) {
+  if (int st = broken_check(call)) return st;
+  if (int st = use_device()) return st;
+  out->h = static_cast<CudaHandle*>(handle);
+  out->s = pick(stream);
+  out->check = check_dispatch_args(*out->h, dtype, a);
+  DispatchIo& io = out->io;
+  io.row_bytes = out->h->hidden * int64_t(dtype_size(dtype));
+  io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(out->h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
+  if (out->check.ok()) {
+    io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
+    io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
+    io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
+    io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
+  }
+  return DEEPEP4J_OK;
+}
+
+int CudaBackend::begin_combine(const char* call, Handle* handle, int32_t dtype, const deepep4j_combine_args* a,
+                               void* stream, StepStart<CombineIo>* out) {
+  if (int st = broken_check(call)) return st;
+  if (int st = use_device()) return st;
+  out->h = static_cast<CudaHandle*>(handle);
+  out->s = pick(stream);
+  out->check = check_combine_args(*out->h, dtype, a);
+  if (out->check.ok() && !out->h->dispatched)
+    out->check = Check::fail(DEEPEP4J_ERR_STATE, "handle: combine needs a dispatch on this handle first");
+  CombineIo& io = out->io;
+  io.row_bytes = out->h->hidden * int64_t(dtype_size(dtype));
+  io.dtype = dtype;
+  if (out->check.ok()) {
+    io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
+    io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
+    io.out_topk_weights = a->out_topk_weights;
+  }
+  return DEEPEP4J_OK;
 }
 
 Blob CudaBackend::own_blob() const {
@@ -102,6 +141,7 @@ Blob CudaBackend::own_blob() const {
   b.device_id = cfg_.device_id, b.backend = cfg_.backend, b.buffer_bytes = cfg_.buffer_bytes;
   b.num_sms = cfg_.num_sms, b.chunk = cfg_.max_send_tokens_per_chunk, b.ring_tokens = cfg_.ring_tokens;
   b.timeout_ms = cfg_.timeout_ms;
+  b.cuda_transfer = cfg_.cuda_transfer, b.ce_chunks = cfg_.ce_chunks;
   return b;
 }
 
@@ -115,13 +155,23 @@ int CudaBackend::read_blobs(const void* const* blobs, const size_t* lens, std::v
     std::memcpy(&b, blobs[r], sizeof(Blob));
     if (b.magic != kBlobMagic || b.rank != r)
       return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "blobs[%d]: not the CUDA blob of rank %d", r, r);
-    const char* field = b.num_ranks != R_ ? "num_ranks" : b.backend != cfg_.backend ? "backend"
-                        : b.buffer_bytes != cfg_.buffer_bytes ? "buffer_bytes" : b.num_sms != cfg_.num_sms ? "num_sms"
-                        : b.chunk != cfg_.max_send_tokens_per_chunk ? "max_send_tokens_per_chunk"
-                        : b.ring_tokens != cfg_.ring_tokens ? "ring_tokens" : nullptr;
-    if (field)
-      return set_error(DEEPEP4J_ERR_PEER_MISMATCH, "config.%s: rank %d and rank %d differ; all ranks must agree", field,
-                       rank_, r);
+    // Fields every rank must agree on, with both values in the message.
+    struct Field {
+      const char* name;
+      int64_t mine, theirs;
+    } fields[] = {{"num_ranks", R_, b.num_ranks},
+                  {"backend", cfg_.backend, b.backend},
+                  {"buffer_bytes", cfg_.buffer_bytes, b.buffer_bytes},
+                  {"num_sms", cfg_.num_sms, b.num_sms},
+                  {"max_send_tokens_per_chunk", cfg_.max_send_tokens_per_chunk, b.chunk},
+                  {"ring_tokens", cfg_.ring_tokens, b.ring_tokens},
+                  {"cuda_transfer", cfg_.cuda_transfer, b.cuda_transfer},
+                  {"ce_chunks", cfg_.ce_chunks, b.ce_chunks}};
+    for (const Field& f : fields)
+      if (f.mine != f.theirs)
+        return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
+                         "ranks disagree on the config: %s = %" PRId64 " on rank %d but %" PRId64 " on rank %d; all "
+                         "ranks must agree", f.name, f.mine, rank_, f.theirs, r);
   }
   return DEEPEP4J_OK;
 }
@@ -159,9 +209,20 @@ int CudaBackend::finish_step(cudaStream_t s, const char* call) {
   const char* where = mb.where >= 0 && mb.where < 5 ? kWhere[mb.where] : "wait";
   broken_ = true;
   broken_reason_ = std::string(call) + " timed out";
+  const int gave_up = mb.abandoned_by - 1;
+  if (gave_up == int(kLateRank))
+    return set_error(DEEPEP4J_ERR_TIMEOUT,
+                     "%s on rank %d: the other ranks abandoned this step (timeout_ms = %d) before this rank arrived; "
+                     "the buffer is broken: destroy and recreate the group's buffers", call, rank_, cfg_.timeout_ms);
+  if (gave_up >= 0 && gave_up != rank_)
+    return set_error(DEEPEP4J_ERR_TIMEOUT,
+                     "%s on rank %d: step abandoned: rank %d waited for rank %d longer than timeout_ms = %d; the buffer "
+                     "is broken: destroy and recreate the group's buffers", call, rank_, gave_up, mb.peer,
+                     cfg_.timeout_ms);
   return set_error(DEEPEP4J_ERR_TIMEOUT,
-                   "%s on rank %d: %s waited for rank %d longer than timeout_ms = %d (peer gone or not calling)", call,
-                   rank_, where, mb.peer, cfg_.timeout_ms);
+                   "%s on rank %d: %s waited for rank %d longer than timeout_ms = %d (peer gone or not calling); the "
+                   "step is abandoned on every rank and the buffer is broken: destroy and recreate the group's buffers",
+                   call, rank_, where, mb.peer, cfg_.timeout_ms);
 }
 
 int CudaBackend::get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,

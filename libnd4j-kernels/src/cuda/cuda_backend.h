@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/backend.h"
+#include "common/validate.h"
 #include "cuda/handle.h"
 #include "cuda/kernels.h"
 
@@ -29,6 +30,7 @@ struct Blob {
   cudaIpcMemHandle_t ipc;
   int32_t has_nccl_id, pad;
   uint8_t nccl_id[128];
+  int32_t cuda_transfer, ce_chunks;
 };
 static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
 constexpr uint32_t kBlobMagic = 0x64657034;  // "dep4"
@@ -52,6 +54,21 @@ class CudaBackend : public Backend {
 
  protected:
   virtual int init_backend() = 0;
+
+  // What every dispatch / combine of the CUDA backends starts with: the buffer is not broken, the device is current,
+  // the stream is picked, the arguments are checked (check holds the local verdict, which the step then exchanges)
+  // and the kernels' view of the arguments is filled (pointers only when the check passed).
+  template <class Io>
+  struct StepStart {
+    CudaHandle* h = nullptr;
+    cudaStream_t s = nullptr;
+    Check check;
+    Io io{};
+  };
+  int begin_dispatch(const char* call, Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream,
+                     StepStart<DispatchIo>* out);
+  int begin_combine(const char* call, Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream,
+                    StepStart<CombineIo>* out);
   // Exchanges the notify slots: sends header + counts (from h, which is NULL when the local check failed) to every rank
   // and fills gathered[R * kNotifySlotBytes] (host) with every rank's slot addressed to this rank.
   virtual int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t local_experts,

@@ -54,9 +54,10 @@ class DeepepBackend : public CudaBackend {
   }
 
   int connect(const void* const* blobs, const size_t* lens) override {
+    if (int st = broken_check("deepep4j_buffer_connect")) return st;
     if (int st = use_device()) return st;
     std::vector<Blob> all;
-    if (int st = read_blobs(blobs, lens, &all)) return st;
+    if (int st = read_blobs(blobs, lens, &all)) return fail_connect(st, std::string(last_error()).c_str());
     const Blob& me = all[size_t(rank_)];
     for (int r = 0; r < R_; ++r) {
       const Blob& b = all[size_t(r)];
@@ -84,41 +85,61 @@ class DeepepBackend : public CudaBackend {
     // Every rank mapped every region: meet once so no rank writes to a peer that is not listening yet.
     cudaStream_t s = own_stream_;
     DEEPEP4J_CUDA_TRY(launch_barrier(step(epoch_), 0, nullptr, s));
-    return finish_step(s, "deepep4j_buffer_connect") == DEEPEP4J_OK ? ok() : DEEPEP4J_ERR_TIMEOUT;
+    if (int st = finish_step(s, "deepep4j_buffer_connect")) {
+      broken_ = true;  // a connect that failed is not retried: recreate the buffers
+      broken_reason_ = "connect failed";
+      return st;
+    }
+    return ok();
+  }
+
+  // A rank that fails before it could map its peers publishes its status in its own region (which they have mapped)
+  // and raises its own flag of the connect barrier (epoch 1): the peers' barrier reads it there.
+  int fail_connect(int32_t status, const char* message) override {
+    if (int st = broken_check("deepep4j_buffer_connect")) return st;
+    if (use_device() == DEEPEP4J_OK && region_ != nullptr) {
+      PeerStatus ps{};
+      ps.status = status;
+      std::snprintf(ps.message, sizeof(ps.message), "%s", message);
+      const uint32_t epoch = 1;
+      if (cudaMemcpy(status_slot(region_, epoch, rank_), &ps, sizeof(ps), cudaMemcpyHostToDevice) == cudaSuccess)
+        cudaMemcpy(flags(region_) + rank_, &epoch, sizeof(epoch), cudaMemcpyHostToDevice);
+    }
+    broken_ = true;
+    broken_reason_ = "connect failed on this rank";
+    return set_error(status, "%s", message);
+  }
+
+  // Joins the peers' step (notify, dispatch or combine: each starts with a barrier) with this rank's failure.
+  int fail_step(int32_t status, const char* message) override {
+    const char* call = "deepep4j_fail_step";
+    if (int st = broken_check(call)) return st;
+    if (int st = use_device()) return st;
+    Check failure;
+    failure.status = status;
+    failure.message = message;
+    return run_step(call, failure, false, nullptr, own_stream_, [](const Step&) { return int(DEEPEP4J_OK); },
+                    [](const Step&) { return cudaSuccess; });
   }
 
   int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) override {
     const char* call = "deepep4j_dispatch";
-    if (int st = broken_check(call)) return st;
-    if (int st = use_device()) return st;
-    auto* h = static_cast<CudaHandle*>(handle);
-    cudaStream_t s = pick(stream);
-    Check check = check_dispatch_args(*h, dtype, a);
-    DispatchIo io{};
+    StepStart<DispatchIo> b;
+    if (int st = begin_dispatch(call, handle, dtype, a, stream, &b)) return st;
+    CudaHandle* h = b.h;
+    const DispatchIo& io = b.io;
     Rings rings{};
-    int64_t slot_bytes = 0;
-    if (check.ok()) {
-      io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
-      io.num_scales = dtype == DEEPEP4J_FP8_E4M3 ? int32_t(h->hidden / DEEPEP4J_FP8_BLOCK) : 0;
-      slot_bytes = DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes;
-      check = rings_for(slot_bytes, &rings);
-    }
-    if (check.ok()) {
-      io.x = static_cast<const uint8_t*>(a->x), io.x_scales = a->x_scales, io.topk_weights = a->topk_weights;
-      io.recv_x = static_cast<uint8_t*>(a->recv_x), io.recv_x_scales = a->recv_x_scales;
-      io.recv_topk_idx = a->recv_topk_idx, io.recv_topk_weights = a->recv_topk_weights;
-      io.recv_src_token = a->recv_src_token, io.recv_src_rank = a->recv_src_rank;
-    }
+    if (b.check.ok()) b.check = rings_for(DispatchSlot::make(io.row_bytes, h->num_topk, io.num_scales).bytes, &rings);
     CePlan plan{};
     const DispatchSlot meta = ce_dispatch_meta(h->num_topk, io.num_scales);
     const bool ce_vote =
-        check.ok() && ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); },
-                                plan, &check);
+        b.check.ok() &&
+        ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); }, plan, &b.check);
     DirectTargets direct = ce_vote ? publish_direct(*h, io, &plan) : DirectTargets{};
     int fin = run_step(
-        call, check, ce_vote, &direct, s,
-        [&](const Step& st) { return ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, s); },
-        [&](const Step& st) { return launch_dispatch(st, rings, h->r, io, cfg_.num_sms, s); });
+        call, b.check, ce_vote, &direct, b.s,
+        [&](const Step& st) { return ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, b.s); },
+        [&](const Step& st) { return launch_dispatch(st, rings, h->r, io, cfg_.num_sms, b.s); });
     if (fin != DEEPEP4J_OK) return fin;
     h->dispatched = true;
     return ok();
@@ -126,44 +147,30 @@ class DeepepBackend : public CudaBackend {
 
   int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
     const char* call = "deepep4j_combine";
-    if (int st = broken_check(call)) return st;
-    if (int st = use_device()) return st;
-    auto* h = static_cast<CudaHandle*>(handle);
-    cudaStream_t s = pick(stream);
-    Check check = check_combine_args(*h, dtype, a);
-    if (check.ok() && !h->dispatched)
-      check = Check::fail(DEEPEP4J_ERR_STATE, "handle: combine needs a dispatch on this handle first");
-    CombineIo io{};
+    StepStart<CombineIo> b;
+    if (int st = begin_combine(call, handle, dtype, a, stream, &b)) return st;
+    CudaHandle* h = b.h;
+    const CombineIo& io = b.io;
     Rings rings{};
-    if (check.ok()) {
-      io.row_bytes = h->hidden * int64_t(dtype_size(dtype));
-      io.dtype = dtype;
-      check = rings_for(CombineSlot::make(io.row_bytes, h->num_topk).bytes, &rings);
-    }
-    if (check.ok()) {
-      io.y = static_cast<const uint8_t*>(a->y), io.recv_topk_weights = a->recv_topk_weights;
-      io.y_topk_weights = a->y_topk_weights, io.out = static_cast<uint8_t*>(a->out);
-      io.out_topk_weights = a->out_topk_weights;
-    }
+    if (b.check.ok()) b.check = rings_for(CombineSlot::make(io.row_bytes, h->num_topk).bytes, &rings);
     CePlan plan{};
     const bool ce_vote =
-        check.ok() && ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan,
-                                &check);
+        b.check.ok() &&
+        ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan, &b.check);
     int fin = run_step(
-        call, check, ce_vote, nullptr, s,
-        [&](const Step& st) { return ce_.run_combine(st, plan, *h, io, cfg_.num_sms, s); },
-        [&](const Step& st) { return launch_combine(st, rings, h->r, io, cfg_.num_sms, s); });
+        call, b.check, ce_vote, nullptr, b.s,
+        [&](const Step& st) { return ce_.run_combine(st, plan, *h, io, cfg_.num_sms, b.s); },
+        [&](const Step& st) { return launch_combine(st, rings, h->r, io, cfg_.num_sms, b.s); });
     return fin == DEEPEP4J_OK ? ok() : fin;
   }
 
  protected:
   int init_backend() override {
-    Check mode = transfer_from_env(&transfer_);
-    if (!mode.ok()) return set_error(mode.status, "%s", mode.message.c_str());
+    transfer_ = transfer_of(cfg_);
     if (transfer_ != Transfer::kSm) {
-      if (int st = ce_.init(R_)) return st;
+      if (int st = ce_.init(R_, cfg_.ce_chunks, cfg_.cuda_trace == 1)) return st;
       if (transfer_ == Transfer::kCopyEngine && !ce_.available())
-        return set_error(DEEPEP4J_ERR_UNAVAILABLE, "DEEPEP4J_CUDA_TRANSFER = copy_engine: %s",
+        return set_error(DEEPEP4J_ERR_UNAVAILABLE, "cuda_transfer = copy_engine: %s",
                          ce_.unavailable_reason().c_str());
     }
     const size_t bytes = kRings + size_t(cfg_.buffer_bytes);
@@ -279,14 +286,14 @@ class DeepepBackend : public CudaBackend {
     const int C = channels();
     Rings r{};
     r.channels = C;
-    r.ring_bytes = (cfg_.buffer_bytes / (int64_t(C) * R_)) & ~int64_t(15);
+    r.ring_bytes = ring_bytes_of(cfg_.buffer_bytes, R_, C);  // common/slot_layout.h
     r.slot_bytes = slot_bytes;
     int64_t fit = r.ring_bytes / slot_bytes;
     if (fit < 1)
       return Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT,
                          "buffer_bytes = %" PRId64 ": too small for one %" PRId64 "-byte slot in each of %d rings; "
-                         "use deepep4j_buffer_size_hint",
-                         cfg_.buffer_bytes, slot_bytes, C * R_);
+                         "minimum is %" PRId64 " bytes (deepep4j_buffer_size_min gives the size for full chunks)",
+                         cfg_.buffer_bytes, slot_bytes, C * R_, buffer_bytes_for(slot_bytes, 1, R_, C));
     r.slots = int32_t(std::min<int64_t>(fit, cfg_.ring_tokens));
     r.chunk = std::min(r.slots, cfg_.max_send_tokens_per_chunk);
     *out = r;

@@ -19,6 +19,7 @@ struct Mailbox {
   int32_t peer;
   int32_t where;    // which wait gave up (for the message)
   int32_t ce_veto;  // 1 when some rank voted against copy-engine transfers at the last barrier
+  int32_t abandoned_by;  // status TIMEOUT: 1 + the rank that gave up on the barrier (1 + kLateRank: we came too late)
   char message[kStatusBytes];
   uint64_t direct[DEEPEP4J_MAX_RANKS];  // what each rank published to this one at the last barrier (PeerStatus)
 };

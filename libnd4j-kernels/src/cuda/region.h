@@ -2,6 +2,8 @@
 //
 //   [0, 256)                 barrier flags: uint32 per source rank, the last barrier epoch that source reached
 //   [kStepFailed, +4)        nonzero when this rank's last barrier failed (read by the step's kernels; device-local)
+//   [kDecision, +8)          rank 0's region only: how the group's latest barrier ended (epoch << 32 | outcome),
+//                            settled by compare-and-swap so every rank, a late one included, ends it the same way
 //   [kStatus, +2*64*256)     per (epoch parity, source rank): the status + message a source published at its barrier
 //   [kCounters, ...)         ring counters per (channel, source): tail (written by the source), head (by this rank)
 //   [kNotify, ...)           per (notify parity, source rank): the counts of a notify step (NotifySlot)
@@ -14,13 +16,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/slot_layout.h"
 #include "deepep4j.h"
 
-#ifdef __CUDACC__
-#define DEEPEP4J_HD __host__ __device__
-#else
-#define DEEPEP4J_HD
-#endif
 
 namespace deepep4j {
 namespace cuda {
@@ -29,6 +27,11 @@ constexpr int kMaxChannels = 64;  // num_sms / 2 on CUDA
 constexpr size_t kFlags = 0;
 constexpr size_t kStatus = 512;
 constexpr size_t kStepFailed = 256;
+constexpr size_t kDecision = 264;
+// Outcome bits of the decision word: the barrier was abandoned by rank (bits 14..8; kLateRank: this rank found the
+// group past it) after waiting for rank (bits 7..0).
+constexpr unsigned long long kAbandoned = 1ull << 15;
+constexpr unsigned long long kLateRank = 0x7f;
 constexpr size_t kStatusBytes = 256;
 constexpr size_t kCounters = kStatus + 2 * DEEPEP4J_MAX_RANKS * kStatusBytes;
 constexpr size_t kCounterBytes = 2 * kMaxChannels * DEEPEP4J_MAX_RANKS * sizeof(uint32_t);
@@ -70,6 +73,9 @@ DEEPEP4J_HD inline PeerStatus* status_slot(uint8_t* region, uint32_t epoch, int 
   return reinterpret_cast<PeerStatus*>(region + kStatus + ((epoch & 1) * DEEPEP4J_MAX_RANKS + src) * kStatusBytes);
 }
 DEEPEP4J_HD inline int32_t* step_failed(uint8_t* region) { return reinterpret_cast<int32_t*>(region + kStepFailed); }
+DEEPEP4J_HD inline unsigned long long* decision(uint8_t* region) {
+  return reinterpret_cast<unsigned long long*>(region + kDecision);
+}
 DEEPEP4J_HD inline uint32_t* tails(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kCounters); }
 DEEPEP4J_HD inline uint32_t* heads(uint8_t* region) {
   return reinterpret_cast<uint32_t*>(region + kCounters) + kMaxChannels * DEEPEP4J_MAX_RANKS;
@@ -99,32 +105,7 @@ struct Rings {
   }
 };
 
-// Where each part of a dispatch slot lives: [src token, K local ids, K weights] [row] [fp8 scales].
-struct DispatchSlot {
-  int64_t ids_off, weights_off, row_off, scales_off, bytes;
-  DEEPEP4J_HD static int64_t align16(int64_t v) { return (v + 15) & ~int64_t(15); }
-  DEEPEP4J_HD static DispatchSlot make(int64_t row_bytes, int32_t k, int32_t num_scales) {
-    DispatchSlot s;
-    s.ids_off = 4;
-    s.weights_off = 4 + 4 * int64_t(k);
-    s.row_off = align16(4 + 8 * int64_t(k));
-    s.scales_off = s.row_off + row_bytes;
-    s.bytes = s.scales_off + align16(4 * int64_t(num_scales));
-    return s;
-  }
-};
-
-// A combine slot: [row] [K returned weights, then the row's combine scale].
-struct CombineSlot {
-  int64_t weights_off, scale_off, bytes;
-  DEEPEP4J_HD static CombineSlot make(int64_t row_bytes, int32_t k) {
-    CombineSlot s;
-    s.weights_off = row_bytes;
-    s.scale_off = row_bytes + 4 * int64_t(k);
-    s.bytes = row_bytes + DispatchSlot::align16(4 * (int64_t(k) + 1));
-    return s;
-  }
-};
+// Dispatch and combine slots: DispatchSlot / CombineSlot of common/slot_layout.h.
 
 }  // namespace cuda
 }  // namespace deepep4j

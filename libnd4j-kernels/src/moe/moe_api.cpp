@@ -228,7 +228,9 @@ int deepep4j_moe_read(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, voi
   return guarded("deepep4j_moe_read", [&] {
     const int32_t dt = stored_dtype(moe, tensor);
     std::vector<uint8_t> tmp(size_t(count) * elem_bytes(dt));
-    int st = moe->ops->copy(tmp.data(), tensor_of(moe, tensor), tmp.size(), Copy::kDeviceToHost);
+    int st = moe->ops->synchronize();  // the last call's stream
+    moe->ops->set_stream(nullptr);
+    if (!st) st = moe->ops->copy(tmp.data(), tensor_of(moe, tensor), tmp.size(), Copy::kDeviceToHost);
     if (!st) st = moe->ops->synchronize();
     if (st) return st;
     for (int64_t i = 0; i < count; ++i) store_from_double(host, host_dtype, i, load_as_double(tmp.data(), dt, i));
@@ -243,7 +245,8 @@ int deepep4j_moe_write(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, co
     const int32_t dt = stored_dtype(moe, tensor);
     std::vector<uint8_t> tmp(size_t(count) * elem_bytes(dt));
     for (int64_t i = 0; i < count; ++i) store_from_double(tmp.data(), dt, i, load_as_double(host, host_dtype, i));
-    int st = moe->ops->synchronize();  // queued work may still read the tensor
+    int st = moe->ops->synchronize();  // queued work (on the last call's stream) may still read the tensor
+    moe->ops->set_stream(nullptr);
     if (!st) st = moe->ops->copy(tensor_of(moe, tensor), tmp.data(), tmp.size(), Copy::kHostToDevice);
     if (!st) st = moe->ops->synchronize();
     return st ? st : ok();
@@ -259,6 +262,7 @@ int deepep4j_moe_forward(deepep4j_moe* moe, int64_t num_tokens, const deepep4j_m
     }
     moe->ops->set_stream(stream);
     int st = block_forward(moe, num_tokens, args);
+    if (!st && stream == nullptr) st = moe->ops->synchronize();  // NULL stream: complete on return
     if (st != DEEPEP4J_OK) moe->has_forward = false;
     return st ? st : ok();
   });
@@ -278,6 +282,7 @@ int deepep4j_moe_backward(deepep4j_moe* moe, const deepep4j_moe_backward_args* a
     if (int st = check_backward(moe, args)) return fail_collective(moe->buf, st);
     moe->ops->set_stream(stream);
     int st = block_backward(moe, args);
+    if (!st && stream == nullptr) st = moe->ops->synchronize();
     return st ? st : ok();
   });
 }
@@ -301,6 +306,7 @@ int deepep4j_moe_step(deepep4j_moe* moe, const deepep4j_optimizer* opt, void* st
   return guarded("deepep4j_moe_step", [&] {
     moe->ops->set_stream(stream);
     int st = block_step(moe, opt);
+    if (!st && stream == nullptr) st = moe->ops->synchronize();
     return st ? st : ok();
   });
 }

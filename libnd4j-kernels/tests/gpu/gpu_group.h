@@ -227,6 +227,21 @@ inline std::vector<int32_t> backends() {
   return out;
 }
 
+// The backends that can run `ranks` ranks here: alltoall (NCCL) needs one GPU per rank, so with fewer GPUs it is left
+// out, saying why.
+inline std::vector<int32_t> backends(int32_t ranks) {
+  std::vector<int32_t> out;
+  for (int32_t b : backends()) {
+    if (b == DEEPEP4J_BACKEND_ALLTOALL && ranks > device_count()) {
+      std::fprintf(stderr, "  alltoall skipped: NCCL needs one GPU per rank (%d ranks, %d GPUs visible)\n", ranks,
+                   device_count());
+      continue;
+    }
+    out.push_back(b);
+  }
+  return out;
+}
+
 }  // namespace gpu
 
 namespace gpu {

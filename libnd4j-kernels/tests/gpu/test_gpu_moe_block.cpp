@@ -1,6 +1,7 @@
 // test_gpu_moe_block.cpp — the MoE block on the GPU against the CPU reference: outputs and gradients (fp32 within
 // 1e-5 of the output's scale, bf16 within bf16 rounding), fp64 gradients against finite differences, the optimizer
-// against the CPU's, 1 and 2 ranks on one GPU, host and device memory, grouped and looped GEMMs. Exit 77 without a GPU.
+// against the CPU's, bad input on one of 2 ranks, 1 and 2 ranks on one GPU, host and device memory, grouped and
+// looped GEMMs. Exit 77 without a GPU.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -20,8 +21,9 @@ moeref::Memory device_memory() {
     cudaMemcpy(p, v.data(), v.size(), cudaMemcpyHostToDevice);
     return p;
   };
+  // The block's calls are complete on return (NULL stream); no device-wide wait, which could queue behind the other
+  // rank's kernels.
   m.from_device = [](void* p, std::vector<uint8_t>* v) {
-    cudaDeviceSynchronize();
     cudaMemcpy(v->data(), p, v->size(), cudaMemcpyDeviceToHost);
   };
   m.release = [](void* p) { cudaFree(p); };
@@ -82,7 +84,7 @@ TEST(gpu_equals_cpu_reference) {
       Case many = make_case(64, 32, 32, 4, R == 1 ? std::vector<int64_t>{60} : std::vector<int64_t>{60, 37}, 4, dtype);
       for (Case* c : {&small, &many}) {
         moeref::Result cpu = moeref::run_block(c->m, dtype, R, c->xs, c->gs, c->ns, DEEPEP4J_DEVICE_CPU);
-        for (int32_t gemm : {DEEPEP4J_MOE_GEMM_AUTO, DEEPEP4J_MOE_GEMM_GROUPED, DEEPEP4J_MOE_GEMM_LOOP})
+        for (int32_t gemm : {DEEPEP4J_MOE_GEMM_LOOP, DEEPEP4J_MOE_GEMM_AUTO, DEEPEP4J_MOE_GEMM_GROUPED})
           for (bool device : {false, true}) {
             std::string label = t::fmt("dtype %d, %d rank(s), E %d, gemm %d, %s memory", dtype, R, c->m.E, gemm,
                                        device ? "device" : "host");
@@ -102,7 +104,7 @@ TEST(gpu_single_rank) {
   for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64}) {
     Case c = make_case(64, 32, 32, 4, {40}, 8, dtype);
     moeref::Result cpu = moeref::run_block(c.m, dtype, 1, c.xs, c.gs, c.ns, DEEPEP4J_DEVICE_CPU);
-    for (int32_t gemm : {DEEPEP4J_MOE_GEMM_GROUPED, DEEPEP4J_MOE_GEMM_LOOP}) {
+    for (int32_t gemm : {DEEPEP4J_MOE_GEMM_LOOP, DEEPEP4J_MOE_GEMM_GROUPED}) {
       moeref::Result gpu = moeref::run_block(c.m, dtype, 1, c.xs, c.gs, c.ns, DEEPEP4J_DEVICE_CUDA, gemm, &dev);
       compare(gpu, cpu, dtype == DEEPEP4J_FLOAT32 ? 1e-5 : dtype == DEEPEP4J_FLOAT64 ? 1e-12 : 3e-2,
               t::fmt("single rank dtype %d gemm %d", dtype, gemm));
@@ -139,6 +141,10 @@ TEST(gpu_fp64_gradients_match_finite_differences) {
     CHECK_MSG(near(gpu.grads[i], want), "expert grad [%zu] %.12g vs %.12g", i, gpu.grads[i], want);
   }
 }
+
+// A bad argument on one of two ranks sharing the GPU: INVALID_ARGUMENT there, PEER_ERROR (by fail_step, no timeout)
+// on the other, outputs untouched, and the group goes on.
+TEST(gpu_bad_input_on_one_rank_fails_every_rank) { moeref::check_bad_input_on_one_rank(DEEPEP4J_DEVICE_CUDA); }
 
 // Three steps of each optimizer on the GPU equal the same steps on the CPU reference.
 TEST(gpu_optimizer_equals_cpu) {

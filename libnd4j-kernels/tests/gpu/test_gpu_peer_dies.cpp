@@ -96,6 +96,9 @@ TEST(deepep_peer_process_exits) {
 }
 
 TEST(deepep_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_DEEPEP); }
-TEST(alltoall_peer_stops_in_process) { threads_case(DEEPEP4J_BACKEND_ALLTOALL); }
+TEST(alltoall_peer_stops_in_process) {
+  if (gpu::backends(2).size() < 2) return;  // says why
+  threads_case(DEEPEP4J_BACKEND_ALLTOALL);
+}
 
 GPU_TEST_MAIN()

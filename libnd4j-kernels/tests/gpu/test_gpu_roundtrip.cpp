@@ -63,7 +63,7 @@ TEST(four_ranks_every_dtype) { all_dtypes(4, 8, 4, 4); }
 
 // DeepEP's benchmark shape at 512 tokens: hidden 7168, top-8 of 256 experts, bf16, 24 SMs, deep rings.
 TEST(benchmark_shape_bf16) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     ref::Shape s = shape(2, 256, 8, 7168, DEEPEP4J_BFLOAT16);
     gpu::Group g(2, gpu::cuda_config(s, backend, 64, 16, 24));
     ep::StepOptions o;
@@ -74,7 +74,7 @@ TEST(benchmark_shape_bf16) {
 
 // Steps of different shapes and dtypes on one group: ring counters carry over from step to step.
 TEST(many_steps_one_group) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     ref::Shape s0 = shape(2, 16, 4, 512, DEEPEP4J_BFLOAT16);
     gpu::Group g(2, gpu::cuda_config(s0, backend, 16, 4, 8));
     for (int step = 0; step < 8; ++step) {
@@ -89,7 +89,7 @@ TEST(many_steps_one_group) {
 
 // Cached mode: the handle of a step carries new data, also as bf16 over an fp32 handle (backward's precision).
 TEST(cached_mode_and_dtype_override) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     const int32_t R = 2;
     ref::Shape s = shape(R, 8, 3, 128, DEEPEP4J_FLOAT32);
     gpu::Group g(R, gpu::cuda_config(s, backend, 8, 4, 4));
@@ -134,7 +134,7 @@ TEST(cached_mode_and_dtype_override) {
 
 // An out-of-range expert id on one rank: that rank names it, the other reports the peer's error; both keep working.
 TEST(bad_topk_on_one_rank) {
-  for (int32_t backend : gpu::backends()) {
+  for (int32_t backend : gpu::backends(2)) {
     ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
     gpu::Group g(2, gpu::cuda_config(s, backend));
     std::vector<ref::RankInput> in = ep::make_inputs(s, {10, 10}, 5);
@@ -157,17 +157,17 @@ TEST(bad_topk_on_one_rank) {
   }
 }
 
-// DEEPEP4J_CUDA_TRANSFER=copy_engine with landing zones too small for the step: every rank names buffer_bytes and
+// cuda_transfer = copy_engine with landing zones too small for the step: every rank names buffer_bytes and
 // leaves the outputs untouched, and the group still works with a step that fits.
 TEST(copy_engine_without_room) {
-  const char* was = getenv("DEEPEP4J_CUDA_TRANSFER");
   const char* was_mb = getenv("DEEPEP4J_TEST_BUFFER_MB");
-  const std::string saved = was ? was : "", saved_mb = was_mb ? was_mb : "";
-  setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
+  const std::string saved_mb = was_mb ? was_mb : "";
   unsetenv("DEEPEP4J_TEST_BUFFER_MB");
   {
     ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
-    gpu::Group g(2, gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2));  // ring of 2 slots: zones of ~2 rows
+    deepep4j_config cfg = gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2);  // ring of 2 slots: zones of ~2 rows
+    cfg.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE;
+    gpu::Group g(2, cfg);
     std::vector<ref::RankInput> in = ep::make_inputs(s, {40, 40}, 9);
     ep::run_ranks(2, [&](int32_t r) {
       cudaSetDevice(g.devices[size_t(r)]);
@@ -190,7 +190,6 @@ TEST(copy_engine_without_room) {
     ep::StepOptions o;
     gpu::run_and_verify(g, s, {2, 1}, o, 10, "copy_engine: a step that fits, after one that did not");
   }
-  if (was) setenv("DEEPEP4J_CUDA_TRANSFER", saved.c_str(), 1); else unsetenv("DEEPEP4J_CUDA_TRANSFER");
   if (was_mb) setenv("DEEPEP4J_TEST_BUFFER_MB", saved_mb.c_str(), 1);
 }
 

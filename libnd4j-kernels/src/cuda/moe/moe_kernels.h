@@ -2,6 +2,7 @@
 // `s` and returns the launch error; arguments mean what the matching MoeOps method of src/moe/moe_ops.h says.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "moe/moe_ops.h"
@@ -32,6 +33,14 @@ cudaError_t launch_scatter_slots(int32_t dtype, int64_t m, int32_t k, const int3
                                  void* values, int32_t values_dtype, int64_t stride, int64_t offset, cudaStream_t s);
 cudaError_t launch_columns(bool pack, int32_t dtype, int64_t rows, int32_t k, const void* in, int32_t other_dtype,
                            int64_t stride, int64_t offset, void* out, cudaStream_t s);
+// moe_accumulate.cu: c[r * ldc + j] = beta * c + alpha * product[r * n + j] for each group (fp32 C, bf16 products).
+struct AccumulateGroup {
+  float* c;
+  const __nv_bfloat16* product;
+  int64_t m, n, ldc;
+};
+cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t count, float alpha, float beta,
+                                     cudaStream_t s);
 // moe_swiglu.cu
 cudaError_t launch_swiglu_forward(int32_t dtype, int64_t count, const void* a, const void* b, void* h, cudaStream_t s);
 cudaError_t launch_swiglu_backward(int32_t dtype, int64_t count, const void* a, const void* b, const void* gh, void* ga,
@@ -39,6 +48,22 @@ cudaError_t launch_swiglu_backward(int32_t dtype, int64_t count, const void* a, 
 // moe_optimizer.cu
 cudaError_t launch_optimizer_step(int32_t dtype, int64_t count, const deepep4j_optimizer& opt, void* params,
                                   const void* grads, void* m, void* v, cudaStream_t s);
+
+// Each file's kernels, loaded now for every dtype. With lazy module loading (CUDA's default) a kernel's first launch
+// loads it and may wait for the whole device, where another rank's spinning dispatch/combine kernel may be waiting for
+// this rank: so the block loads every kernel at deepep4j_moe_create, before any collective step.
+cudaError_t preload_accumulate_kernels();
+cudaError_t preload_optimizer_kernels();
+cudaError_t preload_permute_kernels();
+cudaError_t preload_router_kernels();
+cudaError_t preload_rows_kernels();
+cudaError_t preload_swiglu_kernels();
+inline cudaError_t preload_moe_kernels() {
+  for (auto f : {preload_accumulate_kernels, preload_optimizer_kernels, preload_permute_kernels, preload_router_kernels,
+                 preload_rows_kernels, preload_swiglu_kernels})
+    if (cudaError_t e = f()) return e;
+  return cudaSuccess;
+}
 
 }  // namespace moe
 }  // namespace cuda

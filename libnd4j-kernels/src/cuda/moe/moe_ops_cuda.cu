@@ -43,8 +43,11 @@ class CudaMoeOps final : public MoeOps {
       if (s.host) cudaFreeHost(s.host);
       if (s.dev) cudaFree(s.dev);
     }
+    for (void* p : retired_host_) cudaFreeHost(p);
     if (handle_) api_->Destroy(handle_);
     if (workspace_) cudaFree(workspace_);
+    if (scratch_) cudaFree(scratch_);
+    if (own_stream_) cudaStreamDestroy(own_stream_);
   }
 
   int init(int32_t device_id) {
@@ -58,6 +61,8 @@ class CudaMoeOps final : public MoeOps {
     if (api_->Create(&handle_) != 0)
       return set_error(DEEPEP4J_ERR_UNAVAILABLE, "%s: cublasCreate failed on device %d", api_->library, device_id);
     api_->GetVersion(handle_, &version_);
+    DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
+    stream_ = own_stream_;
     DEEPEP4J_CUDA_TRY(cudaMalloc(&workspace_, kCublasWorkspace));
     if (api_->SetWorkspace(handle_, workspace_, kCublasWorkspace) != 0)
       return set_error(DEEPEP4J_ERR_INTERNAL, "%s (version %d): cublasSetWorkspace failed", api_->library, version_);
@@ -67,35 +72,40 @@ class CudaMoeOps final : public MoeOps {
       DEEPEP4J_CUDA_TRY(cudaMalloc(&s.dev, kSlabBytes));
       DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&s.event, cudaEventDisableTiming));
     }
-    return DEEPEP4J_OK;
+    // Everything that may load code or wait for the device happens here, before the block's first collective step:
+    // with two ranks on one GPU, a lazy kernel load inside a step can wait behind the other rank's spinning kernel,
+    // which waits for this rank (moe_kernels.h).
+    if (cudaError_t e = preload_moe_kernels()) return cuda_status(e, "loading the MoE block's kernels");
+    return warm_cublas();
   }
 
   bool on_device() const override { return true; }
+  // NULL is the block's own stream, never the legacy default stream: two ranks sharing one GPU must not be
+  // serialised behind each other's spinning kernels, and the backend puts NULL-stream work on a stream of its own.
   void set_stream(void* s) override {
-    stream_ = static_cast<cudaStream_t>(s);
+    stream_ = s ? static_cast<cudaStream_t>(s) : own_stream_;
     use_device();
   }
   void* stream() const override { return stream_; }
 
+  // Stream-ordered: cudaFree would wait for the whole device, and with two ranks on one GPU the other rank's kernels
+  // may be waiting for this one.
   int alloc(size_t bytes, void** out) override {
     if (int st = use_device()) return st;
-    DEEPEP4J_CUDA_TRY(cudaMalloc(out, bytes));
+    DEEPEP4J_CUDA_TRY(cudaMallocAsync(out, bytes, stream_));
     DEEPEP4J_CUDA_TRY(cudaMemsetAsync(*out, 0, bytes, stream_));
     return DEEPEP4J_OK;
   }
   void release(void* p) override {
     use_device();
-    cudaStreamSynchronize(stream_);
-    cudaFree(p);
+    cudaFreeAsync(p, stream_);
   }
   int alloc_host(size_t bytes, void** out) override {
     DEEPEP4J_CUDA_TRY(cudaMallocHost(out, bytes));
     return DEEPEP4J_OK;
   }
-  void release_host(void* p) override {
-    cudaStreamSynchronize(stream_);
-    cudaFreeHost(p);
-  }
+  // cudaFreeHost waits for the device too: pinned staging that grew is freed with the block.
+  void release_host(void* p) override { retired_host_.push_back(p); }
   int copy(void* dst, const void* src, size_t bytes, Copy kind) override {
     if (bytes == 0) return DEEPEP4J_OK;
     const cudaMemcpyKind k = kind == Copy::kHostToDevice   ? cudaMemcpyHostToDevice
@@ -147,7 +157,7 @@ class CudaMoeOps final : public MoeOps {
                          "config.gemm = GROUPED: %s (version %d) has no cublasGemmGroupedBatchedEx (needs cuBLAS >= "
                          "12.5); use gemm = LOOP or AUTO",
                          api_->library, version_);
-      return gemm_grouped(d, live);
+      return d.c_dtype == d.ab_dtype ? gemm_grouped(d, live) : gemm_grouped_mixed(d, live);
     }
     for (auto* g : live)
       if (int st = gemm_one(d, *g)) return st;
@@ -220,6 +230,35 @@ class CudaMoeOps final : public MoeOps {
 
   int use_device() const { return cuda_status(cudaSetDevice(device_), "cudaSetDevice"); }
 
+  // cuBLAS sets up its handle and loads kernels at first use: one small product of every kind the block runs (each
+  // dtype, fp32 C from bf16, loop and grouped, each transpose the backward uses), run now and waited for.
+  int warm_cublas() {
+    constexpr int64_t n = 64;
+    const size_t bytes = size_t(n * n) * sizeof(double);
+    void* buf = nullptr;
+    DEEPEP4J_CUDA_TRY(cudaMalloc(&buf, 4 * bytes));
+    char* p = static_cast<char*>(buf);
+    int st = cuda_status(cudaMemsetAsync(buf, 0, 4 * bytes, stream_), "cudaMemsetAsync");
+    const GemmGroup groups[2] = {{n, n, n, p, p + bytes, p + 2 * bytes}, {n, n, n, p, p + bytes, p + 3 * bytes}};
+    for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
+      for (int32_t c_dtype : {dtype, int32_t(DEEPEP4J_FLOAT32)})
+        for (int32_t mode : {DEEPEP4J_MOE_GEMM_LOOP, DEEPEP4J_MOE_GEMM_GROUPED})
+          for (int t = 0; t < 3 && st == DEEPEP4J_OK; ++t) {
+            if (c_dtype != dtype && dtype != DEEPEP4J_BFLOAT16) continue;
+            if (mode == DEEPEP4J_MOE_GEMM_GROUPED && api_->GemmGroupedBatchedEx == nullptr) continue;
+            GemmDesc d;
+            d.trans_a = t == 1;
+            d.trans_b = t == 2;
+            d.ab_dtype = dtype;
+            d.c_dtype = c_dtype;
+            d.lda = d.ldb = d.ldc = n;
+            st = gemm(d, groups, 2, mode);
+          }
+    if (st == DEEPEP4J_OK) st = synchronize();
+    cudaFree(buf);
+    return st;
+  }
+
   int launched(cudaError_t e, const char* what) { return cuda_status(e, what); }
 
   // Copies a small host table to device memory, ordered on the stream.
@@ -286,13 +325,57 @@ class CudaMoeOps final : public MoeOps {
     return DEEPEP4J_OK;
   }
 
+  // cublasGemmGroupedBatchedEx takes one type for A, B and C (bf16 in / fp32 out is NOT_SUPPORTED in cuBLAS 13.1):
+  // the bf16 products go to a scratch area, then one kernel adds them (times alpha) to the fp32 C (times beta). The
+  // products are rounded to bf16 once, as a bf16 framework's weight gradients are.
+  int gemm_grouped_mixed(const GemmDesc& d, const std::vector<const GemmGroup*>& live) {
+    size_t total = 0;
+    for (auto* g : live) total += size_t(g->m * g->n);
+    if (scratch_bytes_ < total * 2) {
+      if (scratch_) cudaFreeAsync(scratch_, stream_);
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      DEEPEP4J_CUDA_TRY(cudaMallocAsync(&scratch_, total * 2, stream_));
+      scratch_bytes_ = total * 2;
+    }
+    std::vector<GemmGroup> into(live.size());
+    std::vector<AccumulateGroup> table(live.size());
+    size_t at = 0;
+    for (size_t i = 0; i < live.size(); ++i) {
+      into[i] = *live[i];
+      into[i].c = static_cast<uint8_t*>(scratch_) + at * 2;
+      table[i] = AccumulateGroup{static_cast<float*>(live[i]->c), static_cast<const __nv_bfloat16*>(into[i].c),
+                                 live[i]->m, live[i]->n, d.ldc};
+      at += size_t(live[i]->m * live[i]->n);
+    }
+    GemmDesc bf = d;
+    bf.c_dtype = d.ab_dtype;
+    bf.alpha = 1.0;
+    bf.beta = 0.0;
+    std::vector<const GemmGroup*> ptrs;
+    for (auto& g : into) {
+      ptrs.push_back(&g);
+      bf.ldc = g.n;  // products are dense
+    }
+    if (int st = gemm_grouped(bf, ptrs)) return st;
+    void* dev = nullptr;
+    if (int st = to_device(table.data(), table.size() * sizeof(AccumulateGroup), &dev)) return st;
+    return launched(launch_accumulate_groups(static_cast<const AccumulateGroup*>(dev), int32_t(table.size()),
+                                             float(d.alpha), float(d.beta), stream_),
+                    "accumulate grouped products");
+  }
+
   const Cublas* api_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   int version_ = 0;
   int32_t device_ = 0;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t own_stream_ = nullptr;
   void* workspace_ = nullptr;
   std::vector<Slab> slabs_;
+  std::vector<void*> retired_host_;
+  void* scratch_ = nullptr;  // bf16 products of a grouped call whose C is fp32 (see gemm_grouped_mixed)
+  size_t scratch_bytes_ = 0;
   int next_slab_ = 0;
 };
 

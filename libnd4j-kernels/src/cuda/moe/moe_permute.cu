@@ -48,6 +48,12 @@ cudaError_t launch_permutation(const Permutation& p, const int64_t* offsets_dev,
   return cudaGetLastError();
 }
 
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
+cudaError_t preload_permute_kernels() {
+  cudaFuncAttributes a;
+  return cudaFuncGetAttributes(&a, permutation_kernel);
+}
+
 }  // namespace moe
 }  // namespace cuda
 }  // namespace deepep4j

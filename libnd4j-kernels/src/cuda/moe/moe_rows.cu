@@ -160,6 +160,24 @@ cudaError_t launch_columns(bool pack, int32_t dtype, int64_t rows, int32_t k, co
   });
 }
 
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
+cudaError_t preload_rows_kernels() {
+  cudaError_t e = cudaSuccess;
+  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
+    if (e == cudaSuccess)
+      e = with_types(dtype, [](auto t, auto acc) {
+        using T = decltype(t);
+        using A = decltype(acc);
+        cudaFuncAttributes a;
+        for (const void* f : {(const void*)gather_rows_kernel<T, A>, (const void*)scatter_rows_kernel<T, A>,
+                              (const void*)row_dots_kernel<T, A>, (const void*)gather_slots_kernel<A>,
+                              (const void*)scatter_slots_kernel<A>, (const void*)columns_kernel<A>})
+          if (cudaError_t e2 = cudaFuncGetAttributes(&a, f)) return e2;
+        return cudaSuccess;
+      });
+  return e;
+}
+
 }  // namespace moe
 }  // namespace cuda
 }  // namespace deepep4j

@@ -50,6 +50,22 @@ cudaError_t launch_swiglu_backward(int32_t dtype, int64_t n, const void* a, cons
   });
 }
 
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
+cudaError_t preload_swiglu_kernels() {
+  cudaError_t e = cudaSuccess;
+  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
+    if (e == cudaSuccess)
+      e = with_types(dtype, [](auto t, auto acc) {
+        using T = decltype(t);
+        using A = decltype(acc);
+        cudaFuncAttributes a;
+        for (const void* f : {(const void*)swiglu_forward_kernel<T, A>, (const void*)swiglu_backward_kernel<T, A>})
+          if (cudaError_t e2 = cudaFuncGetAttributes(&a, f)) return e2;
+        return cudaSuccess;
+      });
+  return e;
+}
+
 }  // namespace moe
 }  // namespace cuda
 }  // namespace deepep4j

@@ -21,6 +21,24 @@ public final class EpConfig {
   private final int ringTokens;
   private final int threads;
   private final EpDevice device;
+  private final CudaTransfer cudaTransfer;
+  private final int ceChunks;
+  private final Boolean cudaTrace;
+  private final Boolean cpuDirect;
+
+  /** How the CUDA deepep backend moves rows (C {@code deepep4j_cuda_transfer}). */
+  public enum CudaTransfer {
+    /** Copy engines when every rank's step fits its landing zones and moves >= 8 MiB to or from a peer, else rings. */
+    AUTO(DeepEp4jNative.DEEPEP4J_CUDA_TRANSFER_AUTO),
+    /** Always the SM ring kernels. */
+    SM(DeepEp4jNative.DEEPEP4J_CUDA_TRANSFER_SM),
+    /** Copy engines; a step that does not fit {@code bufferBytes / ranks} per source fails naming buffer_bytes. */
+    COPY_ENGINE(DeepEp4jNative.DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE);
+
+    final int nativeValue;
+
+    CudaTransfer(int v) { nativeValue = v; }
+  }
 
   private EpConfig(Builder b) {
     device = b.device;
@@ -31,6 +49,10 @@ public final class EpConfig {
     maxSendTokensPerChunk = b.maxSendTokensPerChunk;
     ringTokens = b.ringTokens;
     threads = b.threads;
+    cudaTransfer = b.cudaTransfer;
+    ceChunks = b.ceChunks;
+    cudaTrace = b.cudaTrace;
+    cpuDirect = b.cpuDirect;
   }
 
   public static Builder builder() {
@@ -52,6 +74,10 @@ public final class EpConfig {
     b.ringTokens = ringTokens;
     b.threads = threads;
     b.device = device;
+    b.cudaTransfer = cudaTransfer;
+    b.ceChunks = ceChunks;
+    b.cudaTrace = cudaTrace;
+    b.cpuDirect = cpuDirect;
     return b;
   }
 
@@ -65,10 +91,20 @@ public final class EpConfig {
   public int threads() { return threads; }
   /** Where the buffer lives: CPU (default) or CUDA (rank r on GPU r mod count in process, LOCAL_RANK across processes). */
   public EpDevice device() { return device; }
+  /** The CUDA transfer mode, or null for the engine's default (auto, or env {@code DEEPEP4J_CUDA_TRANSFER}). */
+  public CudaTransfer cudaTransfer() { return cudaTransfer; }
+  /** Copy-engine copies per peer and step, or 0 for the engine's default (4, or env {@code DEEPEP4J_CE_CHUNKS}). */
+  public int ceChunks() { return ceChunks; }
+  /** Per-step copy-engine timing on stderr, or null for the engine's default (env {@code DEEPEP4J_CUDA_TRACE}). */
+  public Boolean cudaTrace() { return cudaTrace; }
+  /** CPU direct copies between ranks of one process, or null for the default (on; env {@code DEEPEP4J_CPU_DIRECT}). */
+  public Boolean cpuDirect() { return cpuDirect; }
 
   /**
-   * Smallest buffer (in GB) that carries one chunk per ring for rows of {@code hidden} elements of {@code dtype} on
-   * {@code numRanks} ranks with this config's SMs, chunk and ring sizes.
+   * Recommended buffer (in GB) for rows of {@code hidden} elements of {@code dtype} on {@code numRanks} ranks: room for
+   * this config's full ring depth ({@code ringTokens} slots per ring, any top-k up to 32), as
+   * {@code deepep4j_buffer_size_hint} computes it. A step also runs with less (down to one chunk per ring:
+   * {@code deepep4j_buffer_size_min}), more slowly.
    */
   public double bufferSizeHintGb(long hidden, org.nd4j.linalg.api.buffer.DataType dtype, int numRanks) {
     try (DeepEp4jNative.Config c = toNative(0);
@@ -90,6 +126,11 @@ public final class EpConfig {
         .backend(dispatch == EpDispatch.DEEPEP ? DeepEp4jNative.DEEPEP4J_BACKEND_DEEPEP
                                                : DeepEp4jNative.DEEPEP4J_BACKEND_ALLTOALL)
         .num_threads(threads);
+    // Unset settings keep deepep4j_config_init's defaults (which the environment may give).
+    if (cudaTransfer != null) c.cuda_transfer(cudaTransfer.nativeValue);
+    if (ceChunks != 0) c.ce_chunks(ceChunks);
+    if (cudaTrace != null) c.cuda_trace(cudaTrace ? 1 : 0);
+    if (cpuDirect != null) c.cpu_direct(cpuDirect ? 1 : 0);
     return c;
   }
 
@@ -97,7 +138,8 @@ public final class EpConfig {
   public String toString() {
     return "EpConfig{dispatch=" + dispatch + ", bufferSizeGb=" + bufferSizeGb + ", numSms=" + numSms
         + ", timeout=" + timeout + ", maxSendTokensPerChunk="
-        + maxSendTokensPerChunk + ", ringTokens=" + ringTokens + ", threads=" + threads + ", device=" + device + "}";
+        + maxSendTokensPerChunk + ", ringTokens=" + ringTokens + ", threads=" + threads + ", cudaTransfer="
+        + cudaTransfer + ", ceChunks=" + ceChunks + ", cudaTrace=" + cudaTrace + ", cpuDirect=" + cpuDirect + ", device=" + device + "}";
   }
 
   /** Builder with validation at each setter. */
@@ -110,6 +152,10 @@ public final class EpConfig {
     private int ringTokens = 128;
     private int threads = 0;
     private EpDevice device = EpDevice.CPU;
+    private CudaTransfer cudaTransfer = null;
+    private int ceChunks = 0;
+    private Boolean cudaTrace = null;
+    private Boolean cpuDirect = null;
 
     private Builder() {}
 
@@ -172,6 +218,31 @@ public final class EpConfig {
     public Builder threads(int n) {
       if (n < 0 || n > 64) throw new IllegalArgumentException("threads = " + n + ": must be in [0, 64] (0 = automatic)");
       this.threads = n;
+      return this;
+    }
+
+    /** How the CUDA deepep backend moves rows (default: the engine's, AUTO unless DEEPEP4J_CUDA_TRANSFER says). */
+    public Builder cudaTransfer(CudaTransfer t) {
+      this.cudaTransfer = Objects.requireNonNull(t, "cudaTransfer = null: must be AUTO, SM or COPY_ENGINE");
+      return this;
+    }
+
+    /** Copy-engine copies per peer and step, in [1, 16] (default 4); every rank must use the same value. */
+    public Builder ceChunks(int n) {
+      if (n < 1 || n > 16) throw new IllegalArgumentException("ceChunks = " + n + ": must be in [1, 16]");
+      this.ceChunks = n;
+      return this;
+    }
+
+    /** Print, after each copy-engine step, where its time went (stderr; default off). */
+    public Builder cudaTrace(boolean on) {
+      this.cudaTrace = on;
+      return this;
+    }
+
+    /** CPU ranks of one process copy rows directly (default on); off sends every row through the rings. */
+    public Builder cpuDirect(boolean on) {
+      this.cpuDirect = on;
       return this;
     }
 

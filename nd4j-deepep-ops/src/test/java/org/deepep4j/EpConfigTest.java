@@ -51,4 +51,29 @@ class EpConfigTest {
     rejects("hidden = 7: hidden * 4 bytes", () -> c.bufferSizeHintGb(7, DataType.FLOAT, 2));
     rejects("dtype dtype = INT: must be FLOAT", () -> c.bufferSizeHintGb(64, DataType.INT, 2));
   }
+
+  @Test
+  void transferSettingsReachTheNativeConfig() {
+    rejects("ceChunks = 0: must be in [1, 16]", () -> EpConfig.builder().ceChunks(0));
+    rejects("ceChunks = 17: must be in [1, 16]", () -> EpConfig.builder().ceChunks(17));
+    assertThrows(NullPointerException.class, () -> EpConfig.builder().cudaTransfer(null));
+    EpConfig set = EpConfig.builder().cudaTransfer(EpConfig.CudaTransfer.COPY_ENGINE).ceChunks(2).cudaTrace(true)
+        .cpuDirect(false).build();
+    try (org.deepep4j.natives.DeepEp4jNative.Config c = set.toNative(0)) {
+      assertEquals(2, c.cuda_transfer());
+      assertEquals(2, c.ce_chunks());
+      assertEquals(1, c.cuda_trace());
+      assertEquals(0, c.cpu_direct());
+    }
+    EpConfig copy = set.toBuilder().build();
+    assertEquals(EpConfig.CudaTransfer.COPY_ENGINE, copy.cudaTransfer());
+    assertEquals(2, copy.ceChunks());
+    // Unset: the engine's defaults (deepep4j_config_init), unless the environment gives others.
+    if (System.getenv("DEEPEP4J_CE_CHUNKS") == null && System.getenv("DEEPEP4J_CPU_DIRECT") == null) {
+      try (org.deepep4j.natives.DeepEp4jNative.Config c = EpConfig.defaults().toNative(0)) {
+        assertEquals(4, c.ce_chunks());
+        assertEquals(1, c.cpu_direct());
+      }
+    }
+  }
 }

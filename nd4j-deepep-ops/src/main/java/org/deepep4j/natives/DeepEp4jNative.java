@@ -44,6 +44,9 @@ public final class DeepEp4jNative {
   public static final int DEEPEP4J_DEVICE_CUDA = 1;
   public static final int DEEPEP4J_BACKEND_DEEPEP = 0;
   public static final int DEEPEP4J_BACKEND_ALLTOALL = 1;
+  public static final int DEEPEP4J_CUDA_TRANSFER_AUTO = 0;
+  public static final int DEEPEP4J_CUDA_TRANSFER_SM = 1;
+  public static final int DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE = 2;
   public static final int DEEPEP4J_MAX_BLOB_BYTES = 512;
   public static final int DEEPEP4J_MAX_TOPK = 32;
 
@@ -74,6 +77,10 @@ public final class DeepEp4jNative {
     public native int backend(); public native Config backend(int v);
     public native int num_threads(); public native Config num_threads(int v);
     public native int max_hidden_bytes(); public native Config max_hidden_bytes(int v);
+    public native int cuda_transfer(); public native Config cuda_transfer(int v);
+    public native int ce_chunks(); public native Config ce_chunks(int v);
+    public native int cuda_trace(); public native Config cuda_trace(int v);
+    public native int cpu_direct(); public native Config cpu_direct(int v);
   }
 
   @Name("deepep4j_dispatch_args")

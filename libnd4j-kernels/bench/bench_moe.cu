@@ -188,6 +188,10 @@ Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Ranks share this GPU. Under CUDA's lazy module loading a kernel's first launch may wait for the whole device, i.e.
+  // behind the other rank's spinning kernel, which waits for this rank; cuBLAS picks its kernels by shape, so the block
+  // cannot load them all ahead. Eager loading (read when CUDA starts, so set first) loads every kernel at start.
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   int64_t tokens = 4096;
   int iters = 10;
   int32_t gemm = DEEPEP4J_MOE_GEMM_AUTO;

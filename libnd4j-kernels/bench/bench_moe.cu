@@ -35,12 +35,15 @@ void fill(void* p, int64_t n, uint64_t seed, float scale, cudaStream_t s = nullp
   fill_kernel<<<4096, 256, 0, s>>>(static_cast<__nv_bfloat16*>(p), n, seed, scale);
 }
 
+// A failed call ends the process at once: every rank's thread fails the same step, and std::exit from two threads
+// runs static destructors under the other threads (the likely cause of the SIGSEGV after an EP2 timeout on the H200).
 #define CK(call)                                                                          \
   do {                                                                                    \
     int s_ = (call);                                                                      \
     if (s_ != 0) {                                                                        \
       std::fprintf(stderr, "%s:%d %s -> %d: %s\n", __FILE__, __LINE__, #call, s_, deepep4j_last_error()); \
-      std::exit(1);                                                                       \
+      std::fflush(nullptr);                                                               \
+      std::_Exit(1);                                                                      \
     }                                                                                     \
   } while (0)
 

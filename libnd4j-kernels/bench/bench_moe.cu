@@ -35,12 +35,15 @@ void fill(void* p, int64_t n, uint64_t seed, float scale, cudaStream_t s = nullp
   fill_kernel<<<4096, 256, 0, s>>>(static_cast<__nv_bfloat16*>(p), n, seed, scale);
 }
 
+// A failed call ends the process at once: every rank's thread fails the same step, and std::exit from two threads
+// runs static destructors under the other threads (the likely cause of the SIGSEGV after an EP2 timeout on the H200).
 #define CK(call)                                                                          \
   do {                                                                                    \
     int s_ = (call);                                                                      \
     if (s_ != 0) {                                                                        \
       std::fprintf(stderr, "%s:%d %s -> %d: %s\n", __FILE__, __LINE__, #call, s_, deepep4j_last_error()); \
-      std::exit(1);                                                                       \
+      std::fflush(nullptr);                                                               \
+      std::_Exit(1);                                                                      \
     }                                                                                     \
   } while (0)
 
@@ -188,6 +191,10 @@ Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Ranks share this GPU. Under CUDA's lazy module loading a kernel's first launch may wait for the whole device, i.e.
+  // behind the other rank's spinning kernel, which waits for this rank; cuBLAS picks its kernels by shape, so the block
+  // cannot load them all ahead. Eager loading (read when CUDA starts, so set first) loads every kernel at start.
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   int64_t tokens = 4096;
   int iters = 10;
   int32_t gemm = DEEPEP4J_MOE_GEMM_AUTO;

@@ -10,6 +10,8 @@
 # the machine's architecture.
 set -u
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+# Two ranks on one GPU must not load kernels lazily inside a step (README: "Two ranks on one GPU").
+export CUDA_MODULE_LOADING=EAGER
 what=${1:-all}
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$here/device-logs}

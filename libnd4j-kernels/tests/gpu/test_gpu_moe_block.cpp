@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "../moe_reference.h"
 
@@ -184,6 +185,10 @@ TEST(gpu_optimizer_equals_cpu) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Ranks share this GPU. Under CUDA's lazy module loading a kernel's first launch may wait for the whole device, i.e.
+  // behind the other rank's spinning kernel, which waits for this rank; cuBLAS picks its kernels by shape, so the block
+  // cannot load them all ahead. Eager loading (read when CUDA starts, so set first) loads every kernel at start.
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   if (deepep4j_cuda_device_count() == 0) {
     std::fprintf(stderr, "skipped: no CUDA device visible (or this build has no CUDA backend)\n");
     return 77;

@@ -47,6 +47,7 @@ class CudaMoeOps final : public MoeOps {
     if (handle_) api_->Destroy(handle_);
     if (workspace_) cudaFree(workspace_);
     if (scratch_) cudaFree(scratch_);
+    if (warm_) cudaFree(warm_);
     if (own_stream_) cudaStreamDestroy(own_stream_);
   }
 
@@ -235,10 +236,11 @@ class CudaMoeOps final : public MoeOps {
   int warm_cublas() {
     constexpr int64_t n = 64;
     const size_t bytes = size_t(n * n) * sizeof(double);
-    void* buf = nullptr;
-    DEEPEP4J_CUDA_TRY(cudaMalloc(&buf, 4 * bytes));
-    char* p = static_cast<char*>(buf);
-    int st = cuda_status(cudaMemsetAsync(buf, 0, 4 * bytes, stream_), "cudaMemsetAsync");
+    // Kept until the block is destroyed: cudaFree waits for the whole device, where a peer may already spin in the
+    // config agreement's barrier, waiting for this rank.
+    DEEPEP4J_CUDA_TRY(cudaMalloc(&warm_, 4 * bytes));
+    char* p = static_cast<char*>(warm_);
+    int st = cuda_status(cudaMemsetAsync(warm_, 0, 4 * bytes, stream_), "cudaMemsetAsync");
     const GemmGroup groups[2] = {{n, n, n, p, p + bytes, p + 2 * bytes}, {n, n, n, p, p + bytes, p + 3 * bytes}};
     for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
       for (int32_t c_dtype : {dtype, int32_t(DEEPEP4J_FLOAT32)})
@@ -255,7 +257,6 @@ class CudaMoeOps final : public MoeOps {
             st = gemm(d, groups, 2, mode);
           }
     if (st == DEEPEP4J_OK) st = synchronize();
-    cudaFree(buf);
     return st;
   }
 
@@ -367,6 +368,7 @@ class CudaMoeOps final : public MoeOps {
 
   const Cublas* api_ = nullptr;
   cublasHandle_t handle_ = nullptr;
+  void* warm_ = nullptr;  // operands of warm_cublas
   int version_ = 0;
   int32_t device_ = 0;
   cudaStream_t stream_ = nullptr;

@@ -81,10 +81,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const int64_t* topk_
 // region only, where the peers also look.
 __device__ void barrier_body(const Step& st, int32_t status, const char* message, uint64_t deadline,
                              int32_t ce_vote, const DirectTargets* direct) {
-  __shared__ int s_failed_peer, s_timed_out, s_veto, s_failed_alone;
-  __shared__ unsigned long long s_decision;
-  if (threadIdx.x == 0)
-    s_failed_peer = DEEPEP4J_MAX_RANKS, s_timed_out = DEEPEP4J_MAX_RANKS, s_veto = 0, s_failed_alone = -1;
+  __shared__ int s_failed_peer, s_timed_out, s_veto;
+  __shared__ unsigned long long s_decision, s_alone;  // s_alone: bit r = rank r failed before reaching anyone
+  if (threadIdx.x == 0) s_failed_peer = DEEPEP4J_MAX_RANKS, s_timed_out = DEEPEP4J_MAX_RANKS, s_veto = 0, s_alone = 0;
   __syncthreads();
   const int r = threadIdx.x;
   bool arrived = true, alone = false;
@@ -145,7 +144,7 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
     while (!arrived && !alone && int32_t(ld_acquire_sys(flag) - st.epoch) < 0)
       if (global_ns() > grace) break;
     if (alone) {
-      s_failed_alone = r;
+      atomicOr(&s_alone, 1ull << r);
       atomicMin(&s_failed_peer, r);
     } else if (int32_t(ld_acquire_sys(flag) - st.epoch) >= 0) {
       const PeerStatus* in = status_slot(st.peers.region[st.rank], st.epoch, r);
@@ -156,7 +155,7 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
   }
   if (threadIdx.x == 0) s_timed_out = DEEPEP4J_MAX_RANKS;
   __syncthreads();
-  if (r < st.num_ranks && !abandoned && int32_t(ld_acquire_sys(flag) - st.epoch) < 0 && r != s_failed_alone)
+  if (r < st.num_ranks && !abandoned && int32_t(ld_acquire_sys(flag) - st.epoch) < 0 && !(s_alone >> r & 1ull))
     atomicMin(&s_timed_out, r);  // a rank died inside the barrier
   __syncthreads();
   const bool failed = abandoned || s_failed_peer < DEEPEP4J_MAX_RANKS || s_timed_out < DEEPEP4J_MAX_RANKS;
@@ -171,7 +170,7 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
       mb->where = 0;
     } else if (s_failed_peer < DEEPEP4J_MAX_RANKS) {
       const int f = s_failed_peer;
-      const PeerStatus* ps = status_slot(st.peers.region[f == s_failed_alone ? f : st.rank], st.epoch, f);
+      const PeerStatus* ps = status_slot(st.peers.region[(s_alone >> f & 1ull) ? f : st.rank], st.epoch, f);
       mb->status = DEEPEP4J_ERR_PEER_ERROR;
       mb->peer = f;
       for (int i = 0; i < int(sizeof(ps->message)); ++i) mb->message[i] = ps->message[i];

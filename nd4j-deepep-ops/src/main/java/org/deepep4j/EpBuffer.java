@@ -2,9 +2,6 @@ package org.deepep4j;
 
 import java.nio.charset.StandardCharsets;
 import java.util.Arrays;
-import java.util.concurrent.CompletableFuture;
-import java.util.concurrent.ExecutorService;
-import java.util.concurrent.Executors;
 import org.bytedeco.javacpp.BytePointer;
 import org.bytedeco.javacpp.IntPointer;
 import org.bytedeco.javacpp.LongPointer;
@@ -31,11 +28,12 @@ public final class EpBuffer implements AutoCloseable {
   private final PointerPointer<Pointer> handleOut = new PointerPointer<>(1);
   private final LongPointer numRecvOut = new LongPointer(1);
   private IntPointer perExpert = new IntPointer(64);  // reused: per-call native allocations cost more than the step
-  private ExecutorService combineThread;
   private static final java.util.concurrent.atomic.AtomicInteger NEXT_ID = new java.util.concurrent.atomic.AtomicInteger(1);
   private static final java.util.Map<Integer, EpBuffer> OPEN = new java.util.concurrent.ConcurrentHashMap<>();
   private final int id = NEXT_ID.getAndIncrement();
   private final java.util.Set<EpHandle> liveHandles = java.util.concurrent.ConcurrentHashMap.newKeySet();
+  /** Whether this rank's last collective call ended in an error: then every rank has seen that step fail. */
+  private boolean lastStepFailed;
 
   private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer) {
     this.group = group;
@@ -55,6 +53,9 @@ public final class EpBuffer implements AutoCloseable {
     return b;
   }
 
+  /** First byte of a rank's create blob: its buffer blob follows, or the reason it could not create its buffer. */
+  private static final byte CREATED = 1, BAD_ARGUMENT = 2, FAILED = 3;
+
   /** Creates the native buffer, exchanges handle blobs through the group and connects. Every rank fails alike. */
   static EpBuffer create(EpGroup group, int rank, EpConfig config) {
     DeepEp4jNative.Buffer buf = null;
@@ -66,18 +67,19 @@ public final class EpBuffer implements AutoCloseable {
         buf = new DeepEp4jNative.Buffer(out.get(0));
         mine = exportBlob(buf);
       } else {
-        mine = failureBlob(describeCreateFailure(st, config));
+        mine = blob(st == DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT ? BAD_ARGUMENT : FAILED,
+            describeCreateFailure(st, config).getBytes(StandardCharsets.UTF_8));
       }
     }
     // Every rank learns whether every rank could create its buffer before anyone connects.
     byte[][] all = group.allGather(rank, mine, config.timeout());
     for (int r = 0; r < all.length; ++r) {
-      if (all[r][0] == 0) {
+      if (all[r][0] != CREATED) {
         if (buf != null) DeepEp4jNative.deepep4j_buffer_destroy(buf);
         String why = new String(all[r], 1, all[r].length - 1, StandardCharsets.UTF_8);
         String msg = r == rank ? why : "rank " + r + " could not create its EP buffer: " + why;
-        if (why.startsWith("IllegalArgumentException: ")) throw new IllegalArgumentException(msg.replace("IllegalArgumentException: ", ""));
-        throw new IllegalStateException(msg.replace("IllegalStateException: ", ""));
+        if (all[r][0] == BAD_ARGUMENT) throw new IllegalArgumentException(msg);
+        throw new IllegalStateException(msg);
       }
     }
     connect(buf, all);
@@ -86,9 +88,9 @@ public final class EpBuffer implements AutoCloseable {
 
   private static String describeCreateFailure(int st, EpConfig config) {
     String message = DeepEp4jNative.deepep4j_last_error().getString();
-    if (st == DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT) return "IllegalArgumentException: " + message;
+    if (st == DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT) return message;
     String name = DeepEp4jNative.deepep4j_status_name(st).getString();
-    StringBuilder b = new StringBuilder("IllegalStateException: ").append(name).append(": ").append(message);
+    StringBuilder b = new StringBuilder(name).append(": ").append(message);
     if (st == DeepEp4jNative.DEEPEP4J_ERR_OUT_OF_MEMORY)
       b.append("; try a smaller bufferSizeGb (now ").append(config.bufferSizeGb()).append(")");
     if (config.dispatch() == EpDispatch.DEEPEP)
@@ -99,18 +101,18 @@ public final class EpBuffer implements AutoCloseable {
   private static byte[] exportBlob(DeepEp4jNative.Buffer buf) {
     try (BytePointer blob = new BytePointer(DeepEp4jNative.DEEPEP4J_MAX_BLOB_BYTES); SizeTPointer len = new SizeTPointer(1)) {
       int st = DeepEp4jNative.deepep4j_buffer_export(buf, blob, DeepEp4jNative.DEEPEP4J_MAX_BLOB_BYTES, len);
-      if (st != DeepEp4jNative.DEEPEP4J_OK) return failureBlob("IllegalStateException: " + DeepEp4jNative.deepep4j_last_error().getString());
-      byte[] out = new byte[(int) len.get() + 1];
-      out[0] = 1;
-      blob.get(out, 1, (int) len.get());
-      return out;
+      if (st != DeepEp4jNative.DEEPEP4J_OK)
+        return blob(FAILED, DeepEp4jNative.deepep4j_last_error().getString().getBytes(StandardCharsets.UTF_8));
+      byte[] bytes = new byte[(int) len.get()];
+      blob.get(bytes, 0, bytes.length);
+      return blob(CREATED, bytes);
     }
   }
 
-  private static byte[] failureBlob(String message) {
-    byte[] m = message.getBytes(StandardCharsets.UTF_8);
-    byte[] out = new byte[m.length + 1];
-    System.arraycopy(m, 0, out, 1, m.length);
+  private static byte[] blob(byte kind, byte[] payload) {
+    byte[] out = new byte[payload.length + 1];
+    out[0] = kind;
+    System.arraycopy(payload, 0, out, 1, payload.length);
     return out;
   }
 
@@ -151,8 +153,39 @@ public final class EpBuffer implements AutoCloseable {
 
   /** Throws on every rank: this rank joins the peers' step with its local failure. */
   private IllegalArgumentException failStep(String message) {
+    lastStepFailed = true;
     DeepEp4jNative.deepep4j_fail_step(nativeBuffer(), DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT, message);
     return new IllegalArgumentException(message);
+  }
+
+  /** Status of a collective call: remembered (see {@link #joinStepWithFailure}), then thrown as an exception. */
+  private void collective(int status) {
+    lastStepFailed = status != DeepEp4jNative.DEEPEP4J_OK;
+    Status.check(status);
+  }
+
+  /**
+   * Collective: a rank that failed outside a collective call (in its own listener, on a bad batch) joins the step its
+   * peers are making, or make next, with {@code message}; they stop with {@link EpPeerException} naming this rank
+   * instead of waiting for it until the timeout. Does nothing when this rank's last collective call already ended in
+   * an error, because every rank has seen that step fail. Returns when the peers have joined (or after the timeout).
+   */
+  public synchronized void joinStepWithFailure(String message) {
+    if (lastStepFailed || buffer == null) return;
+    lastStepFailed = true;
+    DeepEp4jNative.deepep4j_fail_step(buffer, DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT,
+        message == null ? "failed" : message);
+  }
+
+  /**
+   * Collective: returns when every rank made this call; throws {@link EpPeerException} when a rank joined it with its
+   * failure ({@link #joinStepWithFailure}). A run's closing step, so that no rank reports success while another failed.
+   */
+  public synchronized void barrier() {
+    // an empty notify is the lightest collective step the engine has
+    collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), 0L, 0, 1, group.size(), 4,
+        DeepEp4jNative.DEEPEP4J_FLOAT32, handleOut, numRecvOut, perExpert, 0L));
+    DeepEp4jNative.deepep4j_handle_destroy(new DeepEp4jNative.Handle(handleOut.get(0)));
   }
 
   // ------------------------------------------------------------------------------------------------ layout (local)
@@ -210,7 +243,7 @@ public final class EpBuffer implements AutoCloseable {
       perExpert.close();
       perExpert = new IntPointer(localExperts);
     }
-    Status.check(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
+    collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
         dtype, handleOut, numRecvOut, perExpert, 0L));
     int[] counts = new int[localExperts];
     perExpert.get(counts);
@@ -238,7 +271,7 @@ public final class EpBuffer implements AutoCloseable {
         .recv_x(NativeArrays.address(recvX)).recv_x_scales(0).recv_topk_idx(NativeArrays.address(recvIdx))
         .recv_topk_weights(NativeArrays.address(recvW)).recv_src_token(0).recv_src_rank(0);
     try {
-      Status.check(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), handle.nativeHandle(), dtype, dispatchArgs, 0L));
+      collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), handle.nativeHandle(), dtype, dispatchArgs, 0L));
     } catch (RuntimeException e) {
       handle.close();
       throw e;
@@ -259,7 +292,7 @@ public final class EpBuffer implements AutoCloseable {
     INDArray recvX = NativeArrays.create(xs.dataType(), cached.numRecvTokens(), cached.hidden());
     dispatchArgs.x(NativeArrays.address(xs)).x_scales(0).topk_weights(0).recv_x(NativeArrays.address(recvX))
         .recv_x_scales(0).recv_topk_idx(0).recv_topk_weights(0).recv_src_token(0).recv_src_rank(0);
-    Status.check(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), cached.nativeHandle(), dtype, dispatchArgs, 0L));
+    collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), cached.nativeHandle(), dtype, dispatchArgs, 0L));
     return recvX;
   }
 
@@ -295,25 +328,8 @@ public final class EpBuffer implements AutoCloseable {
     INDArray outW = yw == null ? null : NativeArrays.create(DataType.FLOAT, handle.numTokens(), handle.numTopk());
     combineArgs.y(NativeArrays.address(ys)).recv_topk_weights(NativeArrays.address(rw))
         .y_topk_weights(NativeArrays.address(yw)).out(NativeArrays.address(out)).out_topk_weights(NativeArrays.address(outW));
-    Status.check(DeepEp4jNative.deepep4j_combine(nativeBuffer(), handle.nativeHandle(), dtype, combineArgs, 0L));
+    collective(DeepEp4jNative.deepep4j_combine(nativeBuffer(), handle.nativeHandle(), dtype, combineArgs, 0L));
     return new EpCombineResult(out, outW);
-  }
-
-  /**
-   * Collective, asynchronous: the combine runs on this buffer's background thread so the caller's computation
-   * overlaps it; the result equals {@link #combine(INDArray, EpHandle, INDArray)}. Every rank must start it.
-   */
-  public CompletableFuture<INDArray> combineAsync(INDArray y, EpHandle handle, INDArray recvTopkWeights) {
-    synchronized (this) {
-      if (combineThread == null) {
-        combineThread = Executors.newSingleThreadExecutor(r -> {
-          Thread t = new Thread(r, "deepep4j-combine-rank-" + rank);
-          t.setDaemon(true);
-          return t;
-        });
-      }
-    }
-    return CompletableFuture.supplyAsync(() -> combine(y, handle, recvTopkWeights), combineThread);
   }
 
   // ------------------------------------------------------------------------------------------------ checks
@@ -367,7 +383,6 @@ public final class EpBuffer implements AutoCloseable {
   public synchronized void close() {
     OPEN.remove(id);
     for (EpHandle h : liveHandles.toArray(new EpHandle[0])) h.close();
-    if (combineThread != null) combineThread.shutdownNow();
     if (buffer != null) {
       DeepEp4jNative.deepep4j_buffer_destroy(buffer);
       buffer = null;

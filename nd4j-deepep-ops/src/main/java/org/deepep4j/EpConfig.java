@@ -16,7 +16,6 @@ public final class EpConfig {
   private final EpDispatch dispatch;
   private final double bufferSizeGb;
   private final int numSms;
-  private final boolean asyncCombine;
   private final Duration timeout;
   private final int maxSendTokensPerChunk;
   private final int ringTokens;
@@ -26,7 +25,6 @@ public final class EpConfig {
     dispatch = b.dispatch;
     bufferSizeGb = b.bufferSizeGb;
     numSms = b.numSms;
-    asyncCombine = b.asyncCombine;
     timeout = b.timeout;
     maxSendTokensPerChunk = b.maxSendTokensPerChunk;
     ringTokens = b.ringTokens;
@@ -37,7 +35,7 @@ public final class EpConfig {
     return new Builder();
   }
 
-  /** The defaults: DEEPEP, 2.0 GB, 20 SMs, synchronous combine, 60 s timeout. */
+  /** The defaults: DEEPEP, 2.0 GB, 20 SMs, 60 s timeout. */
   public static EpConfig defaults() {
     return builder().build();
   }
@@ -47,7 +45,6 @@ public final class EpConfig {
     b.dispatch = dispatch;
     b.bufferSizeGb = bufferSizeGb;
     b.numSms = numSms;
-    b.asyncCombine = asyncCombine;
     b.timeout = timeout;
     b.maxSendTokensPerChunk = maxSendTokensPerChunk;
     b.ringTokens = ringTokens;
@@ -59,7 +56,6 @@ public final class EpConfig {
   public double bufferSizeGb() { return bufferSizeGb; }
   public long bufferBytes() { return (long) (bufferSizeGb * (1L << 30)); }
   public int numSms() { return numSms; }
-  public boolean asyncCombine() { return asyncCombine; }
   public Duration timeout() { return timeout; }
   public int maxSendTokensPerChunk() { return maxSendTokensPerChunk; }
   public int ringTokens() { return ringTokens; }
@@ -95,7 +91,7 @@ public final class EpConfig {
   @Override
   public String toString() {
     return "EpConfig{dispatch=" + dispatch + ", bufferSizeGb=" + bufferSizeGb + ", numSms=" + numSms
-        + ", asyncCombine=" + asyncCombine + ", timeout=" + timeout + ", maxSendTokensPerChunk="
+        + ", timeout=" + timeout + ", maxSendTokensPerChunk="
         + maxSendTokensPerChunk + ", ringTokens=" + ringTokens + ", threads=" + threads + "}";
   }
 
@@ -104,7 +100,6 @@ public final class EpConfig {
     private EpDispatch dispatch = EpDispatch.DEEPEP;
     private double bufferSizeGb = 2.0;
     private int numSms = 20;
-    private boolean asyncCombine = false;
     private Duration timeout = Duration.ofSeconds(60);
     private int maxSendTokensPerChunk = 16;
     private int ringTokens = 128;
@@ -133,12 +128,6 @@ public final class EpConfig {
       if (n < 2 || n % 2 != 0 || n > 256)
         throw new IllegalArgumentException("numSms = " + n + ": must be even and in [2, 256] (each channel is a sender and a receiver SM)");
       this.numSms = n;
-      return this;
-    }
-
-    /** Overlap combine with the following computation (default false). */
-    public Builder asyncCombine(boolean b) {
-      this.asyncCombine = b;
       return this;
     }
 

@@ -20,6 +20,7 @@ public final class EpGroup implements AutoCloseable {
   private final int processRank;  // -1: every rank lives in this JVM
   private final BlobExchange exchange;
   private final Duration timeout;
+  private volatile boolean closed;
 
   private EpGroup(int size, int processRank, BlobExchange exchange, Duration timeout) {
     this.size = size;
@@ -86,6 +87,7 @@ public final class EpGroup implements AutoCloseable {
    * process: from its own thread).
    */
   public EpBuffer buffer(int rank, EpConfig config) {
+    requireOpen("buffer");
     if (rank < 0 || rank >= size) throw new IllegalArgumentException("rank = " + rank + ": must be in [0, " + size + ")");
     if (processRank >= 0 && rank != processRank)
       throw new IllegalArgumentException("rank = " + rank + ": this process is rank " + processRank + " of the TCP group");
@@ -94,11 +96,22 @@ public final class EpGroup implements AutoCloseable {
 
   /** Collective: every rank's bytes, in rank order. For small metadata (handles, counts). */
   public byte[][] allGather(int rank, byte[] mine) {
+    requireOpen("allGather");
     return exchange.allGather(rank, mine, timeout);
   }
 
   byte[][] allGather(int rank, byte[] mine, Duration t) {
+    requireOpen("allGather");
     return exchange.allGather(rank, mine, t);
+  }
+
+  /** Whether {@link #close()} was called: then no call but close works. */
+  public boolean isClosed() { return closed; }
+
+  /** Fails naming the call when the group is closed. */
+  public void requireOpen(String call) {
+    if (closed)
+      throw new IllegalStateException(call + ": this EpGroup of " + size + " ranks is closed; make a new group");
   }
 
   /** A task run by each rank's thread. */
@@ -112,6 +125,7 @@ public final class EpGroup implements AutoCloseable {
    * their results in rank order; the first failure is rethrown after the others finished or timed out.
    */
   public <T> List<T> runOnAllRanks(RankTask<T> task, Duration timeout) {
+    requireOpen("runOnAllRanks");
     if (!isInProcess()) throw new IllegalStateException("runOnAllRanks: only for in-process groups; this process is one rank");
     ExecutorService pool = Executors.newFixedThreadPool(size, r -> {
       Thread t = new Thread(r, "deepep4j-rank");
@@ -152,8 +166,10 @@ public final class EpGroup implements AutoCloseable {
     }
   }
 
+  /** Closes the group: its rendezvous ends, and buffer / allGather / runOnAllRanks refuse from now on. Idempotent. */
   @Override
   public void close() {
+    closed = true;
     exchange.close();
   }
 }

@@ -12,6 +12,7 @@ final class Status {
     String name = DeepEp4jNative.deepep4j_status_name(status).getString();
     if (status == DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT) throw new IllegalArgumentException(message);
     if (status == DeepEp4jNative.DEEPEP4J_ERR_TIMEOUT) throw new EpTimeoutException(name + ": " + message);
+    if (status == DeepEp4jNative.DEEPEP4J_ERR_PEER_ERROR) throw new EpPeerException(name + ": " + message);
     throw new IllegalStateException(name + ": " + message);
   }
 }

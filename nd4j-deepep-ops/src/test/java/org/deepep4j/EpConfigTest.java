@@ -21,7 +21,6 @@ class EpConfigTest {
     assertEquals(EpDispatch.DEEPEP, c.dispatch());
     assertEquals(2.0, c.bufferSizeGb());
     assertEquals(20, c.numSms());
-    assertEquals(false, c.asyncCombine());
     assertEquals(Duration.ofSeconds(60), c.timeout());
   }
 

@@ -32,6 +32,9 @@ class ConfigValidationTest {
         rejects(() -> Nets.moe().biasUpdateRate(Double.NaN).build(), "biasUpdateRate=NaN");
         rejects(() -> Nets.moe().sharedExpertFfnSize(-2).build(), "sharedExpertFfnSize=-2");
         rejects(() -> Nets.moe().nIn(8).nOut(4).build(), "nOut=4", "must equal nIn=8");
+        // nOut on a layer whose nIn comes from the input type: refused naming both, not rewritten
+        rejects(() -> Nets.ff(DataType.FLOAT, new Adam(), Nets.moe().nOut(7), 16), "MoELayer nOut=7",
+                "must equal the input size 16");
         rejects(() -> ExpertSharding.withEpSize(Nets.ff(DataType.FLOAT, new Adam(), Nets.moe()), 3),
                 "numExperts=4", "epSize=3");
     }

@@ -1,6 +1,6 @@
 package org.deepep4j.moe;
 
-import org.deepep4j.moe.exchange.InProcessExchangeGroup;
+import org.deepep4j.moe.exchange.JavaExchangeGroup;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deepep4j.moe.params.MoEParamInitializer;
 import org.deepep4j.moe.train.ExpertSharding;
@@ -38,7 +38,7 @@ class ExpertParallelGradientTest {
 
     /** Replicas of {@code whole} for R ranks, bound to one in-process exchange group. */
     private static MultiLayerNetwork[] replicas(MultiLayerConfiguration conf, MultiLayerNetwork whole) {
-        InProcessExchangeGroup group = new InProcessExchangeGroup(R, Duration.ofSeconds(60));
+        JavaExchangeGroup group = new JavaExchangeGroup(R, Duration.ofSeconds(60));
         MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, R);
         MultiLayerNetwork[] nets = new MultiLayerNetwork[R];
         for (int r = 0; r < R; r++) {

@@ -19,20 +19,25 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-/** Expert-parallel training in fp32: two ranks train the same model as one rank, async combine changes nothing. */
+/**
+ * Expert-parallel training in fp32 through the engine's CPU backend: two ranks train the same model as one rank, async
+ * combine changes nothing, the builder refuses conflicting rank settings.
+ */
 class ExpertParallelTrainerTest {
 
     private static final int EXAMPLES = 64;
+    /** The engine moves rows as 16-byte vectors: hidden 8 in fp32. */
+    private static final int HIDDEN = 8;
 
     private static List<DataSet> data() {
-        DataSet all = new DataSet(Nets.input(DataType.FLOAT, 31, EXAMPLES, Nets.N_IN),
+        DataSet all = new DataSet(Nets.input(DataType.FLOAT, 31, EXAMPLES, HIDDEN),
                 Nets.labels(DataType.FLOAT, 32, EXAMPLES));
         return all.asList();
     }
 
     private static MultiLayerNetwork train(int ranks, int batch, boolean async, PhaseTimingListener timing) {
         MultiLayerConfiguration conf = Nets.ff(DataType.FLOAT, new Adam(1e-2),
-                Nets.moe().sharedExpertFfnSize(4).asyncCombine(async));
+                Nets.moe().sharedExpertFfnSize(4).asyncCombine(async), HIDDEN);
         ExpertParallelTrainer.Builder b = ExpertParallelTrainer.builder().ranks(ranks).network(conf)
                 .iterator(new ListDataSetIterator<>(data(), batch)).epochs(2);
         if (timing != null) {
@@ -46,7 +51,7 @@ class ExpertParallelTrainerTest {
     @Test
     void twoRanksTrainLikeOne() {
         MultiLayerNetwork initial = new MultiLayerNetwork(Nets.ff(DataType.FLOAT, new Adam(1e-2),
-                Nets.moe().sharedExpertFfnSize(4)));
+                Nets.moe().sharedExpertFfnSize(4), HIDDEN));
         initial.init();
         MultiLayerNetwork one = train(1, 16, false, null);
         MultiLayerNetwork two = train(2, 8, false, null);
@@ -55,7 +60,7 @@ class ExpertParallelTrainerTest {
         INDArray diff = one.params().sub(two.params());
         double maxDiff = diff.amaxNumber().doubleValue();
         assertTrue(maxDiff < 1e-4, "EP=1 and EP=2 parameters differ by up to " + maxDiff);
-        INDArray x = Nets.input(DataType.FLOAT, 33, 5, Nets.N_IN);
+        INDArray x = Nets.input(DataType.FLOAT, 33, 5, HIDDEN);
         assertTrue(one.output(x).equalsWithEps(two.output(x), 1e-4));
     }
 
@@ -82,7 +87,7 @@ class ExpertParallelTrainerTest {
             received.add(new java.util.ArrayList<>());
         }
         ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(ranks)
-                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe()))
+                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe(), HIDDEN))
                 .iterator(new ListDataSetIterator<>(data(), 8)).epochs(2)
                 .rankListeners(rank -> {
                     threads[rank] = Thread.currentThread();
@@ -113,6 +118,74 @@ class ExpertParallelTrainerTest {
                 assertEquals(sent, received.get(e / local).get(s)[e % local], "step " + s + " expert " + e);
             }
         }
+    }
+
+    @Test
+    void defaultPathMovesTokensThroughTheEngine() {
+        // ranks(2) alone must train through deepep4j's EpBuffer: the exchange bound to each replica is the engine's
+        ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(2)
+                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe(), HIDDEN))
+                .iterator(new ListDataSetIterator<>(data(), 8))
+                .rankListeners(rank -> List.of(new org.deeplearning4j.optimize.api.BaseTrainingListener() {
+                    @Override
+                    public void iterationDone(org.deeplearning4j.nn.api.Model model, int iteration, int epoch) {
+                        org.deepep4j.moe.layers.MoELayerImpl moe = (org.deepep4j.moe.layers.MoELayerImpl)
+                                ((MultiLayerNetwork) model).getLayer(1);
+                        exchangeTypes.add(moe.getExchange().getClass().getSimpleName());
+                    }
+                })).build();
+        t.fit();
+        assertEquals(java.util.Set.of("EpBufferExchange"), java.util.Set.copyOf(exchangeTypes));
+        // a width the engine cannot move is refused by it, naming x: there is no silent Java fallback
+        ExpertParallelTrainer odd = ExpertParallelTrainer.builder().ranks(2)
+                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe(), 6))
+                .iterator(new ListDataSetIterator<>(new DataSet(Nets.input(DataType.FLOAT, 3, 16, 6),
+                        Nets.labels(DataType.FLOAT, 4, 16)).asList(), 8)).build();
+        RuntimeException e = org.junit.jupiter.api.Assertions.assertThrows(RuntimeException.class, odd::fit);
+        assertTrue(String.valueOf(e.getMessage()).contains("multiple of 16"), String.valueOf(e.getMessage()));
+    }
+
+    private final List<String> exchangeTypes = java.util.Collections.synchronizedList(new java.util.ArrayList<>());
+
+    @Test
+    void conflictingRankSettingsAreRefusedNamingTheFirst() {
+        try (org.deepep4j.EpGroup g = org.deepep4j.EpGroup.inProcess(2)) {
+            IllegalStateException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class,
+                    () -> ExpertParallelTrainer.builder().ranks(3).group(g, org.deepep4j.EpConfig.defaults()));
+            assertTrue(e.getMessage().startsWith("group(in-process EpGroup of 2 ranks)")
+                    && e.getMessage().contains("already set by ranks(3)"), e.getMessage());
+            e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class,
+                    () -> ExpertParallelTrainer.builder().group(g, org.deepep4j.EpConfig.defaults()).ranks(2));
+            assertTrue(e.getMessage().contains("already set by group(in-process EpGroup of 2 ranks)"), e.getMessage());
+            e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class,
+                    () -> ExpertParallelTrainer.builder().exchanges(2, r -> null).ranks(4));
+            assertTrue(e.getMessage().contains("already set by exchanges(2, ...)"), e.getMessage());
+            e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class,
+                    () -> ExpertParallelTrainer.builder().ranks(2).ranks(2));
+            assertTrue(e.getMessage().contains("already set by ranks(2)"), e.getMessage());
+        }
+        IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,
+                () -> ExpertParallelTrainer.builder().network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe()))
+                        .iterator(new ListDataSetIterator<>(data(), 8)).build());
+        assertTrue(e.getMessage().startsWith("ranks=unset"), e.getMessage());
+    }
+
+    @Test
+    void aClosedGroupIsRefusedByTheBuilderAndByFit() {
+        org.deepep4j.EpGroup closed = org.deepep4j.EpGroup.inProcess(2);
+        closed.close();
+        IllegalStateException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class,
+                () -> ExpertParallelTrainer.builder().group(closed, org.deepep4j.EpConfig.defaults()));
+        assertTrue(e.getMessage().startsWith("ExpertParallelTrainer.Builder.group: this EpGroup of 2 ranks is closed"),
+                e.getMessage());
+        org.deepep4j.EpGroup group = org.deepep4j.EpGroup.inProcess(2);
+        ExpertParallelTrainer t = ExpertParallelTrainer.builder().group(group, org.deepep4j.EpConfig.defaults())
+                .network(Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe(), HIDDEN))
+                .iterator(new ListDataSetIterator<>(data(), 8)).build();
+        group.close();
+        e = org.junit.jupiter.api.Assertions.assertThrows(IllegalStateException.class, t::fit);
+        assertTrue(e.getMessage().startsWith("ExpertParallelTrainer.fit: this EpGroup of 2 ranks is closed"),
+                e.getMessage());
     }
 
     @Test

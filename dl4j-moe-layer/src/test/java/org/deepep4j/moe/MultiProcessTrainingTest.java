@@ -1,6 +1,5 @@
 package org.deepep4j.moe;
 
-import org.deepep4j.moe.exchange.InProcessExchangeGroup;
 import org.deepep4j.moe.train.ExpertParallelTrainer;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
@@ -10,7 +9,6 @@ import org.nd4j.linalg.factory.Nd4j;
 import java.io.File;
 import java.net.ServerSocket;
 import java.nio.file.Paths;
-import java.time.Duration;
 import java.util.concurrent.TimeUnit;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
@@ -45,8 +43,7 @@ class MultiProcessTrainingTest {
             assertEquals(0, ps[r].exitValue(), "rank " + r + " failed; log:\n" + log);
         }
         ExpertParallelTrainer threads = ExpertParallelTrainer.builder().ranks(2).network(ProcessRankMain.conf())
-                .iterator(ProcessRankMain.data()).epochs(2)
-                .exchanges(new InProcessExchangeGroup(2, Duration.ofSeconds(60))::rank).build();
+                .iterator(ProcessRankMain.data()).epochs(2).build();
         threads.fit();
         for (int r = 0; r < 2; r++) {
             INDArray got = Nd4j.readBinary(new File(dir, "rank" + r + ".bin"));

@@ -4,7 +4,7 @@ import org.deepep4j.EpConfig;
 import org.deepep4j.EpGroup;
 import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.exchange.ExpertExchange;
-import org.deepep4j.moe.exchange.InProcessExchangeGroup;
+import org.deepep4j.moe.exchange.JavaExchangeGroup;
 import org.deepep4j.moe.train.ExpertParallelTrainer;
 import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
@@ -34,8 +34,8 @@ class NativeExchangeTest {
                 .asyncCombine(async), HIDDEN);
         List<DataSet> data = new DataSet(Nets.input(DataType.FLOAT, 41, EXAMPLES, HIDDEN),
                 Nets.labels(DataType.FLOAT, 42, EXAMPLES)).asList();
-        ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(ranks).network(conf)
-                .iterator(new ListDataSetIterator<>(data, batch)).epochs(2).exchanges(exchanges).build();
+        ExpertParallelTrainer t = ExpertParallelTrainer.builder().exchanges(ranks, exchanges).network(conf)
+                .iterator(new ListDataSetIterator<>(data, batch)).epochs(2).build();
         t.fit();
         return t.wholeNetwork();
     }
@@ -51,7 +51,7 @@ class NativeExchangeTest {
         try (EpGroup g = EpGroup.inProcess(2)) {
             nativeTwo = train(2, 8, true, epBuffers(g)); // combine overlapped with the shared expert
         }
-        MultiLayerNetwork javaTwo = train(2, 8, false, new InProcessExchangeGroup(2, Duration.ofSeconds(60))::rank);
+        MultiLayerNetwork javaTwo = train(2, 8, false, new JavaExchangeGroup(2, Duration.ofSeconds(60))::rank);
         MultiLayerNetwork nativeOne;
         try (EpGroup g = EpGroup.inProcess(1)) {
             nativeOne = train(1, 16, false, epBuffers(g));

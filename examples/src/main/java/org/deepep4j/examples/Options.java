@@ -35,7 +35,7 @@ public final class Options {
             "  --epochs N         epochs [10]",
             "  --steps N          steps per epoch [60]",
             "  --tokens N         tokens per rank per step [512]",
-            "  --hidden H         token width [64]",
+            "  --hidden H         token width, a multiple of 4 in 4..8192 (rows move as 16-byte vectors of fp32) [64]",
             "  --expert-hidden F  width of each expert's inner layer [128]",
             "  --tasks T          tasks in the data set, 1..64 [8]",
             "  --lr X             Adam learning rate, > 0 [0.01]",
@@ -72,7 +72,7 @@ public final class Options {
                 case "--epochs": o.epochs = intIn(flag, value, 1, 10_000); break;
                 case "--steps": o.stepsPerEpoch = intIn(flag, value, 1, 1_000_000); break;
                 case "--tokens": o.tokensPerRank = intIn(flag, value, 1, 1 << 20); break;
-                case "--hidden": o.hidden = intIn(flag, value, 2, 8192); break;
+                case "--hidden": o.hidden = intIn(flag, value, 4, 8192); break;
                 case "--expert-hidden": o.expertHidden = intIn(flag, value, 1, 8192); break;
                 case "--tasks": o.tasks = intIn(flag, value, 1, 64); break;
                 case "--lr": o.learningRate = positive(flag, value); break;
@@ -83,6 +83,10 @@ public final class Options {
         }
         if (o.experts % o.ranks != 0) {
             throw new UsageException("--experts " + o.experts + " must be a multiple of --ranks " + o.ranks);
+        }
+        if (o.hidden % 4 != 0) {
+            throw new UsageException("--hidden " + o.hidden + " must be a multiple of 4 (rows move as 16-byte vectors"
+                    + " of fp32)");
         }
         if (o.topK > o.experts) {
             throw new UsageException("--top-k " + o.topK + " must be at most --experts " + o.experts);

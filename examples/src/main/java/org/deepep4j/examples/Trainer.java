@@ -90,7 +90,7 @@ public final class Trainer {
                     .iterator(batches)
                     .epochs(o.epochs)
                     .rankListeners(rank -> {
-                        PhaseTimingListener timing = new PhaseTimingListener("rank " + rank + " ");
+                        PhaseTimingListener timing = new PhaseTimingListener("rank " + rank + " ", false);
                         stats[rank] = new RankStats(o, rank, timing, batches, log);
                         return List.<TrainingListener>of(timing, stats[rank]);
                     })
@@ -160,7 +160,7 @@ public final class Trainer {
             if (done % o.stepsPerEpoch == 0) {
                 double mean = 0;
                 for (int s = done - o.stepsPerEpoch; s < done; s++) mean += stepLoss[s] / o.stepsPerEpoch;
-                if (done < o.totalSteps()) out.print("\r\033[K");
+                if (done < o.totalSteps() && bar.redraws()) out.print("\r\033[K");
                 out.printf(Locale.ROOT, "epoch %d/%d  loss %.5f%n", done / o.stepsPerEpoch, o.epochs, mean);
             }
         }

@@ -44,6 +44,8 @@ class OptionsTest {
         assertEquals("--top-k 9 must be at most --experts 8", message("--top-k", "9"));
         assertEquals("--lr -1 must be a finite number > 0", message("--lr", "-1"));
         assertEquals("--steps needs a value", message("--steps"));
+        assertEquals("--hidden 6 must be a multiple of 4 (rows move as 16-byte vectors of fp32)", message("--hidden", "6"));
+        assertEquals("--hidden 2 must be in 4..8192", message("--hidden", "2"));
     }
 
     @Test
@@ -62,6 +64,15 @@ class OptionsTest {
         for (String flag : new String[] {"--ranks", "--experts", "--top-k", "--dispatch", "--epochs", "--steps", "--out"}) {
             assertTrue(help.contains(flag), "help lacks " + flag);
         }
+        assertTrue(help.contains("--hidden H         token width, a multiple of 4"), "help states the --hidden rule");
+
+        // a flag the engine would refuse after the run started is refused up front, before any training
+        out.reset();
+        err.reset();
+        code = Main.run(new String[] {"--hidden", "6"}, print(out), print(err));
+        assertEquals(2, code);
+        assertEquals("", out.toString(StandardCharsets.UTF_8), "nothing started");
+        assertTrue(err.toString(StandardCharsets.UTF_8).contains("--hidden 6 must be a multiple of 4"));
     }
 
     private static String message(String... args) {

@@ -65,6 +65,24 @@ class TrainerTest {
     }
 
     @Test
+    void withoutFontsTheJobStillExitsZeroWithTheReportAndSaysWhyNoCharts(@TempDir Path dir) {
+        // what a headless server without fontconfig throws from Java's font system: an Error, not an Exception
+        Main.ChartWriter noFonts = (r, d) -> {
+            throw new InternalError("Fontconfig head is null, check your fonts or fonts configuration");
+        };
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        ByteArrayOutputStream err = new ByteArrayOutputStream();
+        int code = Main.run(new String[] {"--epochs", "1", "--steps", "2", "--tokens", "16", "--out", dir.toString()},
+                new PrintStream(out, true, StandardCharsets.UTF_8), new PrintStream(err, true, StandardCharsets.UTF_8),
+                noFonts);
+        String printed = out.toString(StandardCharsets.UTF_8);
+        assertEquals(0, code, printed + err.toString(StandardCharsets.UTF_8));
+        assertTrue(printed.contains("Per-expert load") && printed.contains("Per-phase time"), printed);
+        assertTrue(printed.contains("charts not drawn: java.lang.InternalError: Fontconfig head is null")
+                && printed.contains("apt-get install fontconfig"), printed);
+    }
+
+    @Test
     void alltoallOnTheCpuFailsWithTheEnginesReason() {
         ByteArrayOutputStream out = new ByteArrayOutputStream();
         ByteArrayOutputStream err = new ByteArrayOutputStream();

@@ -138,6 +138,9 @@ public class MoELayer extends FeedForwardLayer {
                     + ": must be feed-forward [mb, nIn] or recurrent [mb, nIn, T]");
         }
         if (nIn <= 0 || override) {
+            // an nOut of its own (not the one derived from an earlier nIn) that differs is a mistake, not a hint
+            require(nOut <= 0 || nOut == size || nOut == nIn, "nOut", nOut, "must equal the input size " + size
+                    + " (a MoE layer maps hidden size to hidden size; leave nOut unset)");
             nIn = size;
             nOut = size;
         }

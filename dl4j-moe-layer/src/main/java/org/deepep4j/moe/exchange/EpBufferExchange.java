@@ -3,8 +3,6 @@ package org.deepep4j.moe.exchange;
 import org.deepep4j.EpBuffer;
 import org.deepep4j.EpCombineResult;
 import org.deepep4j.EpDispatchResult;
-import org.deepep4j.EpHandle;
-import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 
 /**
@@ -42,29 +40,68 @@ public final class EpBufferExchange implements ExpertExchange {
 
     @Override
     public Dispatched dispatch(INDArray x, INDArray topkIdx, INDArray topkWeights, int numExperts) {
-        EpDispatchResult d = buffer.dispatch(x, topkIdx.castTo(DataType.LONG),
-                topkWeights == null ? null : topkWeights.castTo(DataType.FLOAT), numExperts);
-        INDArray w = d.recvTopkWeights() == null ? null : d.recvTopkWeights().castTo(x.dataType());
-        return new Dispatched(d.recvX(), d.recvTopkIdx(), w, d.recvTokensPerExpert(), d.handle());
+        return new Routed(buffer.dispatch(x, topkIdx, topkWeights, numExperts));
     }
 
     @Override
-    public Combined combine(Dispatched d, INDArray y, INDArray yTopkWeights) {
-        EpCombineResult r = buffer.combine(y, (EpHandle) d.handle, null,
-                yTopkWeights == null ? null : yTopkWeights.castTo(DataType.FLOAT));
-        INDArray w = r.outTopkWeights() == null ? null : r.outTopkWeights().castTo(y.dataType());
-        return new Combined(r.out(), w);
+    public void fail(String message) {
+        buffer.joinStepWithFailure(message);
     }
 
     @Override
-    public INDArray dispatchCached(Dispatched d, INDArray g) {
-        return buffer.dispatch(g, (EpHandle) d.handle);
+    public void finish() {
+        buffer.barrier();
     }
 
     @Override
     public void close() {
         if (closeBuffer) {
             buffer.close();
+        }
+    }
+
+    /** One dispatch on the engine: its result and handle. */
+    private final class Routed implements Dispatched {
+        private final EpDispatchResult d;
+
+        Routed(EpDispatchResult d) {
+            this.d = d;
+        }
+
+        @Override
+        public INDArray recvX() {
+            return d.recvX();
+        }
+
+        @Override
+        public INDArray recvTopkIdx() {
+            return d.recvTopkIdx();
+        }
+
+        @Override
+        public INDArray recvTopkWeights() {
+            return d.recvTopkWeights();
+        }
+
+        @Override
+        public int[] recvTokensPerExpert() {
+            return d.recvTokensPerExpert();
+        }
+
+        @Override
+        public Combined combine(INDArray y, INDArray yTopkWeights) {
+            EpCombineResult r = buffer.combine(y, d.handle(), null, yTopkWeights);
+            return new Combined(r.out(), r.outTopkWeights());
+        }
+
+        @Override
+        public INDArray dispatchCached(INDArray g) {
+            return buffer.dispatch(g, d.handle());
+        }
+
+        @Override
+        public void close() {
+            d.handle().close();
         }
     }
 }

@@ -28,16 +28,40 @@ public final class LocalExchange implements ExpertExchange {
                 perExpert[(int) e]++;
             }
         }
-        return new Dispatched(x, topkIdx, topkWeights, perExpert, null);
-    }
+        return new Dispatched() {
+            @Override
+            public INDArray recvX() {
+                return x;
+            }
 
-    @Override
-    public Combined combine(Dispatched d, INDArray y, INDArray yTopkWeights) {
-        return new Combined(y, yTopkWeights);
-    }
+            @Override
+            public INDArray recvTopkIdx() {
+                return topkIdx;
+            }
 
-    @Override
-    public INDArray dispatchCached(Dispatched d, INDArray g) {
-        return g;
+            @Override
+            public INDArray recvTopkWeights() {
+                return topkWeights;
+            }
+
+            @Override
+            public int[] recvTokensPerExpert() {
+                return perExpert.clone();
+            }
+
+            @Override
+            public Combined combine(INDArray y, INDArray yTopkWeights) {
+                return new Combined(y, yTopkWeights);
+            }
+
+            @Override
+            public INDArray dispatchCached(INDArray g) {
+                return g;
+            }
+
+            @Override
+            public void close() {
+            }
+        };
     }
 }

@@ -24,6 +24,7 @@ final class LocalExperts {
     private final int[][] where;
     private final int assignments;
     private final double[] recvWeights;
+    private final DataType weightType;
     private final SwiGlu[] blocks;
     private final INDArray[] weightCols;
     final INDArray y;
@@ -34,7 +35,9 @@ final class LocalExperts {
         k = (int) recvTopkIdx.size(1);
         numLocal = weights.size();
         long[] idx = m == 0 ? new long[0] : recvTopkIdx.dup('c').data().asLong();
-        recvWeights = m == 0 ? new double[0] : recvTopkWeights.castTo(DataType.DOUBLE).dup('c').data().asDouble();
+        // read once on the host; the weights keep their type (FLOAT, or DOUBLE in a double network) for the gradient
+        weightType = recvTopkWeights == null ? DataType.FLOAT : recvTopkWeights.dataType();
+        recvWeights = m == 0 ? new double[0] : recvTopkWeights.dup('c').data().asDouble();
         int[] count = new int[numLocal];
         for (long e : idx) {
             if (e >= numLocal) {
@@ -139,7 +142,7 @@ final class LocalExperts {
             g[2].assign(b[3]);
         }
         INDArray gRecvX = toRowOrder(gx, type, gy.size(1));
-        INDArray gw = Nd4j.createFromArray(gRecvW).reshape(m, k).castTo(type);
+        INDArray gw = Nd4j.createFromArray(gRecvW).reshape(m, k).castTo(weightType);
         return new INDArray[]{gRecvX, gw};
     }
 }

@@ -162,7 +162,8 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         long t0 = System.nanoTime();
         INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
         f.router = new Router(c, x, getParam(MoEParamInitializer.ROUTER_WEIGHT),
-                getParam(MoEParamInitializer.ROUTER_BIAS), replay);
+                getParam(MoEParamInitializer.ROUTER_BIAS), replay, describe(ex),
+                f.inputShape.length == 3 ? f.inputShape[2] : 0);
         lastAuxLoss = f.router.auxLoss;
         lastLoad = f.router.load;
         if (routingMode == RoutingMode.RECORD) {
@@ -171,22 +172,28 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         long t1 = System.nanoTime();
         f.dispatched = ex.dispatch(x, f.router.topkIdxArray(), f.router.weightsArray(), c.getNumExperts());
         long t2 = System.nanoTime();
-        lastReceived = f.dispatched.recvTokensPerExpert;
-        f.experts = new LocalExperts(f.dispatched.recvX, f.dispatched.recvTopkIdx, f.dispatched.recvTopkWeights,
+        lastReceived = f.dispatched.recvTokensPerExpert();
+        f.experts = new LocalExperts(f.dispatched.recvX(), f.dispatched.recvTopkIdx(), f.dispatched.recvTopkWeights(),
                 expertParams(false));
         long t3 = System.nanoTime();
         times.routingNs += t1 - t0;
         times.dispatchNs += t2 - t1;
         times.expertNs += t3 - t2;
         if (c.isAsyncCombine()) {
-            Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(ex, f, f.experts.y, null));
+            Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(f, f.experts.y, null));
             INDArray shared = sharedForward(x, f);
-            INDArray out = await(pending).out;
+            INDArray out = await(pending).out();
             return shared == null ? out : out.add(shared);
         }
-        INDArray out = timedCombine(ex, f, f.experts.y, null).out;
+        INDArray out = timedCombine(f, f.experts.y, null).out();
         INDArray shared = sharedForward(x, f);
         return shared == null ? out : out.add(shared);
+    }
+
+    /** "MoELayer 'name' (layer 1) on rank 0", for errors. */
+    private String describe(ExpertExchange ex) {
+        String name = layerConf().getLayerName();
+        return "MoELayer " + (name == null ? "" : "'" + name + "' ") + "(layer " + getIndex() + ") on rank " + ex.rank();
     }
 
     private INDArray requireRecorded() {
@@ -196,9 +203,9 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return recordedRouting;
     }
 
-    private ExpertExchange.Combined timedCombine(ExpertExchange ex, Forward f, INDArray y, INDArray yTopkWeights) {
+    private ExpertExchange.Combined timedCombine(Forward f, INDArray y, INDArray yTopkWeights) {
         long t = System.nanoTime();
-        ExpertExchange.Combined r = ex.combine(f.dispatched, y, yTopkWeights);
+        ExpertExchange.Combined r = f.dispatched.combine(y, yTopkWeights);
         times.combineNs += System.nanoTime() - t;
         return r;
     }
@@ -234,9 +241,8 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
 
     private INDArray backward(INDArray g, Forward f) {
         MoELayer c = layerConf();
-        ExpertExchange ex = getExchange();
         long t0 = System.nanoTime();
-        INDArray gy = ex.dispatchCached(f.dispatched, g);
+        INDArray gy = f.dispatched.dispatchCached(g);
         long t1 = System.nanoTime();
         INDArray[] ge = f.experts.backward(gy, expertParams(true));
         long t2 = System.nanoTime();
@@ -245,15 +251,15 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         ExpertExchange.Combined back;
         INDArray gShared = null;
         if (c.isAsyncCombine()) {
-            Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(ex, f, ge[0], ge[1]));
+            Future<ExpertExchange.Combined> pending = combineThread().submit(() -> timedCombine(f, ge[0], ge[1]));
             gShared = sharedBackward(g, f);
             back = await(pending);
         } else {
-            back = timedCombine(ex, f, ge[0], ge[1]);
+            back = timedCombine(f, ge[0], ge[1]);
             gShared = sharedBackward(g, f);
         }
         long t3 = System.nanoTime();
-        double[] gWeights = back.outTopkWeights.castTo(DataType.DOUBLE).dup('c').data().asDouble();
+        double[] gWeights = back.outTopkWeights().dup('c').data().asDouble();
         INDArray[] gr = f.router.backward(gWeights, getParam(MoEParamInitializer.ROUTER_WEIGHT), input.size(0));
         gradientViews.get(MoEParamInitializer.ROUTER_WEIGHT).assign(gr[1]);
         INDArray gBias = gradientViews.get(MoEParamInitializer.ROUTER_BIAS);
@@ -263,7 +269,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
             gBias.assign(0.0);
         }
         times.routingNs += System.nanoTime() - t3;
-        INDArray gx = back.out.add(gr[0]);
+        INDArray gx = back.out().add(gr[0]);
         return gShared == null ? gx : gx.addi(gShared);
     }
 
@@ -356,11 +362,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     /** Frees the previous forward's dispatch handle (native memory when the exchange is an EpBuffer). */
     private void releaseCache() {
         if (cache != null && cache.dispatched != null) {
-            try {
-                cache.dispatched.close();
-            } catch (Exception e) {
-                throw new IllegalStateException("MoELayer: closing the dispatch handle failed", e);
-            }
+            cache.dispatched.close();
         }
         cache = null;
     }

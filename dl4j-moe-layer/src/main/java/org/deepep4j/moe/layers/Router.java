@@ -33,14 +33,17 @@ final class Router {
 
     /**
      * @param replayIdx recorded [N, K] choices to reuse instead of a fresh top-k, or null
+     * @param where     the layer and rank, for errors ("MoELayer 'moe' (layer 1) on rank 0")
+     * @param timeSteps T of a [mb, nIn, T] input (row b*T + t is example b, step t), 0 for [mb, nIn]
      */
-    Router(MoELayer conf, INDArray x, INDArray wr, INDArray br, INDArray replayIdx) {
+    Router(MoELayer conf, INDArray x, INDArray wr, INDArray br, INDArray replayIdx, String where, long timeSteps) {
         this.conf = conf;
         this.x = x;
         n = (int) x.size(0);
         e = conf.getNumExperts();
         k = conf.getTopK();
         scores = x.mmul(wr).castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
+        checkFinite(scores, wr, where, timeSteps);
         score(scores);
         double[] bias = br.castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
         topkIdx = replayIdx != null ? checkedReplay(replayIdx) : topK(scores, bias);
@@ -62,6 +65,40 @@ final class Router {
             }
         }
         auxLoss = conf.getAuxLossCoefficient() > 0 ? auxLoss() : 0.0;
+    }
+
+    /**
+     * A NaN or infinity in an input row makes that row's logits non-finite, and top-k cannot choose from them: fail
+     * naming the first such row and why, instead of routing garbage (checking the [N, E] logits costs nothing).
+     */
+    private void checkFinite(double[] logits, INDArray wr, String where, long timeSteps) {
+        int bad = -1;
+        for (int i = 0; i < logits.length && bad < 0; i++) {
+            if (!Double.isFinite(logits[i])) {
+                bad = i / e;
+            }
+        }
+        if (bad < 0) {
+            return;
+        }
+        String row = timeSteps > 0 ? "input token " + bad + " (example " + bad / timeSteps + ", time step "
+                + bad % timeSteps + ")" : "input row " + bad;
+        double[] v = x.getRow(bad).castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
+        String why = null;
+        for (int c = 0; c < v.length && why == null; c++) {
+            if (Double.isNaN(v[c])) {
+                why = row + " of " + n + " has NaN at column " + c;
+            } else if (Double.isInfinite(v[c])) {
+                why = row + " of " + n + " has " + v[c] + " at column " + c;
+            }
+        }
+        if (why == null) {
+            why = wr.isNaN().any() || wr.isInfinite().any()
+                    ? "the router weights Wr contain NaN or infinity (first affected: " + row + ")"
+                    : "the router logits of " + row + " overflow";
+        }
+        throw new IllegalArgumentException(where + ": " + why + "; the router needs finite values to choose experts"
+                + " (NaN usually means diverged training, e.g. a learning rate too high, or bad data)");
     }
 
     private void score(double[] s) {
@@ -142,8 +179,19 @@ final class Router {
         return Nd4j.createFromArray(topkIdx).reshape(n, k);
     }
 
+    /**
+     * [N, K] routing weights as FLOAT, the engine's type, which the exchange and the experts use as they are (DOUBLE in
+     * a double-precision network, which keeps gradient checks exact).
+     */
     INDArray weightsArray() {
-        return Nd4j.createFromArray(weights).reshape(n, k).castTo(x.dataType());
+        if (x.dataType() == org.nd4j.linalg.api.buffer.DataType.DOUBLE) {
+            return Nd4j.createFromArray(weights).reshape(n, k);
+        }
+        float[] w = new float[weights.length];
+        for (int i = 0; i < w.length; i++) {
+            w[i] = (float) weights[i];
+        }
+        return Nd4j.createFromArray(w).reshape(n, k);
     }
 
     /**

@@ -1,7 +1,12 @@
 package org.deepep4j.moe.train;
 
 import org.deepep4j.moe.exchange.ExpertExchange;
-import org.deepep4j.moe.exchange.InProcessExchangeGroup;
+import org.deepep4j.EpBuffer;
+import org.deepep4j.EpConfig;
+import org.deepep4j.EpGroup;
+import org.deepep4j.EpPeerException;
+import org.deepep4j.EpTimeoutException;
+import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deeplearning4j.nn.api.Layer;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
@@ -27,7 +32,7 @@ import java.util.function.IntFunction;
  * The whole model is built once from the configuration (so its weights do not depend on R); rank r gets a replica with
  * every replicated parameter and experts [r*E/R, (r+1)*E/R). Each step every rank fits its own minibatch from the
  * shared iterator (batches are dealt round-robin; a last round with fewer than R batches is dropped), MoE layers move
- * tokens through the rank's {@link ExpertExchange}, and gradients are averaged before the updater runs.
+ * tokens through deepep4j's engine (one {@link EpBuffer} per rank), and gradients are averaged before the updater runs.
  * <pre>
  * ExpertParallelTrainer t = ExpertParallelTrainer.builder().group(EpGroup.inProcess(2), EpConfig.defaults())
  *         .network(conf).iterator(it).epochs(3).build();
@@ -47,26 +52,26 @@ public final class ExpertParallelTrainer {
     private final IntFunction<List<TrainingListener>> rankListeners;
     private final IntFunction<ExpertExchange> exchanges;
     private final Duration timeout;
+    private final boolean phaseTiming;
     private final MultiLayerNetwork[] replicas;
     private final MultiLayerNetwork whole;
     /** Set when the ranks are processes: this process runs rank {@code processGroup.processRank()} only. */
-    private final org.deepep4j.EpGroup processGroup;
+    private final EpGroup processGroup;
+    /** The group whose buffers carry the tokens; null when the exchanges come from {@link Builder#exchanges}. */
+    private final EpGroup group;
 
     private ExpertParallelTrainer(Builder b) {
         this.ranks = b.ranks;
         this.processGroup = b.processGroup;
+        this.group = b.group;
         this.conf = b.conf;
         this.iterator = b.iterator;
         this.epochs = b.epochs;
         this.listeners = b.listeners;
         this.rankListeners = b.rankListeners;
         this.timeout = b.timeout;
-        if (b.exchanges != null) {
-            this.exchanges = b.exchanges;
-        } else {
-            InProcessExchangeGroup group = new InProcessExchangeGroup(ranks, timeout);
-            this.exchanges = group::rank;
-        }
+        this.phaseTiming = b.phaseTiming;
+        this.exchanges = b.exchanges;
         whole = new MultiLayerNetwork(conf.clone());
         whole.init();
         MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, ranks);
@@ -85,11 +90,23 @@ public final class ExpertParallelTrainer {
         return new Builder();
     }
 
-    /** Runs all epochs on all ranks; rethrows the first failure of any rank. */
+    /**
+     * Runs all epochs on all ranks. When a rank fails, the others stop at their next collective call with an error
+     * naming it, and this throws an {@link IllegalStateException} whose message starts with that rank and its root
+     * cause ("rank 1 failed: java.lang.IllegalArgumentException: ..."), the root cause as its cause and the other
+     * ranks' consequent errors suppressed.
+     */
     public void fit() {
+        if (group != null) {
+            group.requireOpen("ExpertParallelTrainer.fit");
+        }
         if (processGroup != null) {
-            runRank(processGroup.processRank(), new GradientAverager(processGroup, timeout),
-                    new RoundRobinBatches(iterator, ranks));
+            int rank = processGroup.processRank();
+            try {
+                runRank(rank, new GradientAverager(processGroup, timeout), new RoundRobinBatches(iterator, ranks));
+            } catch (RuntimeException | Error e) {
+                throw rankFailure(new Throwable[]{e}, rank);
+            }
             return;
         }
         GradientAverager averager = new GradientAverager(ranks, timeout);
@@ -104,32 +121,25 @@ public final class ExpertParallelTrainer {
             for (int r = 0; r < ranks; r++) {
                 final int rank = r;
                 futures.add(pool.submit(() -> {
-                    try {
-                        runRank(rank, averager, batches);
-                    } catch (RuntimeException | Error e) {
-                        averager.abort();
-                        throw e;
-                    }
+                    runRank(rank, averager, batches);
                     return null;
                 }));
             }
-            RuntimeException first = null;
+            Throwable[] failures = new Throwable[ranks];
+            boolean failed = false;
             for (int r = 0; r < ranks; r++) {
                 try {
                     futures.get(r).get();
                 } catch (java.util.concurrent.ExecutionException e) {
-                    if (first == null) {
-                        Throwable c = e.getCause();
-                        first = c instanceof RuntimeException ? (RuntimeException) c
-                                : new IllegalStateException("rank " + r + " failed", c);
-                    }
+                    failures[r] = e.getCause();
+                    failed = true;
                 } catch (InterruptedException e) {
                     Thread.currentThread().interrupt();
                     throw new IllegalStateException("interrupted while waiting for rank " + r, e);
                 }
             }
-            if (first != null) {
-                throw first;
+            if (failed) {
+                throw rankFailure(failures, 0);
             }
         } finally {
             pool.shutdownNow();
@@ -141,31 +151,69 @@ public final class ExpertParallelTrainer {
         }
     }
 
-    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
-        MultiLayerNetwork net = replicas[rank];
-        ExpertExchange ex = exchanges.apply(rank);
-        for (Layer l : net.getLayers()) {
-            if (l instanceof MoELayerImpl) {
-                ((MoELayerImpl) l).setExchange(ex);
+    /**
+     * One exception for the failures of a step, root cause first: the lowest rank whose failure is its own (not a
+     * peer's error passed on, not a stop because a peer failed), timeouts after other causes.
+     * @param firstRank rank of {@code failures[0]}
+     */
+    private static IllegalStateException rankFailure(Throwable[] failures, int firstRank) {
+        int root = -1;
+        for (int pass = 0; pass < 3 && root < 0; pass++) {
+            for (int r = 0; r < failures.length && root < 0; r++) {
+                Throwable t = failures[r];
+                boolean consequence = t instanceof EpPeerException || t instanceof RankAbortedException;
+                boolean timeout = t instanceof EpTimeoutException;
+                if (t != null && (pass == 2 || (!consequence && (pass == 1 || !timeout)))) {
+                    root = r;
+                }
             }
         }
-        List<TrainingListener> ls = new ArrayList<>();
-        ls.add(averager.listener(rank, net));
-        if (PhaseTimingListener.enabledByEnvironment()) {
-            ls.add(new PhaseTimingListener("rank " + rank + " "));
+        Throwable cause = failures[root];
+        IllegalStateException e = new IllegalStateException("rank " + (firstRank + root) + " failed: " + cause, cause);
+        for (int r = 0; r < failures.length; r++) {
+            if (r != root && failures[r] != null) {
+                e.addSuppressed(failures[r]);
+            }
         }
-        if (rankListeners != null) {
-            ls.addAll(rankListeners.apply(rank));
-        }
-        if (rank == 0) {
-            ls.addAll(listeners);
-        }
-        net.setListeners(ls);
+        return e;
+    }
+
+    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
+        MultiLayerNetwork net = replicas[rank];
+        ExpertExchange ex = null;
         try {
+            ex = exchanges.apply(rank);
+            for (Layer l : net.getLayers()) {
+                if (l instanceof MoELayerImpl) {
+                    ((MoELayerImpl) l).setExchange(ex);
+                }
+            }
+            List<TrainingListener> ls = new ArrayList<>();
+            ls.add(averager.listener(rank, net));
+            if (phaseTiming) {
+                ls.add(new PhaseTimingListener("rank " + rank + " "));
+            }
+            if (rankListeners != null) {
+                ls.addAll(rankListeners.apply(rank));
+            }
+            if (rank == 0) {
+                ls.addAll(listeners);
+            }
+            net.setListeners(ls);
             fitRank(net, ls, batches, rank);
+            ex.finish();
+        } catch (RuntimeException | Error e) {
+            // a failure of this rank alone: the peers must hear of it now, not after their timeout
+            averager.abort("rank " + rank + " failed: " + e);
+            if (ex != null) {
+                ex.fail(e.toString());
+            }
+            throw e;
         } finally {
             net.clear();
-            ex.close();
+            if (ex != null) {
+                ex.close();
+            }
         }
     }
 
@@ -213,9 +261,15 @@ public final class ExpertParallelTrainer {
         return whole;
     }
 
-    /** Configuration of an {@link ExpertParallelTrainer}. */
+    /**
+     * Configuration of an {@link ExpertParallelTrainer}. The ranks come from exactly one of {@link #group},
+     * {@link #ranks} or {@link #exchanges}; setting a second one (or the same one twice) is refused naming the first,
+     * so no setting silently overrides another.
+     */
     public static final class Builder {
-        private int ranks = 2;
+        private int ranks;
+        /** Which setting chose the ranks, for the message when another one tries to. */
+        private String ranksSetBy;
         private MultiLayerConfiguration conf;
         private DataSetIterator iterator;
         private int epochs = 1;
@@ -223,10 +277,72 @@ public final class ExpertParallelTrainer {
         private IntFunction<List<TrainingListener>> rankListeners;
         private IntFunction<ExpertExchange> exchanges;
         private Duration timeout = Duration.ofSeconds(120);
-        private org.deepep4j.EpGroup processGroup;
+        private boolean phaseTiming = PhaseTimingListener.enabledByEnvironment();
+        private EpGroup processGroup;
+        private EpGroup group;
 
-        /** Number of ranks (threads); MoE layers' numExperts must be divisible by it. */
-        public Builder ranks(int ranks) { this.ranks = ranks; return this; }
+        private void setRanks(String setting, int ranks) {
+            if (ranksSetBy != null) {
+                throw new IllegalStateException(setting + ": the ranks were already set by " + ranksSetBy
+                        + "; group(...), ranks(...) and exchanges(...) are alternatives, set one of them once");
+            }
+            if (ranks < 1) {
+                throw new IllegalArgumentException("ranks=" + ranks + ": must be >= 1");
+            }
+            this.ranksSetBy = setting;
+            this.ranks = ranks;
+        }
+
+        /**
+         * Moves tokens through deepep4j's native engine: one {@link EpBuffer} per rank of {@code group}, made with
+         * {@code config} on the rank's thread and closed after {@link #fit()}. With an in-process group all ranks run
+         * here; with a multi-process group ({@code EpGroup.fromEnvironment()}) this process runs its own rank, reads
+         * the same iterator as the others and keeps the batches dealt to it, and gradients are averaged through the
+         * group.
+         */
+        public Builder group(EpGroup group, EpConfig config) {
+            if (group == null) {
+                throw new IllegalArgumentException("group=null: an EpGroup is required");
+            }
+            if (config == null) {
+                throw new IllegalArgumentException("config=null: an EpConfig is required");
+            }
+            group.requireOpen("ExpertParallelTrainer.Builder.group");
+            setRanks("group(" + (group.isInProcess() ? "in-process" : "multi-process") + " EpGroup of " + group.size()
+                    + " ranks)", group.size());
+            this.group = group;
+            this.processGroup = group.isInProcess() ? null : group;
+            this.exchanges = rank -> new EpBufferExchange(group.buffer(rank, config), true);
+            return this;
+        }
+
+        /**
+         * Shorthand for {@code group(EpGroup.inProcess(ranks), EpConfig.defaults())}: {@code ranks} threads of this
+         * JVM, tokens moved by the engine's CPU backend. MoE layers' numExperts must be divisible by it.
+         */
+        public Builder ranks(int ranks) {
+            setRanks("ranks(" + ranks + ")", ranks);
+            EpGroup group = EpGroup.inProcess(ranks);
+            EpConfig config = EpConfig.defaults();
+            this.group = group;
+            this.exchanges = rank -> new EpBufferExchange(group.buffer(rank, config), true);
+            return this;
+        }
+
+        /**
+         * {@code ranks} in-process ranks whose exchanges come from {@code perRank}, called once on each rank's own
+         * thread (making a native EpBuffer is collective). For transports of your own or a reference exchange in
+         * tests; {@link #group} is the engine's path.
+         */
+        public Builder exchanges(int ranks, IntFunction<ExpertExchange> perRank) {
+            if (perRank == null) {
+                throw new IllegalArgumentException("exchanges=null: a function from rank to ExpertExchange is required");
+            }
+            setRanks("exchanges(" + ranks + ", ...)", ranks);
+            this.exchanges = perRank;
+            return this;
+        }
+
         /** The whole model's configuration (MoE layers with epSize 1). */
         public Builder network(MultiLayerConfiguration conf) { this.conf = conf; return this; }
         public Builder iterator(DataSetIterator iterator) { this.iterator = iterator; return this; }
@@ -239,37 +355,20 @@ public final class ExpertParallelTrainer {
          * {@code iterationDone} sees the rank's own score, routing and phase times of that step).
          */
         public Builder rankListeners(IntFunction<List<TrainingListener>> perRank) { this.rankListeners = perRank; return this; }
+
         /**
-         * Where each rank's exchange comes from; called once on the rank's own thread (creating a native EpBuffer is
-         * collective). Default: an {@link InProcessExchangeGroup}.
+         * Logs every rank's per-phase times (routing, dispatch, expert compute, combine) per MoE layer and iteration
+         * at INFO through {@link PhaseTimingListener}. Default: on when the environment has {@code DEEPEP4J_DEBUG_EP=1}.
          */
-        public Builder exchanges(IntFunction<ExpertExchange> perRank) { this.exchanges = perRank; return this; }
-        /**
-         * Moves tokens through deepep4j's native engine: one {@link org.deepep4j.EpBuffer} per rank of
-         * {@code group}, made with {@code config} on the rank's thread and closed after {@link #fit()}. With an
-         * in-process group all ranks run here; with a multi-process group ({@code EpGroup.fromEnvironment()}) this
-         * process runs its own rank, reads the same iterator as the others and keeps the batches dealt to it, and
-         * gradients are averaged through the group.
-         */
-        public Builder group(org.deepep4j.EpGroup group, org.deepep4j.EpConfig config) {
-            if (group == null) {
-                throw new IllegalArgumentException("group=null: an EpGroup is required");
-            }
-            this.processGroup = group.isInProcess() ? null : group;
-            if (config == null) {
-                throw new IllegalArgumentException("config=null: an EpConfig is required");
-            }
-            this.ranks = group.size();
-            this.exchanges = rank -> new org.deepep4j.moe.exchange.EpBufferExchange(group.buffer(rank, config), true);
-            return this;
-        }
+        public Builder phaseTiming(boolean on) { this.phaseTiming = on; return this; }
 
         /** Bound on every wait between ranks. */
         public Builder timeout(Duration timeout) { this.timeout = timeout; return this; }
 
         public ExpertParallelTrainer build() {
-            if (ranks < 1) {
-                throw new IllegalArgumentException("ranks=" + ranks + ": must be >= 1");
+            if (ranksSetBy == null) {
+                throw new IllegalArgumentException("ranks=unset: call group(EpGroup, EpConfig) (or ranks(int) for"
+                        + " in-process ranks with EpConfig defaults)");
             }
             if (conf == null) {
                 throw new IllegalArgumentException("network=null: a MultiLayerConfiguration is required");

@@ -11,8 +11,7 @@ import org.nd4j.linalg.factory.Nd4j;
 
 import java.time.Duration;
 import java.util.Map;
-import java.util.concurrent.BrokenBarrierException;
-import java.util.concurrent.CyclicBarrier;
+import java.util.concurrent.Phaser;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
 
@@ -26,7 +25,9 @@ final class GradientAverager {
 
     private final int size;
     private final Duration timeout;
-    private final CyclicBarrier barrier;
+    /** Meeting point of in-process ranks; terminated for good when a rank fails, so no rank waits for it again. */
+    private final Phaser barrier;
+    private volatile String abortReason;
     private final INDArray[] published;
     private final org.deepep4j.EpGroup processGroup;
 
@@ -34,7 +35,7 @@ final class GradientAverager {
     GradientAverager(int size, Duration timeout) {
         this.size = size;
         this.timeout = timeout;
-        this.barrier = new CyclicBarrier(size);
+        this.barrier = new Phaser(size);
         this.published = new INDArray[size];
         this.processGroup = null;
     }
@@ -113,23 +114,27 @@ final class GradientAverager {
     }
 
     private void sync(int rank) {
+        int phase = barrier.arrive();
         try {
-            barrier.await(timeout.toMillis(), TimeUnit.MILLISECONDS);
+            if (phase < 0 || barrier.awaitAdvanceInterruptibly(phase, timeout.toMillis(), TimeUnit.MILLISECONDS) < 0) {
+                throw new RankAbortedException("gradient all-reduce rank " + rank + ": stopped because " + abortReason);
+            }
         } catch (TimeoutException e) {
             throw new IllegalStateException("gradient all-reduce rank " + rank + ": waited more than " + timeout
                     + " for the other ranks", e);
-        } catch (BrokenBarrierException e) {
-            throw new IllegalStateException("gradient all-reduce rank " + rank
-                    + ": aborted because another rank failed or timed out", e);
         } catch (InterruptedException e) {
             Thread.currentThread().interrupt();
             throw new IllegalStateException("gradient all-reduce rank " + rank + ": interrupted", e);
         }
     }
 
-    void abort() {
+    /** Releases every rank waiting here, now and later, with {@code reason} (which rank failed, and how). */
+    void abort(String reason) {
         if (barrier != null) {
-            barrier.reset();
+            if (abortReason == null) {
+                abortReason = reason;
+            }
+            barrier.forceTermination();
         }
     }
 }

@@ -15,8 +15,9 @@ import java.util.Map;
 
 /**
  * Reports, per MoE layer and iteration, the time spent in routing, dispatch, expert compute and combine (forward and
- * backward together), so one sees which phase dominates. The expert-parallel trainer adds it on every rank when the
- * environment variable {@code DEEPEP4J_DEBUG_EP=1} is set; it can also be added to any network by hand.
+ * backward together), so one sees which phase dominates: logged at INFO by this class's logger, and kept for
+ * {@link #lastTimes()}. The expert-parallel trainer adds one on every rank when its {@code phaseTiming} setting is on
+ * (default: the environment variable {@code DEEPEP4J_DEBUG_EP=1}); it can also be added to any network by hand.
  */
 public class PhaseTimingListener extends BaseTrainingListener {
 
@@ -24,6 +25,7 @@ public class PhaseTimingListener extends BaseTrainingListener {
     private static final Logger log = LoggerFactory.getLogger(PhaseTimingListener.class);
 
     private final String prefix;
+    private final boolean logEachIteration;
     private volatile Map<Integer, PhaseTimes> last = new LinkedHashMap<>();
 
     public PhaseTimingListener() {
@@ -32,7 +34,13 @@ public class PhaseTimingListener extends BaseTrainingListener {
 
     /** @param prefix put before every line, e.g. "rank 1 " */
     public PhaseTimingListener(String prefix) {
+        this(prefix, true);
+    }
+
+    /** @param logEachIteration false: only keep the times for {@link #lastTimes()} (a caller that reports them itself) */
+    public PhaseTimingListener(String prefix, boolean logEachIteration) {
         this.prefix = prefix;
+        this.logEachIteration = logEachIteration;
     }
 
     public static boolean enabledByEnvironment() {
@@ -53,7 +61,9 @@ public class PhaseTimingListener extends BaseTrainingListener {
             if (l instanceof MoELayerImpl) {
                 PhaseTimes t = ((MoELayerImpl) l).phaseTimes();
                 now.put(l.getIndex(), t);
-                log.info("{}MoE layer {} iteration {}: {}", prefix, l.getIndex(), iteration, t);
+                if (logEachIteration) {
+                    log.info("{}MoE layer {} iteration {}: {}", prefix, l.getIndex(), iteration, t);
+                }
             }
         }
         last = now;

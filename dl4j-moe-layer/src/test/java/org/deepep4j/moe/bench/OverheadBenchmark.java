@@ -5,7 +5,7 @@ import org.deepep4j.EpGroup;
 import org.deepep4j.moe.conf.MoELayer;
 import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.exchange.ExpertExchange;
-import org.deepep4j.moe.exchange.InProcessExchangeGroup;
+import org.deepep4j.moe.exchange.JavaExchangeGroup;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deepep4j.moe.layers.PhaseTimes;
 import org.deepep4j.moe.train.ExpertSharding;
@@ -36,7 +36,8 @@ import java.util.function.IntFunction;
  * routing + dispatch + combine). Ranks are threads; dispatch and combine include waiting for the slower rank.
  * Usage: {@code OverheadBenchmark [hidden ffn experts topK ranks tokensPerRank iterations [native|java]]},
  * default 512 1024 8 2 2 1024 10 native (fp32): {@code native} moves tokens with deepep4j's EpBuffer (CPU ranks),
- * {@code java} with the plain-ND4J in-process exchange.
+ * {@code java} with the tests' plain-ND4J exchange. Lives in the test sources: run it with
+ * {@code mvn -o -q -pl dl4j-moe-layer exec:java -Dexec.classpathScope=test -Dexec.mainClass=org.deepep4j.moe.bench.OverheadBenchmark}.
  */
 public final class OverheadBenchmark {
 
@@ -129,7 +130,7 @@ public final class OverheadBenchmark {
                         rank -> new EpBufferExchange(group.buffer(rank, cfg), true));
             }
         } else if ("java".equals(mode)) {
-            InProcessExchangeGroup group = new InProcessExchangeGroup(a[4], Duration.ofMinutes(5));
+            JavaExchangeGroup group = new JavaExchangeGroup(a[4], Duration.ofMinutes(5));
             r = run(a[0], a[1], a[2], a[3], a[4], a[5], a[6], group::rank);
         } else {
             throw new IllegalArgumentException("exchange=" + mode + ": must be native or java");

@@ -1,6 +1,5 @@
 package org.deepep4j.moe.exchange;
 
-import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.factory.Nd4j;
 
@@ -13,11 +12,12 @@ import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
 
 /**
- * Expert exchange for R ranks that are threads of this JVM, in plain ND4J: each rank publishes its arrays in a shared
- * slot, the ranks meet at a barrier, and each reads what it needs from the others. It works for every floating
- * data type (double included, which the DL4J gradient checks need) and is the reference the native path is compared with.
+ * The tests' oracle: expert exchange for R ranks that are threads of this JVM, in plain ND4J. Each rank publishes its
+ * arrays in a shared slot, the ranks meet at a barrier, and each reads what it needs from the others. It works for
+ * every floating data type (double included, which the gradient checks need) and is what the engine's path is
+ * compared with. Training itself always goes through the engine.
  */
-public final class InProcessExchangeGroup {
+public final class JavaExchangeGroup {
 
     private final int size;
     private final Duration timeout;
@@ -25,12 +25,12 @@ public final class InProcessExchangeGroup {
     private final Object[][] slots;
     private final Rank[] ranks;
 
-    public InProcessExchangeGroup(int size, Duration timeout) {
+    public JavaExchangeGroup(int size, Duration timeout) {
         if (size < 1) {
-            throw new IllegalArgumentException("InProcessExchangeGroup size=" + size + ": must be >= 1");
+            throw new IllegalArgumentException("JavaExchangeGroup size=" + size + ": must be >= 1");
         }
         if (timeout == null || timeout.isNegative() || timeout.isZero()) {
-            throw new IllegalArgumentException("InProcessExchangeGroup timeout=" + timeout + ": must be > 0");
+            throw new IllegalArgumentException("JavaExchangeGroup timeout=" + timeout + ": must be > 0");
         }
         this.size = size;
         this.timeout = timeout;
@@ -110,8 +110,7 @@ public final class InProcessExchangeGroup {
                         + size);
             }
             int k = (int) topkIdx.size(1);
-            slots[rank] = new Object[]{x, topkIdx.dup().data().asLong(), topkWeights.dup().castTo(DataType.DOUBLE)
-                    .data().asDouble(), k};
+            slots[rank] = new Object[]{x, topkIdx.dup().data().asLong(), topkWeights.dup().data().asDouble(), k};
             sync(rank, "dispatch");
             int perRank = numExperts / size;
             long lo = (long) rank * perRank;
@@ -176,14 +175,63 @@ public final class InProcessExchangeGroup {
             INDArray recvIdx = Nd4j.createFromArray(flatIdx).reshape(m, k);
             INDArray recvW = Nd4j.createFromArray(flatW).reshape(m, k).castTo(topkWeights.dataType());
             sync(rank, "dispatch");
-            return new Dispatched(recvX, recvIdx, recvW, perExpert, new Layout(tokensFrom, (int) x.size(0), k));
+            return new Routed(recvX, recvIdx, recvW, perExpert, new Layout(tokensFrom, (int) x.size(0), k));
         }
 
-        @Override
-        public Combined combine(Dispatched d, INDArray y, INDArray yTopkWeights) {
-            Layout mine = (Layout) d.handle;
+        /** One dispatch of this rank: what it received and the layout combine and cached dispatch reuse. */
+        private final class Routed implements Dispatched {
+            private final INDArray recvX;
+            private final INDArray recvIdx;
+            private final INDArray recvW;
+            private final int[] perExpert;
+            private final Layout layout;
+
+            Routed(INDArray recvX, INDArray recvIdx, INDArray recvW, int[] perExpert, Layout layout) {
+                this.recvX = recvX;
+                this.recvIdx = recvIdx;
+                this.recvW = recvW;
+                this.perExpert = perExpert;
+                this.layout = layout;
+            }
+
+            @Override
+            public INDArray recvX() {
+                return recvX;
+            }
+
+            @Override
+            public INDArray recvTopkIdx() {
+                return recvIdx;
+            }
+
+            @Override
+            public INDArray recvTopkWeights() {
+                return recvW;
+            }
+
+            @Override
+            public int[] recvTokensPerExpert() {
+                return perExpert.clone();
+            }
+
+            @Override
+            public Combined combine(INDArray y, INDArray yTopkWeights) {
+                return Rank.this.combine(layout, y, yTopkWeights);
+            }
+
+            @Override
+            public INDArray dispatchCached(INDArray g) {
+                return Rank.this.dispatchCached(layout, g);
+            }
+
+            @Override
+            public void close() {
+            }
+        }
+
+        private Combined combine(Layout mine, INDArray y, INDArray yTopkWeights) {
             slots[rank] = new Object[]{y, mine, yTopkWeights == null ? null
-                    : yTopkWeights.dup().castTo(DataType.DOUBLE).data().asDouble()};
+                    : yTopkWeights.dup().data().asDouble()};
             sync(rank, "combine");
             int n = mine.numTokens;
             int k = mine.topK;
@@ -228,9 +276,7 @@ public final class InProcessExchangeGroup {
             return new Combined(out, ow);
         }
 
-        @Override
-        public INDArray dispatchCached(Dispatched d, INDArray g) {
-            Layout mine = (Layout) d.handle;
+        private INDArray dispatchCached(Layout mine, INDArray g) {
             if (g.size(0) != mine.numTokens) {
                 throw new IllegalArgumentException("g rows=" + g.size(0) + ": must equal the dispatched token count "
                         + mine.numTokens);

@@ -3,6 +3,7 @@ package org.deepep4j.samediff;
 import org.deepep4j.EpBuffer;
 import org.nd4j.autodiff.samediff.SDVariable;
 import org.nd4j.autodiff.samediff.SameDiff;
+import org.nd4j.autodiff.samediff.internal.SameDiffOp;
 import org.nd4j.linalg.api.ops.executioner.OpExecutioner;
 import org.nd4j.linalg.factory.Nd4j;
 
@@ -39,6 +40,27 @@ public final class DeepEp {
     if (!(e instanceof DeepEpExecutioner))
       throw new IllegalStateException("ND4J already runs with executioner " + e.getClass().getName()
           + ": call DeepEp.install() before the first ND4J use, or start the JVM with -Dopexec=" + mine);
+  }
+
+  /**
+   * Points every deepep4j op of {@code sd} (and of its gradient graph, if built) at {@code buf}, this rank's buffer.
+   * A graph read by {@code SameDiff.load} names the buffer of the process that saved it: bind it before running it
+   * (running it unbound fails naming the op and this call). Returns how many ops were bound.
+   */
+  public static int bind(SameDiff sd, EpBuffer buf) {
+    if (sd == null) throw new IllegalArgumentException("sd = null: pass the SameDiff graph whose deepep4j ops to bind");
+    if (buf == null) throw new IllegalArgumentException("buf = null: pass this rank's open EpBuffer");
+    EpBuffer.byId(buf.id());  // fails naming the id when buf is closed
+    int n = 0;
+    for (SameDiff g : new SameDiff[] {sd, sd.getFunction("grad")}) {
+      if (g == null) continue;
+      for (SameDiffOp op : g.getOps().values())
+        if (op.getOp() instanceof EpCustomOp) {
+          ((EpCustomOp) op.getOp()).bindTo(buf);
+          ++n;
+        }
+    }
+    return n;
   }
 
   /** Dispatch of x [N, H] by topkIdx [N, K] (long) with optional topkWeights [N, K] (float) over buf's group. */

@@ -26,7 +26,7 @@ public class EpCombineOp extends EpCustomOp {
   }
 
   private boolean weighted() {
-    return getIArgument(1) != 0;
+    return attr(0) != 0;
   }
 
   @Override

@@ -1,6 +1,7 @@
 package org.deepep4j.samediff;
 
 import java.lang.reflect.Field;
+import java.security.SecureRandom;
 import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.List;
@@ -18,20 +19,39 @@ import org.nd4j.linalg.api.shape.LongShapeDescriptor;
 /**
  * Base of the deepep4j graph ops. libnd4j does not know them, so {@link DeepEpExecutioner} runs them in Java through
  * {@link #run} and sizes their outputs with {@link #shapes}. Attribute iArg 0 is the {@link EpBuffer#id()} of the
- * rank's buffer: each rank's graph names its own buffer. Ops that use a dispatch's handle name that dispatch op by
+ * rank's buffer: each rank's graph names its own buffer. iArg 1 names the process that bound it, so a graph saved by
+ * one process and loaded by another fails until {@link DeepEp#bind} points it at a buffer of this process. Ops that use a dispatch's handle name that dispatch op by
  * sArg 0, so the link survives SameDiff's graph cloning.
  */
 public abstract class EpCustomOp extends DynamicCustomOp {
   protected EpCustomOp() {}
 
+  /**
+   * Names this process in iArg 1: a graph read from a file written by another process must be bound first. Within int
+   * range: a full 64-bit value there made libnd4j 1.0.0-M2.1 abort (malloc: invalid size) while running the graph.
+   */
+  static final long PROCESS_TOKEN = 1 + new SecureRandom().nextInt(Integer.MAX_VALUE - 1);
+  /** iArgs from here on are the op's own attributes (0: buffer id, 1: process token). */
+  protected static final int FIRST_ATTR = 2;
+
   protected EpCustomOp(SameDiff sd, SDVariable[] args, int bufferId) {
     super(sd, args);
-    addIArgument(bufferId);
+    addIArgument(bufferId, PROCESS_TOKEN);
   }
 
   protected EpCustomOp(INDArray[] inputs, int bufferId) {
     super(inputs, null);
-    addIArgument(bufferId);
+    addIArgument(bufferId, PROCESS_TOKEN);
+  }
+
+  /** Points this op at {@code buf} (a graph read by {@code SameDiff.load}, or moved to another rank's buffer). */
+  void bindTo(EpBuffer buf) {
+    iArguments.set(0, (long) buf.id());
+    iArguments.set(1, PROCESS_TOKEN);
+  }
+
+  protected long attr(int i) {
+    return getIArgument(FIRST_ATTR + i);
   }
 
   /** SameDiff clones graphs through FlatBuffers when it builds gradients: the attributes live in iArgs/sArgs. */
@@ -76,7 +96,16 @@ public abstract class EpCustomOp extends DynamicCustomOp {
   }
 
   protected EpBuffer buffer() {
-    return EpBuffer.byId(getIArgument(0).intValue());
+    int id = getIArgument(0).intValue();
+    if (getIArgument(1) != PROCESS_TOKEN)
+      throw new IllegalStateException(opName() + " '" + getOwnName() + "': bound to EpBuffer " + id
+          + " of another process (a graph read by SameDiff.load): call DeepEp.bind(sd, buffer) with this rank's EpBuffer before running it");
+    try {
+      return EpBuffer.byId(id);
+    } catch (IllegalArgumentException e) {
+      throw new IllegalStateException(opName() + " '" + getOwnName() + "': " + e.getMessage()
+          + " (closed since the graph was built or saved): call DeepEp.bind(sd, buffer) with this rank's open EpBuffer", e);
+    }
   }
 
   /** Computes the outputs; {@code outputs} (may be null or hold nulls) are written in place when they fit. */

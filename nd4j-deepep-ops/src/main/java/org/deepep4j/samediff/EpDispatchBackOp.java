@@ -25,7 +25,7 @@ public class EpDispatchBackOp extends EpCustomOp {
   }
 
   private boolean weighted() {
-    return getIArgument(1) != 0;
+    return attr(0) != 0;
   }
 
   @Override

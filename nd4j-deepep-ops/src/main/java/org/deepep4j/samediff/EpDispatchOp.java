@@ -14,7 +14,7 @@ import org.nd4j.linalg.api.shape.LongShapeDescriptor;
 /**
  * Dispatch as a graph op. Inputs: x [N, H], topkIdx [N, K] long, optional topkWeights [N, K] float. Outputs: recvX
  * [M, H] (dtype of x), recvTopkIdx [M, K] long, and recvTopkWeights [M, K] float when weights are given. Attributes:
- * iArg 0 buffer id, iArg 1 numExperts, iArg 2 weighted (0/1). Keeps the handle of its last run for combine and for the backward passes; the
+ * iArg 0 buffer id, iArg 1 process token, iArg 2 numExperts, iArg 3 weighted (0/1). Keeps the handle of its last run for combine and for the backward passes; the
  * previous handle is freed when a new run starts.
  */
 public class EpDispatchOp extends EpCustomOp {
@@ -45,11 +45,11 @@ public class EpDispatchOp extends EpCustomOp {
   }
 
   private boolean weighted() {
-    return getIArgument(2) != 0;
+    return attr(1) != 0;
   }
 
   private int numExperts() {
-    return getIArgument(1).intValue();
+    return (int) attr(0);
   }
 
   /** The handle of the last completed run (null before the first). */

@@ -17,14 +17,18 @@ import org.nd4j.linalg.dataset.api.iterator.DataSetIterator;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
+import java.nio.file.Path;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
+import java.util.concurrent.BrokenBarrierException;
+import java.util.concurrent.CyclicBarrier;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.TimeoutException;
 import java.util.function.IntFunction;
 
 /**
@@ -59,12 +63,26 @@ public final class ExpertParallelTrainer {
     private final EpGroup processGroup;
     /** The group whose buffers carry the tokens; null when the exchanges come from {@link Builder#exchanges}. */
     private final EpGroup group;
+    /** Where and how often (iterations) the run is checkpointed; null / 0 for never. */
+    private final Path checkpointFile;
+    private final int checkpointEvery;
+    /** Where fit() starts: epoch and rounds of it already done (from a checkpoint, else 0, 0). */
+    private final int startEpoch;
+    private final int startRound;
+    private CyclicBarrier checkpointBarrier;
+    private volatile int checkpointEpoch;
+    private volatile int checkpointRound;
 
     private ExpertParallelTrainer(Builder b) {
         this.ranks = b.ranks;
         this.processGroup = b.processGroup;
         this.group = b.group;
-        this.conf = b.conf;
+        this.checkpointFile = b.checkpointFile;
+        this.checkpointEvery = b.checkpointEvery;
+        Checkpoint resume = b.resume;
+        this.conf = resume != null ? resume.conf : b.existing != null ? b.existing.getLayerWiseConfigurations() : b.conf;
+        this.startEpoch = resume != null ? resume.epoch : 0;
+        this.startRound = resume != null ? resume.round : 0;
         this.iterator = b.iterator;
         this.epochs = b.epochs;
         this.listeners = b.listeners;
@@ -72,8 +90,17 @@ public final class ExpertParallelTrainer {
         this.timeout = b.timeout;
         this.phaseTiming = b.phaseTiming;
         this.exchanges = b.exchanges;
-        whole = new MultiLayerNetwork(conf.clone());
-        whole.init();
+        if (b.existing != null) {
+            whole = b.existing.clone();
+        } else {
+            whole = new MultiLayerNetwork(conf.clone());
+            whole.init();
+        }
+        if (resume != null) {
+            // every rank's replica as saved: parameters, updater state, iteration and epoch counts
+            replicas = resume.replicas;
+            return;
+        }
         MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, ranks);
         replicas = new MultiLayerNetwork[ranks];
         for (int r = 0; r < ranks; r++) {
@@ -103,14 +130,16 @@ public final class ExpertParallelTrainer {
         if (processGroup != null) {
             int rank = processGroup.processRank();
             try {
-                runRank(rank, new GradientAverager(processGroup, timeout), new RoundRobinBatches(iterator, ranks));
+                runRank(rank, new GradientAverager(processGroup, timeout), new RoundRobinBatches(iterator, ranks, startEpoch, startRound));
             } catch (RuntimeException | Error e) {
                 throw rankFailure(new Throwable[]{e}, rank);
             }
             return;
         }
         GradientAverager averager = new GradientAverager(ranks, timeout);
-        RoundRobinBatches batches = new RoundRobinBatches(iterator, ranks);
+        RoundRobinBatches batches = new RoundRobinBatches(iterator, ranks, startEpoch, startRound);
+        checkpointBarrier = new CyclicBarrier(ranks,
+                () -> Checkpoint.write(checkpointFile, conf, replicas, checkpointEpoch, checkpointRound));
         ExecutorService pool = Executors.newFixedThreadPool(ranks, r -> {
             Thread t = new Thread(r, "ep-rank");
             t.setDaemon(true);
@@ -205,6 +234,9 @@ public final class ExpertParallelTrainer {
         } catch (RuntimeException | Error e) {
             // a failure of this rank alone: the peers must hear of it now, not after their timeout
             averager.abort("rank " + rank + " failed: " + e);
+            if (checkpointBarrier != null) {
+                checkpointBarrier.reset();  // ranks waiting to checkpoint stop now
+            }
             if (ex != null) {
                 ex.fail(e.toString());
             }
@@ -218,13 +250,16 @@ public final class ExpertParallelTrainer {
     }
 
     private void fitRank(MultiLayerNetwork net, List<TrainingListener> ls, RoundRobinBatches batches, int rank) {
-        for (int epoch = 0; epoch < epochs; epoch++) {
-            for (int step = 0; ; step++) {
+        for (int epoch = startEpoch; epoch < epochs; epoch++) {
+            for (int step = epoch == startEpoch ? startRound : 0; ; step++) {
                 DataSet d = batches.take(epoch, step, rank);
                 if (d == null) {
                     break;
                 }
                 net.fit(d);
+                if (checkpointEvery > 0 && net.getIterationCount() % checkpointEvery == 0) {
+                    checkpoint(rank, epoch, step + 1);
+                }
             }
             for (TrainingListener l : ls) {
                 l.onEpochEnd(net);
@@ -233,6 +268,26 @@ public final class ExpertParallelTrainer {
         }
         if (rank == 0) {
             log.info("expert-parallel training on {} ranks done: {} epochs", ranks, epochs);
+        }
+    }
+
+    /** Every rank arrives after the same step; the last to arrive writes the checkpoint, then all go on. */
+    private void checkpoint(int rank, int epoch, int round) {
+        if (rank == 0) {
+            checkpointEpoch = epoch;
+            checkpointRound = round;
+        }
+        try {
+            checkpointBarrier.await(timeout.toMillis(), TimeUnit.MILLISECONDS);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+            throw new RankAbortedException("checkpoint rank " + rank + ": interrupted");
+        } catch (BrokenBarrierException e) {
+            throw new RankAbortedException("checkpoint rank " + rank + ": stopped because another rank failed"
+                    + " or the checkpoint could not be written");
+        } catch (TimeoutException e) {
+            throw new IllegalStateException("checkpoint rank " + rank + ": timed out after " + timeout
+                    + " waiting for the other ranks");
         }
     }
 
@@ -281,6 +336,21 @@ public final class ExpertParallelTrainer {
         private boolean phaseTiming = PhaseTimingListener.enabledByEnvironment();
         private EpGroup processGroup;
         private EpGroup group;
+        private MultiLayerNetwork existing;
+        private Checkpoint resume;
+        private Path checkpointFile;
+        private int checkpointEvery;
+        /** Which setting chose the starting model, for the message when another one tries to. */
+        private String modelSetBy;
+
+        private void setModel(String setting) {
+            if (modelSetBy != null) {
+                throw new IllegalStateException(setting + ": the model was already set by " + modelSetBy
+                        + "; network(configuration), network(existing network) and resumeFrom(checkpoint) are"
+                        + " alternatives, set one of them once");
+            }
+            modelSetBy = setting;
+        }
 
         private void setRanks(String setting, int ranks) {
             if (ranksSetBy != null) {
@@ -345,7 +415,57 @@ public final class ExpertParallelTrainer {
         }
 
         /** The whole model's configuration (MoE layers with epSize 1). */
-        public Builder network(MultiLayerConfiguration conf) { this.conf = conf; return this; }
+        public Builder network(MultiLayerConfiguration conf) {
+            setModel("network(configuration)");
+            this.conf = conf;
+            return this;
+        }
+
+        /**
+         * Starts from the parameters of {@code existing} (a whole model: MoE layers with epSize 1), e.g. one trained
+         * before or restored with ModelSerializer; it is copied, not changed. Its updater state is not carried over
+         * (the updaters start fresh); to continue a run exactly, use {@link #resumeFrom}.
+         */
+        public Builder network(MultiLayerNetwork existing) {
+            if (existing == null) {
+                throw new IllegalArgumentException("existing=null: pass an initialised MultiLayerNetwork");
+            }
+            setModel("network(existing network)");
+            this.existing = existing;
+            return this;
+        }
+
+        /**
+         * Continues the run saved in {@code checkpoint} exactly: every rank's parameters, updater state, iteration
+         * and epoch counts, and the data position (the iterator is reset and the rounds already done are skipped).
+         * {@link #epochs} stays the total count of the run. The ranks must equal the checkpoint's, and the iterator
+         * must give the same batches in the same order.
+         */
+        public Builder resumeFrom(Path checkpoint) {
+            if (checkpoint == null) {
+                throw new IllegalArgumentException("checkpoint=null: pass the file written by checkpoint(file, every)");
+            }
+            setModel("resumeFrom(" + checkpoint + ")");
+            this.resume = Checkpoint.read(checkpoint);
+            return this;
+        }
+
+        /**
+         * Writes a {@link Checkpoint} of the run to {@code file} after every {@code everyIterations} iterations (counted
+         * over the whole run, resumes included), replacing the previous one atomically. In-process ranks only.
+         */
+        public Builder checkpoint(Path file, int everyIterations) {
+            if (file == null) {
+                throw new IllegalArgumentException("file=null: pass the checkpoint file");
+            }
+            if (everyIterations < 1) {
+                throw new IllegalArgumentException("everyIterations=" + everyIterations + ": must be >= 1");
+            }
+            this.checkpointFile = file;
+            this.checkpointEvery = everyIterations;
+            return this;
+        }
+
         public Builder iterator(DataSetIterator iterator) { this.iterator = iterator; return this; }
         public Builder epochs(int epochs) { this.epochs = epochs; return this; }
         /** Listeners of rank 0's replica. */
@@ -371,8 +491,17 @@ public final class ExpertParallelTrainer {
                 throw new IllegalArgumentException("ranks=unset: call group(EpGroup, EpConfig) (or ranks(int) for"
                         + " in-process ranks with EpConfig defaults)");
             }
-            if (conf == null) {
-                throw new IllegalArgumentException("network=null: a MultiLayerConfiguration is required");
+            if (modelSetBy == null) {
+                throw new IllegalArgumentException("network=null: a MultiLayerConfiguration (or an existing network,"
+                        + " or resumeFrom(checkpoint)) is required");
+            }
+            if (resume != null && resume.ranks() != ranks) {
+                throw new IllegalArgumentException("ranks=" + ranks + ": the checkpoint was written by "
+                        + resume.ranks() + " ranks; resume with the same number");
+            }
+            if ((resume != null || checkpointFile != null) && processGroup != null) {
+                throw new IllegalArgumentException("checkpoint/resumeFrom with a multi-process group: not supported"
+                        + " (each process holds only its experts); use in-process ranks");
             }
             if (iterator == null) {
                 throw new IllegalArgumentException("iterator=null: a DataSetIterator is required");

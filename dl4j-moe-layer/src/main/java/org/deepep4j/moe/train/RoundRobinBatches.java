@@ -19,10 +19,15 @@ final class RoundRobinBatches {
     private final Map<Long, List<DataSet>> rounds = new HashMap<>();
     private final Map<Long, Integer> taken = new HashMap<>();
     private int epochReset = -1;
+    /** A resumed run: rounds of {@code skipEpoch} done before, skipped after the reset. */
+    private final int skipEpoch;
+    private final int skipRounds;
 
-    RoundRobinBatches(DataSetIterator it, int ranks) {
+    RoundRobinBatches(DataSetIterator it, int ranks, int skipEpoch, int skipRounds) {
         this.it = it;
         this.ranks = ranks;
+        this.skipEpoch = skipEpoch;
+        this.skipRounds = skipRounds;
     }
 
     /** Rank {@code rank}'s batch of round {@code step} of {@code epoch}, or null at the end of the epoch. */
@@ -33,11 +38,16 @@ final class RoundRobinBatches {
             if (epochReset != epoch) {
                 if (it.resetSupported()) {
                     it.reset();
-                } else if (epoch > 0) {
+                } else if (epoch > skipEpoch) {
                     throw new IllegalStateException("epoch " + epoch + ": the iterator does not support reset(), so it "
                             + "can feed one epoch only");
                 }
                 epochReset = epoch;
+                if (epoch == skipEpoch) {
+                    for (long i = 0; i < (long) skipRounds * ranks && it.hasNext(); i++) {
+                        it.next();
+                    }
+                }
             }
             round = new ArrayList<>();
             while (round.size() < ranks && it.hasNext()) {

@@ -6,6 +6,7 @@
 #include <new>
 
 #include "common/backend.h"
+#include "common/guarded.h"
 #include "common/validate.h"
 #include "deepep4j.h"
 
@@ -14,18 +15,6 @@ using namespace deepep4j;
 #define DEEPEP4J_VERSION_STRING "0.1.0"
 
 namespace {
-
-// Catches what a backend must never let escape (bad_alloc, logic errors) so no C++ exception crosses the C boundary.
-template <class F>
-int guarded(const char* call, F&& f) {
-  try {
-    return f();
-  } catch (const std::bad_alloc&) {
-    return set_error(DEEPEP4J_ERR_OUT_OF_MEMORY, "%s: host allocation failed", call);
-  } catch (const std::exception& e) {
-    return set_error(DEEPEP4J_ERR_INTERNAL, "%s: %s", call, e.what());
-  }
-}
 
 // A decimal int, or -1 when `v` is not one.
 int int_or_invalid(const char* v) {

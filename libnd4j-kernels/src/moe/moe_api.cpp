@@ -9,6 +9,7 @@
 
 #include "../common/backend.h"
 #include "../common/dtype.h"
+#include "../common/guarded.h"
 #include "moe_block.h"
 
 using namespace deepep4j;
@@ -17,17 +18,6 @@ using namespace deepep4j::moe;
 namespace {
 
 constexpr int E_ARG = DEEPEP4J_ERR_INVALID_ARGUMENT;
-
-template <class F>
-int guarded(const char* call, F&& f) {
-  try {
-    return f();
-  } catch (const std::bad_alloc&) {
-    return set_error(DEEPEP4J_ERR_OUT_OF_MEMORY, "%s: host allocation failed", call);
-  } catch (const std::exception& e) {
-    return set_error(DEEPEP4J_ERR_INTERNAL, "%s: %s", call, e.what());
-  }
-}
 
 // Reports a local failure of a collective call to the peers too (they are waiting in the call's first step).
 int fail_collective(deepep4j_buffer* buf, int status) {

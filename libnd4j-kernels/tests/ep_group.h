@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -48,21 +49,42 @@ inline deepep4j_config small_config(const ref::Shape& s, int32_t ring_tokens = 3
   return c;
 }
 
+// R buffers created (rank r with cfg_of(r)) and exported, not yet connected: for tests of connect itself.
+// Destroys the buffers.
+struct Exported {
+  std::vector<deepep4j_buffer*> bufs;
+  std::vector<std::vector<uint8_t>> blobs;
+  std::vector<size_t> lens;
+  std::vector<const void*> ptrs;  // blob pointers as deepep4j_buffer_connect takes them
+
+  Exported(int32_t R, const std::function<deepep4j_config(int32_t)>& cfg_of)
+      : bufs(size_t(R), nullptr), blobs(size_t(R), std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES)), lens(size_t(R), 0) {
+    for (int32_t r = 0; r < R; ++r) {
+      deepep4j_config c = cfg_of(r);
+      REQUIRE_OK(deepep4j_buffer_create(r, R, &c, &bufs[size_t(r)]));
+      REQUIRE_OK(deepep4j_buffer_export(bufs[size_t(r)], blobs[size_t(r)].data(), blobs[size_t(r)].size(),
+                                        &lens[size_t(r)]));
+      ptrs.push_back(blobs[size_t(r)].data());
+    }
+  }
+  Exported(int32_t R, const deepep4j_config& cfg) : Exported(R, [&](int32_t) { return cfg; }) {}
+  Exported(const Exported&) = delete;
+  Exported& operator=(const Exported&) = delete;
+  ~Exported() {
+    for (auto* b : bufs) deepep4j_buffer_destroy(b);
+  }
+  // Connect of rank r with every rank's blob.
+  int connect(int32_t r) { return deepep4j_buffer_connect(bufs[size_t(r)], ptrs.data(), lens.data()); }
+};
+
 // Exchanges blobs in memory and connects every rank (connect is collective, so one thread per rank).
 struct Group {
   std::vector<deepep4j_buffer*> bufs;
 
-  Group(int32_t R, const deepep4j_config& cfg) : bufs(size_t(R), nullptr) {
-    std::vector<std::vector<uint8_t>> blobs(static_cast<size_t>(R), std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES));
-    std::vector<size_t> lens(static_cast<size_t>(R), 0);
-    for (int32_t r = 0; r < R; ++r) {
-      REQUIRE_OK(deepep4j_buffer_create(r, R, &cfg, &bufs[size_t(r)]));
-      REQUIRE_OK(deepep4j_buffer_export(bufs[size_t(r)], blobs[size_t(r)].data(), blobs[size_t(r)].size(),
-                                        &lens[size_t(r)]));
-    }
-    std::vector<const void*> ptrs;
-    for (auto& b : blobs) ptrs.push_back(b.data());
-    run_ranks(R, [&](int32_t r) { REQUIRE_OK(deepep4j_buffer_connect(bufs[size_t(r)], ptrs.data(), lens.data())); });
+  Group(int32_t R, const deepep4j_config& cfg) {
+    Exported e(R, cfg);
+    run_ranks(R, [&](int32_t r) { REQUIRE_OK(e.connect(r)); });
+    bufs.swap(e.bufs);  // the group owns the connected buffers now
   }
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;

@@ -33,24 +33,13 @@ void expect_timeout(int st, int64_t waited, const char* missing, const char* whe
 
 TEST(peer_never_connects) {
   const int32_t R = 3;
-  deepep4j_config c = short_timeout(R);
-  std::vector<deepep4j_buffer*> bufs(R, nullptr);
-  std::vector<std::vector<uint8_t>> blobs(R, std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES));
-  std::vector<size_t> lens(R);
-  std::vector<const void*> ptrs;
-  for (int32_t r = 0; r < R; ++r) {
-    REQUIRE_OK(deepep4j_buffer_create(r, R, &c, &bufs[size_t(r)]));
-    REQUIRE_OK(deepep4j_buffer_export(bufs[size_t(r)], blobs[size_t(r)].data(), blobs[size_t(r)].size(),
-                                      &lens[size_t(r)]));
-    ptrs.push_back(blobs[size_t(r)].data());
-  }
+  ep::Exported e(R, short_timeout(R));
   // Rank 2 exported its blob but never calls connect.
   ep::run_ranks(2, [&](int32_t r) {
     auto t0 = std::chrono::steady_clock::now();
-    int st = deepep4j_buffer_connect(bufs[size_t(r)], ptrs.data(), lens.data());
+    int st = e.connect(r);
     expect_timeout(st, ms_since(t0), "rank 2", t::fmt("connect on rank %d", r).c_str());
   });
-  for (auto* b : bufs) deepep4j_buffer_destroy(b);
 }
 
 TEST(peer_skips_notify) {

@@ -6,23 +6,12 @@ namespace {
 
 // Connects R ranks whose configs come from cfg_of(rank); returns each rank's status and message.
 std::vector<std::pair<int, std::string>> connect_all(int32_t R, const std::function<deepep4j_config(int32_t)>& cfg_of) {
-  std::vector<deepep4j_buffer*> bufs(static_cast<size_t>(R), nullptr);
-  std::vector<std::vector<uint8_t>> blobs(static_cast<size_t>(R), std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES));
-  std::vector<size_t> lens(static_cast<size_t>(R));
-  std::vector<const void*> ptrs;
-  for (int32_t r = 0; r < R; ++r) {
-    deepep4j_config c = cfg_of(r);
-    REQUIRE_OK(deepep4j_buffer_create(r, R, &c, &bufs[size_t(r)]));
-    REQUIRE_OK(deepep4j_buffer_export(bufs[size_t(r)], blobs[size_t(r)].data(), blobs[size_t(r)].size(),
-                                      &lens[size_t(r)]));
-    ptrs.push_back(blobs[size_t(r)].data());
-  }
+  ep::Exported e(R, cfg_of);
   std::vector<std::pair<int, std::string>> out(static_cast<size_t>(R));
   ep::run_ranks(R, [&](int32_t r) {
-    int st = deepep4j_buffer_connect(bufs[size_t(r)], ptrs.data(), lens.data());
+    int st = e.connect(r);
     out[size_t(r)] = {st, deepep4j_last_error()};
   });
-  for (auto* b : bufs) deepep4j_buffer_destroy(b);
   return out;
 }
 

@@ -110,20 +110,10 @@ TEST(bad_handle_in_dispatch_or_combine_reaches_every_rank) {
 
 TEST(null_blobs_in_connect_reach_every_rank) {
   const int32_t R = 3;
-  deepep4j_config c = ep::small_config(shape3());
-  std::vector<deepep4j_buffer*> bufs(R, nullptr);
-  std::vector<std::vector<uint8_t>> blobs(R, std::vector<uint8_t>(DEEPEP4J_MAX_BLOB_BYTES));
-  std::vector<size_t> lens(R);
-  std::vector<const void*> ptrs;
-  for (int32_t r = 0; r < R; ++r) {
-    REQUIRE_OK(deepep4j_buffer_create(r, R, &c, &bufs[size_t(r)]));
-    REQUIRE_OK(deepep4j_buffer_export(bufs[size_t(r)], blobs[size_t(r)].data(), blobs[size_t(r)].size(),
-                                      &lens[size_t(r)]));
-    ptrs.push_back(blobs[size_t(r)].data());
-  }
+  ep::Exported e(R, ep::small_config(shape3()));
   ep::run_ranks(R, [&](int32_t r) {
     auto t0 = std::chrono::steady_clock::now();
-    int st = deepep4j_buffer_connect(bufs[size_t(r)], r == 1 ? nullptr : ptrs.data(), lens.data());
+    int st = deepep4j_buffer_connect(e.bufs[size_t(r)], r == 1 ? nullptr : e.ptrs.data(), e.lens.data());
     std::string msg = deepep4j_last_error();
     if (r == 1)
       CHECK_MSG(st == DEEPEP4J_ERR_INVALID_ARGUMENT && msg.find("blobs/lens = NULL") != std::string::npos,
@@ -131,7 +121,6 @@ TEST(null_blobs_in_connect_reach_every_rank) {
     else
       expect_peer_error(st, msg, ms_since(t0), "blobs/lens = NULL", t::fmt("rank %d", r).c_str());
   });
-  for (auto* b : bufs) deepep4j_buffer_destroy(b);
 }
 
 namespace {

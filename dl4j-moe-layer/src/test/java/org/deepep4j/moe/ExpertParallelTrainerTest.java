@@ -3,25 +3,35 @@ package org.deepep4j.moe;
 import org.deepep4j.moe.train.ExpertParallelTrainer;
 import org.deepep4j.moe.train.PhaseTimingListener;
 import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
+import org.deeplearning4j.nn.conf.ComputationGraphConfiguration;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
+import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
+import org.deeplearning4j.nn.conf.graph.MergeVertex;
+import org.deeplearning4j.nn.conf.inputs.InputType;
+import org.deeplearning4j.nn.conf.layers.OutputLayer;
+import org.deeplearning4j.nn.graph.ComputationGraph;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.junit.jupiter.api.Test;
+import org.nd4j.linalg.activations.Activation;
 import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.dataset.DataSet;
 import org.nd4j.linalg.factory.Nd4j;
 import org.nd4j.linalg.learning.config.Adam;
+import org.nd4j.linalg.lossfunctions.LossFunctions;
 
 import java.util.List;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 /**
- * Expert-parallel training in fp32 through the engine's CPU backend: two ranks train the same model as one rank, async
- * combine changes nothing, the builder refuses conflicting rank settings.
+ * Expert-parallel training in fp32 through the engine's CPU backend: two ranks train the same model as one rank (as a
+ * MultiLayerNetwork and as a ComputationGraph), async combine changes nothing, the builder refuses conflicting rank
+ * settings and graphs it cannot feed.
  */
 class ExpertParallelTrainerTest {
 
@@ -35,17 +45,34 @@ class ExpertParallelTrainerTest {
         return all.asList();
     }
 
+    /** 2 epochs of {@code model} (a builder with the network set) on {@code ranks} ranks, batches of {@code batch}. */
+    private static ExpertParallelTrainer fit(ExpertParallelTrainer.Builder model, int ranks, int batch) {
+        ExpertParallelTrainer t = model.ranks(ranks).iterator(new ListDataSetIterator<>(data(), batch)).epochs(2).build();
+        t.fit();
+        return t;
+    }
+
     private static MultiLayerNetwork train(int ranks, int batch, boolean async, PhaseTimingListener timing) {
         MultiLayerConfiguration conf = Nets.ff(DataType.FLOAT, new Adam(1e-2),
                 Nets.moe().sharedExpertFfnSize(4).asyncCombine(async), HIDDEN);
-        ExpertParallelTrainer.Builder b = ExpertParallelTrainer.builder().ranks(ranks).network(conf)
-                .iterator(new ListDataSetIterator<>(data(), batch)).epochs(2);
+        ExpertParallelTrainer.Builder b = ExpertParallelTrainer.builder().network(conf);
         if (timing != null) {
             b.listeners(timing);
         }
-        ExpertParallelTrainer t = b.build();
-        t.fit();
-        return t.wholeNetwork();
+        return fit(b, ranks, batch).wholeNetwork();
+    }
+
+    private static ComputationGraphConfiguration graph() {
+        return Nets.graph(DataType.FLOAT, new Adam(1e-2), Nets.moe().sharedExpertFfnSize(4), HIDDEN);
+    }
+
+    /** 1 rank with batch 2B and 2 ranks with batch B: the same training, up to fp32 rounding, and it moved. */
+    private static void assertTrainedAlike(INDArray initial, INDArray one, INDArray two, INDArray outOne, INDArray outTwo) {
+        double moved = one.sub(initial).norm2Number().doubleValue();
+        assertTrue(moved > 1e-2, "training moved the parameters by " + moved);
+        double maxDiff = one.sub(two).amaxNumber().doubleValue();
+        assertTrue(maxDiff < 1e-4, "EP=1 and EP=2 parameters differ by up to " + maxDiff);
+        assertTrue(outOne.equalsWithEps(outTwo, 1e-4), "EP=1 and EP=2 outputs differ");
     }
 
     @Test
@@ -55,13 +82,40 @@ class ExpertParallelTrainerTest {
         initial.init();
         MultiLayerNetwork one = train(1, 16, false, null);
         MultiLayerNetwork two = train(2, 8, false, null);
-        double moved = one.params().sub(initial.params()).norm2Number().doubleValue();
-        assertTrue(moved > 1e-2, "training moved the parameters by " + moved);
-        INDArray diff = one.params().sub(two.params());
-        double maxDiff = diff.amaxNumber().doubleValue();
-        assertTrue(maxDiff < 1e-4, "EP=1 and EP=2 parameters differ by up to " + maxDiff);
         INDArray x = Nets.input(DataType.FLOAT, 33, 5, HIDDEN);
-        assertTrue(one.output(x).equalsWithEps(two.output(x), 1e-4));
+        assertTrainedAlike(initial.params(), one.params(), two.params(), one.output(x), two.output(x));
+    }
+
+    @Test
+    void twoRanksTrainAGraphLikeOne() {
+        ComputationGraph initial = new ComputationGraph(graph());
+        initial.init();
+        ExpertParallelTrainer oneRank = fit(ExpertParallelTrainer.builder().network(graph()), 1, 16);
+        ExpertParallelTrainer twoRanks = fit(ExpertParallelTrainer.builder().network(graph()), 2, 8);
+        ComputationGraph one = oneRank.wholeGraph();
+        ComputationGraph two = twoRanks.wholeGraph();
+        java.util.Set<String> rank1 = twoRanks.replicaGraph(1).getLayer("moe").paramTable().keySet();
+        assertTrue(rank1.contains("e1W1") && !rank1.contains("e2W1"), "rank 1's MoE vertex holds 2 of 4 experts: " + rank1);
+        INDArray x = Nets.input(DataType.FLOAT, 33, 5, HIDDEN);
+        assertTrainedAlike(initial.params(), one.params(), two.params(), one.outputSingle(x), two.outputSingle(x));
+        IllegalStateException e = assertThrows(IllegalStateException.class, twoRanks::wholeNetwork);
+        assertTrue(e.getMessage().contains("ComputationGraph; use wholeGraph()"), e.getMessage());
+    }
+
+    @Test
+    void aGraphTheIteratorCannotFeedIsRefusedNamingItsInputs() {
+        ComputationGraphConfiguration twoInputs = new NeuralNetConfiguration.Builder().seed(1).updater(new Adam(1e-2))
+                .graphBuilder().addInputs("a", "b")
+                .addVertex("ab", new MergeVertex(), "a", "b")
+                .addLayer("moe", Nets.moe().build(), "ab")
+                .addLayer("out", new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(Nets.N_CLASSES)
+                        .activation(Activation.SOFTMAX).build(), "moe")
+                .setOutputs("out")
+                .setInputTypes(InputType.feedForward(HIDDEN / 2), InputType.feedForward(HIDDEN / 2)).build();
+        IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> ExpertParallelTrainer.builder()
+                .ranks(2).network(twoInputs).iterator(new ListDataSetIterator<>(data(), 8)).build());
+        assertTrue(e.getMessage().contains("inputs [a, b] and outputs [out]")
+                && e.getMessage().contains("exactly one input and one output"), e.getMessage());
     }
 
     @Test

@@ -48,17 +48,18 @@ final class Nets {
 
     /**
      * The {@link #ff} layers as a ComputationGraph whose MoE layer vertex has a residual edge around it:
-     * in -> dense(tanh) -> moe -> add(dense, moe) -> softmax output.
+     * in -> dense(tanh) -> moe -> add(dense, moe) -> softmax output. The vertices are declared output first: DL4J
+     * flattens a graph's parameters in topological order, not in the order of declaration or of getLayers().
      */
     static ComputationGraphConfiguration graph(DataType type, IUpdater updater, MoELayer.Builder moe, int nIn) {
         return new NeuralNetConfiguration.Builder().seed(42).dataType(type).updater(updater)
                 .weightInit(WeightInit.XAVIER).graphBuilder()
                 .addInputs("in")
-                .addLayer("dense", new DenseLayer.Builder().nOut(nIn).activation(Activation.TANH).build(), "in")
-                .addLayer("moe", moe.build(), "dense")
-                .addVertex("residual", new ElementWiseVertex(ElementWiseVertex.Op.Add), "dense", "moe")
                 .addLayer("out", new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
                         .activation(Activation.SOFTMAX).build(), "residual")
+                .addVertex("residual", new ElementWiseVertex(ElementWiseVertex.Op.Add), "dense", "moe")
+                .addLayer("moe", moe.build(), "dense")
+                .addLayer("dense", new DenseLayer.Builder().nOut(nIn).activation(Activation.TANH).build(), "in")
                 .setOutputs("out")
                 .setInputTypes(InputType.feedForward(nIn)).build();
     }

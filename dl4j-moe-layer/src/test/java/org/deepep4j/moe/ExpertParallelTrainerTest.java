@@ -5,20 +5,17 @@ import org.deepep4j.moe.train.PhaseTimingListener;
 import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
 import org.deeplearning4j.nn.conf.ComputationGraphConfiguration;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
-import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
-import org.deeplearning4j.nn.conf.graph.MergeVertex;
-import org.deeplearning4j.nn.conf.inputs.InputType;
-import org.deeplearning4j.nn.conf.layers.OutputLayer;
 import org.deeplearning4j.nn.graph.ComputationGraph;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.junit.jupiter.api.Test;
-import org.nd4j.linalg.activations.Activation;
 import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.dataset.DataSet;
+import org.nd4j.linalg.dataset.MultiDataSet;
+import org.nd4j.linalg.dataset.api.iterator.MultiDataSetIterator;
+import org.nd4j.linalg.dataset.api.iterator.TestMultiDataSetIterator;
 import org.nd4j.linalg.factory.Nd4j;
 import org.nd4j.linalg.learning.config.Adam;
-import org.nd4j.linalg.lossfunctions.LossFunctions;
 
 import java.util.List;
 
@@ -27,6 +24,8 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
+import static org.nd4j.linalg.indexing.NDArrayIndex.all;
+import static org.nd4j.linalg.indexing.NDArrayIndex.interval;
 
 /**
  * Expert-parallel training in fp32 through the engine's CPU backend: two ranks train the same model as one rank (as a
@@ -102,20 +101,43 @@ class ExpertParallelTrainerTest {
         assertTrue(e.getMessage().contains("ComputationGraph; use wholeGraph()"), e.getMessage());
     }
 
+    /** data() as MultiDataSets of one example: features split into inputs a (first half) and b (second half). */
+    private static MultiDataSetIterator twoInputData(int batch) {
+        List<org.nd4j.linalg.dataset.api.MultiDataSet> examples = new java.util.ArrayList<>();
+        for (DataSet d : data()) {
+            INDArray x = d.getFeatures();
+            examples.add(new MultiDataSet(new INDArray[]{x.get(all(), interval(0, HIDDEN / 2)),
+                    x.get(all(), interval(HIDDEN / 2, HIDDEN))}, new INDArray[]{d.getLabels()}));
+        }
+        return new TestMultiDataSetIterator(batch, examples.toArray(new org.nd4j.linalg.dataset.api.MultiDataSet[0]));
+    }
+
     @Test
-    void aGraphTheIteratorCannotFeedIsRefusedNamingItsInputs() {
-        ComputationGraphConfiguration twoInputs = new NeuralNetConfiguration.Builder().seed(1).updater(new Adam(1e-2))
-                .graphBuilder().addInputs("a", "b")
-                .addVertex("ab", new MergeVertex(), "a", "b")
-                .addLayer("moe", Nets.moe().build(), "ab")
-                .addLayer("out", new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(Nets.N_CLASSES)
-                        .activation(Activation.SOFTMAX).build(), "moe")
-                .setOutputs("out")
-                .setInputTypes(InputType.feedForward(HIDDEN / 2), InputType.feedForward(HIDDEN / 2)).build();
+    void twoRanksTrainATwoInputGraphFromMultiDataSetsLikeOne() {
+        ComputationGraphConfiguration conf = Nets.twoInputGraph(DataType.FLOAT, new Adam(1e-2), Nets.moe(), HIDDEN);
+        ComputationGraph initial = new ComputationGraph(conf);
+        initial.init();
+        ComputationGraph[] trained = new ComputationGraph[2];
+        for (int ranks = 1; ranks <= 2; ranks++) {
+            ExpertParallelTrainer t = ExpertParallelTrainer.builder().ranks(ranks).network(conf)
+                    .iterator(twoInputData(16 / ranks)).epochs(2).build();
+            t.fit();
+            trained[ranks - 1] = t.wholeGraph();
+        }
+        INDArray a = Nets.input(DataType.FLOAT, 33, 5, HIDDEN / 2);
+        INDArray b = Nets.input(DataType.FLOAT, 34, 5, HIDDEN / 2);
+        assertTrainedAlike(initial.params(), trained[0].params(), trained[1].params(),
+                trained[0].outputSingle(a, b), trained[1].outputSingle(a, b));
+    }
+
+    @Test
+    void aGraphADataSetIteratorCannotFeedIsRefusedNamingItsInputs() {
+        ComputationGraphConfiguration twoInputs = Nets.twoInputGraph(DataType.FLOAT, new Adam(1e-2), Nets.moe(), HIDDEN);
         IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> ExpertParallelTrainer.builder()
                 .ranks(2).network(twoInputs).iterator(new ListDataSetIterator<>(data(), 8)).build());
         assertTrue(e.getMessage().contains("inputs [a, b] and outputs [out]")
-                && e.getMessage().contains("exactly one input and one output"), e.getMessage());
+                && e.getMessage().contains("exactly one input and one output")
+                && e.getMessage().contains("MultiDataSetIterator"), e.getMessage());
     }
 
     @Test

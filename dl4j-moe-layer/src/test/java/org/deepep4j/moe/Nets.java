@@ -6,6 +6,7 @@ import org.deeplearning4j.nn.conf.ComputationGraphConfiguration;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
 import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
 import org.deeplearning4j.nn.conf.graph.ElementWiseVertex;
+import org.deeplearning4j.nn.conf.graph.MergeVertex;
 import org.deeplearning4j.nn.conf.inputs.InputType;
 import org.deeplearning4j.nn.conf.layers.DenseLayer;
 import org.deeplearning4j.nn.conf.layers.OutputLayer;
@@ -62,6 +63,19 @@ final class Nets {
                 .addLayer("dense", new DenseLayer.Builder().nOut(nIn).activation(Activation.TANH).build(), "in")
                 .setOutputs("out")
                 .setInputTypes(InputType.feedForward(nIn)).build();
+    }
+
+    /** Two inputs "a" and "b" of nIn / 2 features each, merged -> MoE -> softmax output "out". */
+    static ComputationGraphConfiguration twoInputGraph(DataType type, IUpdater updater, MoELayer.Builder moe, int nIn) {
+        return new NeuralNetConfiguration.Builder().seed(42).dataType(type).updater(updater)
+                .weightInit(WeightInit.XAVIER).graphBuilder()
+                .addInputs("a", "b")
+                .addVertex("ab", new MergeVertex(), "a", "b")
+                .addLayer("moe", moe.build(), "ab")
+                .addLayer("out", new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
+                        .activation(Activation.SOFTMAX).build(), "moe")
+                .setOutputs("out")
+                .setInputTypes(InputType.feedForward(nIn / 2), InputType.feedForward(nIn / 2)).build();
     }
 
     /** MoE directly on recurrent input [mb, 6, T] -> RNN softmax output. */

@@ -15,8 +15,8 @@ import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
 import org.deeplearning4j.nn.graph.ComputationGraph;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.optimize.api.TrainingListener;
-import org.nd4j.linalg.dataset.api.DataSet;
 import org.nd4j.linalg.dataset.api.iterator.DataSetIterator;
+import org.nd4j.linalg.dataset.api.iterator.MultiDataSetIterator;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -36,8 +36,8 @@ import java.util.function.IntFunction;
 import java.util.function.Supplier;
 
 /**
- * Trains a {@link MultiLayerNetwork} or a {@link ComputationGraph} (one input, one output) with MoE layers
- * expert-parallel on R ranks that are threads of this JVM (or processes of a multi-process group).
+ * Trains a {@link MultiLayerNetwork} or a {@link ComputationGraph} with MoE layers expert-parallel on R ranks that are
+ * threads of this JVM (or processes of a multi-process group), fed by a DataSetIterator or a MultiDataSetIterator.
  * The whole model is built once from the configuration (so its weights do not depend on R); rank r gets a replica with
  * every replicated parameter and experts [r*E/R, (r+1)*E/R). Each step every rank fits its own minibatch from the
  * shared iterator (batches are dealt round-robin; a last round with fewer than R batches is dropped), MoE layers move
@@ -54,7 +54,9 @@ public final class ExpertParallelTrainer {
     private static final Logger log = LoggerFactory.getLogger(ExpertParallelTrainer.class);
 
     private final int ranks;
+    /** Exactly one of these feeds the run. */
     private final DataSetIterator iterator;
+    private final MultiDataSetIterator multiIterator;
     private final int epochs;
     private final List<TrainingListener> listeners;
     private final IntFunction<List<TrainingListener>> rankListeners;
@@ -87,6 +89,7 @@ public final class ExpertParallelTrainer {
         this.startEpoch = resume != null ? resume.epoch : 0;
         this.startRound = resume != null ? resume.round : 0;
         this.iterator = b.iterator;
+        this.multiIterator = b.multiIterator;
         this.epochs = b.epochs;
         this.listeners = b.listeners;
         this.rankListeners = b.rankListeners;
@@ -94,7 +97,9 @@ public final class ExpertParallelTrainer {
         this.phaseTiming = b.phaseTiming;
         this.exchanges = b.exchanges;
         whole = b.model.get();
-        whole.requireOneInputAndOutput();
+        if (iterator != null) {
+            whole.requireFedByDataSets();
+        }
         if (resume != null) {
             // every rank's replica as saved: parameters, updater state, iteration and epoch counts
             replicas = resume.replicas;
@@ -127,14 +132,14 @@ public final class ExpertParallelTrainer {
         if (processGroup != null) {
             int rank = processGroup.processRank();
             try {
-                runRank(rank, new GradientAverager(processGroup, timeout), new RoundRobinBatches(iterator, ranks, startEpoch, startRound));
+                runRank(rank, new GradientAverager(processGroup, timeout), batches());
             } catch (RuntimeException | Error e) {
                 throw rankFailure(new Throwable[]{e}, rank);
             }
             return;
         }
         GradientAverager averager = new GradientAverager(ranks, timeout);
-        RoundRobinBatches batches = new RoundRobinBatches(iterator, ranks, startEpoch, startRound);
+        RoundRobinBatches<?> batches = batches();
         checkpointBarrier = new CyclicBarrier(ranks,
                 () -> Checkpoint.write(checkpointFile, whole, replicas, checkpointEpoch, checkpointRound));
         ExecutorService pool = Executors.newFixedThreadPool(ranks, r -> {
@@ -204,7 +209,13 @@ public final class ExpertParallelTrainer {
         return e;
     }
 
-    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
+    /** The batches of the run's iterator, from where it starts (a resume skips the rounds done). */
+    private RoundRobinBatches<?> batches() {
+        return iterator != null ? RoundRobinBatches.of(iterator, ranks, startEpoch, startRound)
+                : RoundRobinBatches.of(multiIterator, ranks, startEpoch, startRound);
+    }
+
+    private void runRank(int rank, GradientAverager averager, RoundRobinBatches<?> batches) {
         NetworkAdapter net = replicas[rank];
         ExpertExchange ex = null;
         try {
@@ -246,14 +257,12 @@ public final class ExpertParallelTrainer {
         }
     }
 
-    private void fitRank(NetworkAdapter net, List<TrainingListener> ls, RoundRobinBatches batches, int rank) {
+    private void fitRank(NetworkAdapter net, List<TrainingListener> ls, RoundRobinBatches<?> batches, int rank) {
         for (int epoch = startEpoch; epoch < epochs; epoch++) {
             for (int step = epoch == startEpoch ? startRound : 0; ; step++) {
-                DataSet d = batches.take(epoch, step, rank);
-                if (d == null) {
+                if (!batches.fitNext(net, epoch, step, rank)) {
                     break;
                 }
-                net.fit(d);
                 if (checkpointEvery > 0 && net.iterationCount() % checkpointEvery == 0) {
                     checkpoint(rank, epoch, step + 1);
                 }
@@ -359,6 +368,7 @@ public final class ExpertParallelTrainer {
         /** Makes the whole model at build(): from a configuration, a copy of an existing network or a checkpoint. */
         private Supplier<NetworkAdapter> model;
         private DataSetIterator iterator;
+        private MultiDataSetIterator multiIterator;
         private int epochs = 1;
         private List<TrainingListener> listeners = new ArrayList<>();
         private IntFunction<List<TrainingListener>> rankListeners;
@@ -453,8 +463,9 @@ public final class ExpertParallelTrainer {
         }
 
         /**
-         * The whole model as a graph (MoE layer vertices with epSize 1). The iterator's DataSets feed it, so the
-         * graph must have exactly one input and one output; other graphs are refused at {@link #build}.
+         * The whole model as a graph (MoE layer vertices with epSize 1). A DataSetIterator feeds only a graph with
+         * one input and one output (others are refused at {@link #build}); give a graph with several a
+         * MultiDataSetIterator.
          */
         public Builder network(ComputationGraphConfiguration conf) {
             requireNonNull(conf, "conf", "a ComputationGraphConfiguration");
@@ -517,7 +528,26 @@ public final class ExpertParallelTrainer {
             return this;
         }
 
-        public Builder iterator(DataSetIterator iterator) { this.iterator = iterator; return this; }
+        /** The batches, dealt round-robin to the ranks (each round one per rank). */
+        public Builder iterator(DataSetIterator iterator) {
+            if (multiIterator != null) {
+                throw new IllegalStateException("iterator(DataSetIterator): a MultiDataSetIterator was already set;"
+                        + " give one iterator");
+            }
+            this.iterator = iterator;
+            return this;
+        }
+
+        /** The batches as MultiDataSets, for a ComputationGraph with several inputs or outputs. */
+        public Builder iterator(MultiDataSetIterator iterator) {
+            if (this.iterator != null) {
+                throw new IllegalStateException("iterator(MultiDataSetIterator): a DataSetIterator was already set;"
+                        + " give one iterator");
+            }
+            this.multiIterator = iterator;
+            return this;
+        }
+
         public Builder epochs(int epochs) { this.epochs = epochs; return this; }
         /** Listeners of rank 0's replica. */
         public Builder listeners(TrainingListener... l) { this.listeners = new ArrayList<>(Arrays.asList(l)); return this; }
@@ -554,8 +584,9 @@ public final class ExpertParallelTrainer {
                 throw new IllegalArgumentException("checkpoint/resumeFrom with a multi-process group: not supported"
                         + " (each process holds only its experts); use in-process ranks");
             }
-            if (iterator == null) {
-                throw new IllegalArgumentException("iterator=null: a DataSetIterator is required");
+            if (iterator == null && multiIterator == null) {
+                throw new IllegalArgumentException("iterator=null: a DataSetIterator (or a MultiDataSetIterator) is"
+                        + " required");
             }
             if (epochs < 1) {
                 throw new IllegalArgumentException("epochs=" + epochs + ": must be >= 1");

@@ -10,6 +10,7 @@ import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.util.ModelSerializer;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.dataset.api.DataSet;
+import org.nd4j.linalg.dataset.api.MultiDataSet;
 
 import java.io.IOException;
 import java.io.InputStream;
@@ -98,14 +99,19 @@ abstract class NetworkAdapter {
 
     abstract void fit(DataSet batch);
 
+    abstract void fit(MultiDataSet batch);
+
     abstract int iterationCount();
 
     abstract int epochCount();
 
     abstract void incrementEpochCount();
 
-    /** Refuses a network the trainer cannot feed from a DataSetIterator, naming what and why. */
-    abstract void requireOneInputAndOutput();
+    /**
+     * Refuses a network that batches of a DataSetIterator cannot feed, naming what and why; a MultiDataSetIterator
+     * feeds any.
+     */
+    abstract void requireFedByDataSets();
 
     INDArray params() {
         return model().params();
@@ -128,10 +134,11 @@ abstract class NetworkAdapter {
         @Override Layer[] layersInParamOrder() { return net.getLayers(); }
         @Override INDArray gradients() { return net.getFlattenedGradients(); }
         @Override void fit(DataSet batch) { net.fit(batch); }
+        @Override void fit(MultiDataSet batch) { net.fit(batch); }
         @Override int iterationCount() { return net.getIterationCount(); }
         @Override int epochCount() { return net.getEpochCount(); }
         @Override void incrementEpochCount() { net.incrementEpochCount(); }
-        @Override void requireOneInputAndOutput() { }
+        @Override void requireFedByDataSets() { }
     }
 
     private static final class Graph extends NetworkAdapter {
@@ -163,17 +170,18 @@ abstract class NetworkAdapter {
 
         @Override INDArray gradients() { return net.getFlattenedGradients(); }
         @Override void fit(DataSet batch) { net.fit(batch); }
+        @Override void fit(MultiDataSet batch) { net.fit(batch); }
         @Override int iterationCount() { return net.getIterationCount(); }
         @Override int epochCount() { return net.getEpochCount(); }
         @Override void incrementEpochCount() { net.incrementEpochCount(); }
 
-        @Override void requireOneInputAndOutput() {
+        @Override void requireFedByDataSets() {
             ComputationGraphConfiguration c = net.getConfiguration();
             if (c.getNetworkInputs().size() != 1 || c.getNetworkOutputs().size() != 1) {
                 throw new IllegalArgumentException("network: ComputationGraph with inputs " + c.getNetworkInputs()
-                        + " and outputs " + c.getNetworkOutputs() + ": ExpertParallelTrainer feeds each rank from a"
-                        + " DataSetIterator (one features and one labels array per batch), so the graph must have"
-                        + " exactly one input and one output");
+                        + " and outputs " + c.getNetworkOutputs() + ": a DataSetIterator gives one features and one"
+                        + " labels array per batch, so it feeds only a graph with exactly one input and one output;"
+                        + " give this graph a MultiDataSetIterator (iterator(MultiDataSetIterator))");
             }
         }
     }

@@ -101,6 +101,17 @@ class ExpertParallelTrainerTest {
         assertTrue(e.getMessage().contains("ComputationGraph; use wholeGraph()"), e.getMessage());
     }
 
+    @Test
+    void aGraphsMoEVertexTrainsOnTheEngineBlockAsOnTheJavaPath() {
+        ComputationGraph java = fit(ExpertParallelTrainer.builder().network(graph()), 2, 8).wholeGraph();
+        ExpertParallelTrainer t = fit(ExpertParallelTrainer.builder().network(Nets.graph(DataType.FLOAT, new Adam(1e-2),
+                Nets.moe().sharedExpertFfnSize(4).engineBlock(true), HIDDEN)), 2, 8);
+        org.deepep4j.moe.layers.MoELayerImpl moe = (org.deepep4j.moe.layers.MoELayerImpl) t.replicaGraph(1).getLayer("moe");
+        assertEquals(EXAMPLES / 8 / 2 * 2, moe.viewSynchronizations(), "the engine stepped the experts every iteration");
+        double worst = java.params().sub(t.wholeGraph().params()).amaxNumber().doubleValue();
+        assertTrue(worst < 2e-4, "engine block and Java path parameters differ by up to " + worst);
+    }
+
     /** data() as MultiDataSets of one example: features split into inputs a (first half) and b (second half). */
     private static MultiDataSetIterator twoInputData(int batch) {
         List<org.nd4j.linalg.dataset.api.MultiDataSet> examples = new java.util.ArrayList<>();

@@ -1,5 +1,6 @@
 package org.deepep4j.moe;
 
+import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deepep4j.moe.train.ExpertParallelTrainer;
 import org.deepep4j.moe.train.PhaseTimingListener;
 import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
@@ -46,7 +47,8 @@ class ExpertParallelTrainerTest {
 
     /** 2 epochs of {@code model} (a builder with the network set) on {@code ranks} ranks, batches of {@code batch}. */
     private static ExpertParallelTrainer fit(ExpertParallelTrainer.Builder model, int ranks, int batch) {
-        ExpertParallelTrainer t = model.ranks(ranks).iterator(new ListDataSetIterator<>(data(), batch)).epochs(2).build();
+        ExpertParallelTrainer t = model.ranks(ranks).iterator(new ListDataSetIterator<>(data(), batch)).epochs(2)
+                .build();
         t.fit();
         return t;
     }
@@ -66,7 +68,8 @@ class ExpertParallelTrainerTest {
     }
 
     /** 1 rank with batch 2B and 2 ranks with batch B: the same training, up to fp32 rounding, and it moved. */
-    private static void assertTrainedAlike(INDArray initial, INDArray one, INDArray two, INDArray outOne, INDArray outTwo) {
+    private static void assertTrainedAlike(INDArray initial, INDArray one, INDArray two,
+                                           INDArray outOne, INDArray outTwo) {
         double moved = one.sub(initial).norm2Number().doubleValue();
         assertTrue(moved > 1e-2, "training moved the parameters by " + moved);
         double maxDiff = one.sub(two).amaxNumber().doubleValue();
@@ -94,7 +97,7 @@ class ExpertParallelTrainerTest {
         ComputationGraph one = oneRank.wholeGraph();
         ComputationGraph two = twoRanks.wholeGraph();
         java.util.Set<String> rank1 = twoRanks.replicaGraph(1).getLayer("moe").paramTable().keySet();
-        assertTrue(rank1.contains("e1W1") && !rank1.contains("e2W1"), "rank 1's MoE vertex holds 2 of 4 experts: " + rank1);
+        assertTrue(rank1.contains("e1W1") && !rank1.contains("e2W1"), "rank 1's MoE vertex holds 2 of 4: " + rank1);
         INDArray x = Nets.input(DataType.FLOAT, 33, 5, HIDDEN);
         assertTrainedAlike(initial.params(), one.params(), two.params(), one.outputSingle(x), two.outputSingle(x));
         IllegalStateException e = assertThrows(IllegalStateException.class, twoRanks::wholeNetwork);
@@ -106,8 +109,8 @@ class ExpertParallelTrainerTest {
         ComputationGraph java = fit(ExpertParallelTrainer.builder().network(graph()), 2, 8).wholeGraph();
         ExpertParallelTrainer t = fit(ExpertParallelTrainer.builder().network(Nets.graph(DataType.FLOAT, new Adam(1e-2),
                 Nets.moe().sharedExpertFfnSize(4).engineBlock(true), HIDDEN)), 2, 8);
-        org.deepep4j.moe.layers.MoELayerImpl moe = (org.deepep4j.moe.layers.MoELayerImpl) t.replicaGraph(1).getLayer("moe");
-        assertEquals(EXAMPLES / 8 / 2 * 2, moe.viewSynchronizations(), "the engine stepped the experts every iteration");
+        MoELayerImpl moe = (MoELayerImpl) t.replicaGraph(1).getLayer("moe");
+        assertEquals(EXAMPLES / 8 / 2 * 2, moe.viewSynchronizations(), "the engine stepped the experts every step");
         double worst = java.params().sub(t.wholeGraph().params()).amaxNumber().doubleValue();
         assertTrue(worst < 2e-4, "engine block and Java path parameters differ by up to " + worst);
     }

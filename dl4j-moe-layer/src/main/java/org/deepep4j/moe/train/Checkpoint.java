@@ -21,9 +21,10 @@ import java.util.zip.ZipOutputStream;
 
 /**
  * The state of an expert-parallel run at a step boundary, in one zip file: the whole model's configuration and kind
- * (MultiLayerNetwork or ComputationGraph), every rank's replica as written by DL4J's {@link ModelSerializer} (parameters incl. that rank's experts, updater state,
- * iteration and epoch counts) and the data position (epoch, rounds of that epoch done). Written to a temporary file
- * in the same folder and renamed over the previous checkpoint, so a crash while writing leaves that one intact.
+ * (MultiLayerNetwork or ComputationGraph), every rank's replica as written by DL4J's {@link ModelSerializer}
+ * (parameters incl. that rank's experts, updater state, iteration and epoch counts) and the data position (epoch,
+ * rounds of that epoch done). Written to a temporary file in the same folder and renamed over the previous
+ * checkpoint, so a crash while writing leaves that one intact.
  */
 public final class Checkpoint {
 

@@ -352,7 +352,7 @@ public final class ExpertParallelTrainer {
             // replicas' engine blocks bring their views up to date first
             ExpertSharding.gather(replicas[r].model(), whole.model(), r);
         }
-        org.deepep4j.moe.layers.EngineBlocks.reload(whole.model());  // the whole model's own engine blocks, if any, take them
+        org.deepep4j.moe.layers.EngineBlocks.reload(whole.model());  // the whole model's own engine blocks take them
         return whole;
     }
 

@@ -63,7 +63,7 @@ abstract class NetworkAdapter {
             case GRAPH:
                 return build(ComputationGraphConfiguration.fromJson(json));
             default:
-                throw new IllegalArgumentException("network kind=" + kind + ": must be " + MULTI_LAYER + " or " + GRAPH);
+                throw unknownKind(kind);
         }
     }
 
@@ -75,8 +75,12 @@ abstract class NetworkAdapter {
             case GRAPH:
                 return new Graph(ModelSerializer.restoreComputationGraph(in, true));
             default:
-                throw new IllegalArgumentException("network kind=" + kind + ": must be " + MULTI_LAYER + " or " + GRAPH);
+                throw unknownKind(kind);
         }
+    }
+
+    private static IllegalArgumentException unknownKind(String kind) {
+        return new IllegalArgumentException("network kind=" + kind + ": must be " + MULTI_LAYER + " or " + GRAPH);
     }
 
     abstract Model model();

@@ -46,14 +46,16 @@ final class RoundRobinBatches<T> {
 
     /** The batches of {@code it}; the rounds of {@code skipEpoch} before {@code skipRounds} are skipped (a resume). */
     static RoundRobinBatches<DataSet> of(DataSetIterator it, int ranks, int skipEpoch, int skipRounds) {
-        return new RoundRobinBatches<>(it, it::resetSupported, it::reset, NetworkAdapter::fit, ranks, skipEpoch, skipRounds);
+        return new RoundRobinBatches<>(it, it::resetSupported, it::reset, NetworkAdapter::fit,
+                ranks, skipEpoch, skipRounds);
     }
 
     static RoundRobinBatches<MultiDataSet> of(MultiDataSetIterator it, int ranks, int skipEpoch, int skipRounds) {
-        return new RoundRobinBatches<>(it, it::resetSupported, it::reset, NetworkAdapter::fit, ranks, skipEpoch, skipRounds);
+        return new RoundRobinBatches<>(it, it::resetSupported, it::reset, NetworkAdapter::fit,
+                ranks, skipEpoch, skipRounds);
     }
 
-    /** Fits {@code net} on rank {@code rank}'s batch of round {@code step} of {@code epoch}; false at the epoch's end. */
+    /** Fits {@code net} on rank {@code rank}'s batch of round {@code step} of {@code epoch}; false at epoch end. */
     boolean fitNext(NetworkAdapter net, int epoch, int step, int rank) {
         T batch = take(epoch, step, rank);
         if (batch == null) {

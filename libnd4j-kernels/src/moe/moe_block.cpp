@@ -9,6 +9,7 @@
 //           gxe = ga W1^T + gb W3^T -> g_recv_x[m] = sum of its slots' gxe -> combine of g_recv_x with the gw values
 //           (y_topk_weights; fp64: in each row's tail) -> grad of the routing weights -> router backward (renormalisation,
 //           aux loss, softmax / sigmoid) -> grad_x += g_logits Wr^T, grad_Wr = x^T g_logits.
+//           (accumulate = 0: the gW GEMMs write GRADS, beta 0, instead of adding.)
 // Rows travel by the buffer's dispatch / combine, which reduce in fp32 (fp64 for fp64). Any local failure before or
 // between the collective calls is passed to the peers with deepep4j_fail_step, so they end with PEER_ERROR instead of
 // waiting for this rank.
@@ -18,6 +19,7 @@
 #include <cinttypes>
 #include <cstring>
 #include <string>
+#include <utility>
 
 namespace deepep4j {
 namespace moe {
@@ -233,6 +235,25 @@ ExpertWeights expert(const deepep4j_moe* b, const void* tensor, int32_t j, size_
   return ExpertWeights{base, base + hf * elem, base + 2 * hf * elem};
 }
 
+// The workspaces whose size depends only on the config and max_tokens, allocated at create: inside a step, an
+// allocation (device or pinned) risks waiting for the device while a peer's kernel on the same GPU spins for this
+// rank. Those that depend on the routing (received rows, assignments) grow once, from the block's pool.
+int presize(deepep4j_moe* b) {
+  const deepep4j_moe_config& c = b->cfg;
+  const int64_t N = c.max_tokens, H = c.hidden, E = c.num_experts, K = c.num_topk, W = b->row_width;
+  const size_t es = elem_bytes(c.dtype), as = acc_bytes(c.dtype);
+  const std::pair<Workspace*, size_t> device[] = {
+      {&b->x, size_t(N * H) * es},       {&b->wr, size_t(H * E) * es},       {&b->scores, size_t(N * E) * as},
+      {&b->topk_idx, size_t(N * K) * 8}, {&b->gate, size_t(N * K) * as},     {&b->weights, size_t(N * K) * as},
+      {&b->weights_f32, size_t(N * K) * 4}, {&b->gate_sum, size_t(N) * as},  {&b->load, size_t(E) * 4},
+      {&b->prob_sum, size_t(E) * as},    {&b->g_weights, size_t(N * K) * as}, {&b->g_logits, size_t(N * E) * es},
+      {&b->out_topk_w, size_t(N * K) * 4}, {&b->xw, c.dtype == DEEPEP4J_FLOAT64 ? size_t(N * W) * es : 0}};
+  for (const auto& w : device)
+    if (int st = ensure(b, *w.first, w.second)) return st;
+  if (int st = ensure_host(b, b->load, size_t(E) * 4)) return st;
+  return ensure_host(b, b->prob_sum, size_t(E) * as);
+}
+
 }  // namespace
 
 int block_create(deepep4j_moe* b) {
@@ -248,6 +269,7 @@ int block_create(deepep4j_moe* b) {
   if (!st) st = b->ops->alloc(n * acc_bytes(c.dtype), &b->grads);
   if (!st) st = b->ops->alloc(n * acc_bytes(c.dtype), &b->state_m);
   if (!st) st = b->ops->alloc(n * acc_bytes(c.dtype), &b->state_v);
+  if (!st) st = presize(b);
   if (st) return fail_peers(b, st);
   return agree_on_config(b);
 }
@@ -488,7 +510,12 @@ int block_backward(deepep4j_moe* b, const deepep4j_moe_backward_args* a) {
   const int32_t* row = static_cast<const int32_t*>(b->assign_row.ptr);
   if (!st) st = ops.row_dots(dt, A, H, b->g_recv.ptr, W, row, b->ye.ptr, b->gw_assign.ptr);
   if (!st) st = ops.gather_rows(dt, A, H, b->g_recv.ptr, W, row, b->assign_w.ptr, b->ge.ptr);
-  if (!st && !a->accumulate) st = ops.zero(b->grads, size_t(b->tensor_count) * as);
+  // accumulate = 0: the weight-gradient GEMMs overwrite GRADS (beta 0) instead of adding to a zeroed copy, which saves
+  // a pass over the fp32 gradients; only the experts that received nothing are zeroed.
+  const double grad_beta = a->accumulate ? 1.0 : 0.0;
+  for (int32_t j = 0; j < L && !st && !a->accumulate; ++j)
+    if (b->counts[size_t(j)] == 0)
+      st = ops.zero(const_cast<uint8_t*>(expert(b, b->grads, j, as).w1), size_t(3 * H * F) * as);
   std::vector<GemmGroup> groups;
   auto at = [](const Workspace& w, int64_t off, int64_t width, size_t elem) {
     return static_cast<uint8_t*>(w.ptr) + size_t(off * width) * elem;
@@ -501,7 +528,7 @@ int block_backward(deepep4j_moe* b, const deepep4j_moe_backward_args* a) {
     g.lda = F;
     g.ldb = H;
     g.ldc = H;
-    g.beta = 1.0;
+    g.beta = grad_beta;
     for (int32_t j = 0; j < L; ++j) {
       const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
       if (cnt == 0) continue;
@@ -534,7 +561,7 @@ int block_backward(deepep4j_moe* b, const deepep4j_moe_backward_args* a) {
     g.lda = H;
     g.ldb = F;
     g.ldc = F;
-    g.beta = 1.0;
+    g.beta = grad_beta;
     groups.clear();
     for (int32_t j = 0; j < L; ++j) {
       const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];

@@ -49,10 +49,7 @@ cudaError_t launch_permutation(const Permutation& p, const int64_t* offsets_dev,
 }
 
 // Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
-cudaError_t preload_permute_kernels() {
-  cudaFuncAttributes a;
-  return cudaFuncGetAttributes(&a, permutation_kernel);
-}
+cudaError_t preload_permute_kernels() { return preload({(const void*)permutation_kernel}); }
 
 }  // namespace moe
 }  // namespace cuda

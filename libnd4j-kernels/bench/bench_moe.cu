@@ -8,6 +8,7 @@
 // Weights and activations are random (a hash filled on the device), bf16.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
 #include <chrono>
@@ -171,8 +172,11 @@ Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm, int32_t
       cudaStreamSynchronize(st);
       auto t1 = std::chrono::steady_clock::now();
       for (int i = 0; i < iters; ++i) {
+        // The last step as an NVTX range, for a profile of one step: ncu --nvtx --nvtx-include "moe_step/".
+        if (i == iters - 1) nvtxRangePushA("moe_step");
         CK(deepep4j_moe_forward(moe, n, &fa, st));
         CK(deepep4j_moe_backward(moe, &ba, st));
+        if (i == iters - 1) nvtxRangePop();
       }
       cudaStreamSynchronize(st);
       auto t2 = std::chrono::steady_clock::now();

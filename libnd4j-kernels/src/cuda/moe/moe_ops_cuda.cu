@@ -83,6 +83,14 @@ class CudaMoeOps final : public MoeOps {
   }
 
   bool on_device() const override { return true; }
+  // Steps of 8 rows up to 256, then 16 sizes per doubling (at most 1/16, on average ~1/32, more rows): ~16 sizes per
+  // doubling of the largest expert for warm_gemms to run.
+  int64_t padded_rows(int64_t rows) const override {
+    if (rows <= 0) return 0;
+    int64_t step = 8;
+    while (step * 32 < rows) step *= 2;
+    return (rows + step - 1) / step * step;
+  }
   // NULL is the block's own stream, never the legacy default stream: two ranks sharing one GPU must not be
   // serialised behind each other's spinning kernels, and the backend puts NULL-stream work on a stream of its own.
   void set_stream(void* s) override {

@@ -15,12 +15,16 @@ namespace {
 template <class T, class A, int V>
 __global__ void gather_rows_kernel(int64_t h, const T* src, int64_t stride, const int32_t* row, const A* scale, T* dst) {
   const int64_t a = blockIdx.x;
-  const T* in = src + int64_t(row[a]) * stride;
+  const int32_t r = row[a];  // < 0: padding, a zero row
+  const T* in = src + int64_t(r) * stride;
   T* out = dst + a * h;
-  const A sc = scale ? scale[a] : A(1);
+  const A sc = scale && r >= 0 ? scale[a] : A(1);
   for (int64_t i = int64_t(threadIdx.x) * V; i < h; i += int64_t(blockDim.x) * V) {
     T v[V];
-    load_chunk<V>(in + i, v);
+    if (r >= 0)
+      load_chunk<V>(in + i, v);
+    else
+      for (int j = 0; j < V; ++j) v[j] = from_acc<T, A>(A(0));
     if (scale)
       for (int j = 0; j < V; ++j) v[j] = from_acc<T, A>(sc * to_acc(v[j]));
     store_chunk<V>(out + i, v);
@@ -59,7 +63,7 @@ __global__ void row_dots_kernel(int64_t h, const T* rows, int64_t stride, const 
   const T* g = rows + int64_t(row[a]) * stride;
   const T* y = src + a * h;
   A d = 0;
-  for (int64_t i = int64_t(threadIdx.x) * V; i < h; i += int64_t(blockDim.x) * V) {
+  for (int64_t i = int64_t(threadIdx.x) * V; i < h && row[a] >= 0; i += int64_t(blockDim.x) * V) {
     T gv[V], yv[V];
     load_chunk<V>(g + i, gv);
     load_chunk<V>(y + i, yv);
@@ -80,7 +84,7 @@ __global__ void gather_slots_kernel(int64_t count, int32_t k, const int32_t* slo
                                     int64_t stride, int64_t offset, A* out) {
   for (int64_t a = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; a < count; a += int64_t(gridDim.x) * blockDim.x) {
     const int64_t s = slot[a];
-    out[a] = load_value<A>(values, vdt, (s / k) * stride + offset + s % k);
+    out[a] = s < 0 ? A(0) : load_value<A>(values, vdt, (s / k) * stride + offset + s % k);
   }
 }
 

@@ -330,6 +330,8 @@ GemmDesc router_desc(const deepep4j_moe* b, RouterGemm kind) {
 // may wait for the whole device; inside a step, another rank's kernel on the same GPU may be spinning for this rank
 // (2 ranks on one GPU: an EP2 step then deadlocks until timeout_ms). Ranks of one process share the warm-up: the
 // first to come runs it, the others wait here (on the host, before any kernel of theirs spins) and skip it.
+// Grouped calls (cublasGemmGroupedBatchedEx) choose kernels from the whole set of groups and are not covered here
+// (CudaMoeOps warms them at one small shape).
 int warm_gemms(deepep4j_moe* b) {
   MoeOps& ops = *b->ops;
   if (!ops.on_device()) return DEEPEP4J_OK;

@@ -294,6 +294,7 @@ __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_
   const int C = header.num_channels;
   const bool queued = q.recv_offset != nullptr;
   __shared__ NotifyHeader s_header;
+  __shared__ char s_text[sizeof(PeerStatus::message)];  // what barrier_body publishes: a whole PeerStatus message
   if (threadIdx.x == 0) {
     s_header = header;
     if (queued && s_header.status == 0 && *q.bad != ~0ull) {  // the plan found a bad topk_idx entry
@@ -306,8 +307,11 @@ __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_
     }
   }
   __syncthreads();
+  for (int i = threadIdx.x; i < int(sizeof(s_text)); i += blockDim.x)
+    s_text[i] = i < int(sizeof(s_header.message)) ? s_header.message[i] : 0;
+  __syncthreads();
   int32_t status = queued ? s_header.status : 0;
-  const char* text = s_header.message;
+  const char* text = s_text;
   if (!begin_step(&st, &status, &text)) return;
   const uint32_t parity = st.epoch;
   for (int d = 0; d < st.num_ranks; ++d) {

@@ -245,6 +245,7 @@ int CudaBackend::read_mailbox(const char* call, const char* prefix) {
 }
 
 int CudaBackend::queued_error(const char* call) {
+  if (int st = broken_check(call)) return st;  // reported once; from then on the buffer refuses steps
   if (!so_ || *reinterpret_cast<volatile int32_t*>(&mailbox_->status) == DEEPEP4J_OK) return DEEPEP4J_OK;
   return read_mailbox(call, "a queued step failed: ");
 }

@@ -259,6 +259,14 @@ class DeepepBackend : public CudaBackend {
   int init_backend() override {
     so_ = cfg_.stream_ordered == 1;
     transfer_ = so_ ? Transfer::kSm : transfer_of(cfg_);  // stream-ordered steps never wait for the host's copies
+    if (so_) {
+      // A queued launch must never resize local memory (it would wait for the peers' spinning kernels): raise the
+      // stack limit to what the ring kernels need now, while nothing of this buffer runs.
+      size_t limit = 0;
+      DEEPEP4J_CUDA_TRY(cudaDeviceGetLimit(&limit, cudaLimitStackSize));
+      const size_t need = ring_kernels_stack_bytes();
+      if (need > limit) DEEPEP4J_CUDA_TRY(cudaDeviceSetLimit(cudaLimitStackSize, need));
+    }
     if (transfer_ != Transfer::kSm) {
       if (int st = ce_.init(R_, cfg_.ce_chunks, cfg_.cuda_trace == 1)) return st;
       if (transfer_ == Transfer::kCopyEngine && !ce_.available())

@@ -102,6 +102,12 @@ cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing&
                             int32_t num_sms, cudaStream_t s);
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s);
+// Ring combine kernels are specialised for R <= kFewRanks (a small local table of returned rows) and for any R.
+constexpr int kFewRanks = 8;
+// The largest per-thread local memory (stack) of the ring kernels: a launch needing more than the device's stack
+// limit resizes local memory and waits for every running kernel (see combine.cu).
+size_t ring_kernels_stack_bytes();
+
 // Worst-case sized dispatch: marks receive rows [M, worst) as padding (idx -1, weights 0, source -1); nothing when
 // the step failed.
 cudaError_t launch_pad_recv(const Step& step, const int64_t* num_recv, int64_t worst, int32_t num_topk,

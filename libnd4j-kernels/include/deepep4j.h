@@ -274,8 +274,12 @@ DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const 
  *     checks without waiting; notify waits for the stream and so finds every earlier step's error), or
  *     deepep4j_buffer_sync. Those calls name the failed step's rank and reason with today's words, prefixed
  *     "a queued step failed".
- *   - after any error the buffer is broken on every rank (DEEPEP4J_ERR_STATE "... destroy and recreate"): peers may
- *     have queued later steps, so the group cannot agree where to resume.
+ *   - after an error of a queued step (a local failure of a queued dispatch / combine / fail_step, or anything
+ *     found on the device) the buffer is broken (DEEPEP4J_ERR_STATE "... destroy and recreate"): peers may have queued
+ *     later steps, so the group cannot agree where to resume. notify_dispatch's own argument errors (it waits for the
+ *     exchange) stay recoverable as with stream_ordered = 0.
+ *   - a CUDA graph: steps captured in it are ordered by the graph; launch it on the stream of this buffer's previous
+ *     step (or after deepep4j_buffer_sync), and pass that stream to deepep4j_buffer_sync to learn its errors.
  * Ranks sharing one GPU in one process: each rank's spinning kernels must not sit ahead of another rank's work in one
  * hardware queue; give every rank its own stream and set CUDA_DEVICE_MAX_CONNECTIONS=32 (the driver maps streams
  * onto that many queues). */

@@ -1,7 +1,5 @@
 // combine.cu — the ring combine: per channel a sender block streams the received rows back to their source ranks, and
 // a receiver block reduces, token by token in original order, the rows every visited rank returned (fp32 sums).
-#include <algorithm>
-
 #include "cuda/ring_common.cuh"
 #include "cuda/slot_ops.cuh"
 
@@ -99,14 +97,11 @@ cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& 
   return cudaGetLastError();
 }
 
-size_t ring_kernels_stack_bytes() {
-  size_t most = 0;
-  for (const void* f : {reinterpret_cast<const void*>(&combine_kernel<kFewRanks>),
-                        reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>)}) {
-    cudaFuncAttributes a{};
-    if (cudaFuncGetAttributes(&a, f) == cudaSuccess) most = std::max(most, a.localSizeBytes);
-  }
-  return most;
+size_t ring_kernels_stack_bytes(int32_t num_ranks) {
+  const void* f = num_ranks <= kFewRanks ? reinterpret_cast<const void*>(&combine_kernel<kFewRanks>)
+                                         : reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>);
+  cudaFuncAttributes a{};
+  return cudaFuncGetAttributes(&a, f) == cudaSuccess ? a.localSizeBytes : 0;
 }
 
 }  // namespace cuda

@@ -264,7 +264,7 @@ class DeepepBackend : public CudaBackend {
       // stack limit to what the ring kernels need now, while nothing of this buffer runs.
       size_t limit = 0;
       DEEPEP4J_CUDA_TRY(cudaDeviceGetLimit(&limit, cudaLimitStackSize));
-      const size_t need = ring_kernels_stack_bytes();
+      const size_t need = ring_kernels_stack_bytes(R_);  // R <= 8: within the default 1 KB
       if (need > limit) DEEPEP4J_CUDA_TRY(cudaDeviceSetLimit(cudaLimitStackSize, need));
     }
     if (transfer_ != Transfer::kSm) {

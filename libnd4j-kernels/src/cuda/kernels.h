@@ -104,9 +104,9 @@ cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& 
                            int32_t num_sms, cudaStream_t s);
 // Ring combine kernels are specialised for R <= kFewRanks (a small local table of returned rows) and for any R.
 constexpr int kFewRanks = 8;
-// The largest per-thread local memory (stack) of the ring kernels: a launch needing more than the device's stack
-// limit resizes local memory and waits for every running kernel (see combine.cu).
-size_t ring_kernels_stack_bytes();
+// The per-thread local memory (stack) the ring combine needs for num_ranks ranks (the dispatch needs less): a launch
+// needing more than the device's stack limit resizes local memory and waits for every running kernel (combine.cu).
+size_t ring_kernels_stack_bytes(int32_t num_ranks);
 
 // Worst-case sized dispatch: marks receive rows [M, worst) as padding (idx -1, weights 0, source -1); nothing when
 // the step failed.

@@ -6,7 +6,12 @@
 //            [--chunk 0] [--buffer-mb 0] [--timeout-ms 30000] [--iters 20] [--warmup 5] [--seed 1] [--sweep]
 //
 // Backends: deepep-sm = the NVLink backend with SM ring kernels (config.cuda_transfer = sm), deepep-ce = the same
-// with copy-engine transfers (copy_engine), deepep = its default (auto), alltoall = NCCL. --buffer-mb 0 sizes the
+// with copy-engine transfers (copy_engine), deepep = its default (auto), deepep-queued = SM rings with
+// config.stream_ordered = 1 (calls queue their step and return), alltoall = NCCL.
+// With deepep-queued the run also prints: the empty step's fixed cost (N = 0; sync vs queued calls, and queued
+// dispatch + combine pairs back to back), notify -> dispatch -> combine replayed from a CUDA graph against the same
+// calls made eagerly, and an async combine beside a ~1 ms compute-bound kernel (FMA chains on the SMs the ranks'
+// combines leave free) against each alone. --buffer-mb 0 sizes the
 // buffer by buffer_size_hint for the rings, and for copy engines large enough for every source's whole step.
 //
 // Metric (DeepEP's): GB/s = rows a rank receives in dispatch (= rows it sends back in combine), self-copy included,
@@ -37,7 +42,7 @@ struct Opts {
   std::vector<int64_t> tokens{128, 512, 4096, 8192};
   int64_t hidden = 7168;
   int32_t topk = 8, experts = 256, ranks = 2;
-  std::vector<std::string> dtypes{"bf16", "fp8"}, backends{"deepep-sm", "deepep-ce", "alltoall"};
+  std::vector<std::string> dtypes{"bf16", "fp8"}, backends{"deepep-sm", "deepep-queued", "deepep-ce", "alltoall"};
   int32_t num_sms = 24, ring_tokens = 0, chunk = 0;
   int64_t buffer_mb = 0;
   int32_t timeout_ms = 30000;
@@ -100,8 +105,8 @@ Opts parse(int argc, char** argv) {
   for (auto& d : o.dtypes)
     if (d != "bf16" && d != "fp8" && d != "fp32") die("--dtypes: " + d + " is not one of bf16, fp8, fp32");
   for (auto& b : o.backends)
-    if (b != "deepep" && b != "deepep-sm" && b != "deepep-ce" && b != "alltoall")
-      die("--backends: " + b + " is not one of deepep, deepep-sm, deepep-ce, alltoall");
+    if (b != "deepep" && b != "deepep-sm" && b != "deepep-queued" && b != "deepep-ce" && b != "alltoall")
+      die("--backends: " + b + " is not one of deepep, deepep-sm, deepep-queued, deepep-ce, alltoall");
   if (o.topk > o.experts || o.experts % o.ranks) die("--topk <= --experts and --experts % --ranks == 0 required");
   return o;
 }
@@ -145,7 +150,8 @@ struct Group {
     const int32_t backend = name == "alltoall" ? DEEPEP4J_BACKEND_ALLTOALL : DEEPEP4J_BACKEND_DEEPEP;
     deepep4j_config c;
     deepep4j_config_init(&c);
-    c.cuda_transfer = name == "deepep-sm"   ? DEEPEP4J_CUDA_TRANSFER_SM
+    c.stream_ordered = name == "deepep-queued" ? 1 : 0;
+    c.cuda_transfer = name == "deepep-sm" || name == "deepep-queued" ? DEEPEP4J_CUDA_TRANSFER_SM
                       : name == "deepep-ce" ? DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE
                                             : DEEPEP4J_CUDA_TRANSFER_AUTO;
     c.device = DEEPEP4J_DEVICE_CUDA;
@@ -156,7 +162,7 @@ struct Group {
     c.timeout_ms = o.timeout_ms;
     int64_t bytes = 0;
     must(deepep4j_buffer_size_hint(o.hidden, DEEPEP4J_BFLOAT16, o.ranks, &c, &bytes), "buffer_size_hint", 0);
-    if (name != "deepep-sm" && name != "alltoall") {
+    if (name != "deepep-sm" && name != "deepep-queued" && name != "alltoall") {
       // Every source's whole step in its landing zone: rows of up to 2 bytes per element plus slot metadata.
       int64_t most = *std::max_element(o.tokens.begin(), o.tokens.end());
       bytes = std::max<int64_t>(bytes, int64_t(o.ranks) * most * (o.hidden * 2 + 1024));
@@ -187,6 +193,80 @@ struct Result {
   double dispatch_us = 0, combine_us = 0, dispatch_gbs = 0, combine_gbs = 0;
 };
 
+// Rank r's routing (top-k distinct random experts per token, weights in (0, 1]) and rows of `es`-byte elements.
+void make_inputs(const Opts& o, int r, int64_t tokens, size_t es, std::vector<int64_t>* idx, std::vector<float>* w,
+                 std::vector<uint8_t>* x) {
+  std::mt19937_64 rng(o.seed * 1000 + uint64_t(r) + 7 * uint64_t(tokens));
+  idx->assign(size_t(tokens * o.topk), 0);
+  w->assign(idx->size(), 0.0f);
+  std::vector<int32_t> perm(size_t(o.experts));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int e = 0; e < o.experts; ++e) perm[size_t(e)] = e;
+    for (int k = 0; k < o.topk; ++k) {
+      std::swap(perm[size_t(k)], perm[size_t(k + int(rng() % uint64_t(o.experts - k)))]);
+      (*idx)[size_t(t * o.topk + k)] = perm[size_t(k)];
+      (*w)[size_t(t * o.topk + k)] = float(1 + rng() % 8) / 8.0f;
+    }
+  }
+  x->assign(size_t(tokens * o.hidden) * es, 0);
+  for (auto& b : *x) b = uint8_t(rng() & 0x3f);  // small finite values in every dtype
+}
+
+// Mean over iterations (after warm-up) of the slowest rank's time, in microseconds.
+double slowest_mean_us(const std::vector<std::vector<float>>& ms, int warmup) {
+  double sum = 0;
+  int n = 0;
+  for (size_t it = size_t(warmup); it < ms[0].size(); ++it, ++n) {
+    float m = 0;
+    for (const auto& per_rank : ms) m = std::max(m, per_rank[it]);
+    sum += m;
+  }
+  return n ? sum / n * 1000.0 : 0.0;
+}
+
+template <class T>
+T* dev_copy(const std::vector<T>& v) {
+  void* p = nullptr;
+  cuda_must(cudaMalloc(&p, v.size() * sizeof(T) + 16), "cudaMalloc");
+  if (!v.empty()) cuda_must(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "copy");
+  return static_cast<T*>(p);
+}
+
+void* dev_alloc(size_t bytes) {
+  void* p = nullptr;
+  cuda_must(cudaMalloc(&p, bytes + 16), "cudaMalloc");
+  return p;
+}
+
+// Times `body` on every rank at once: ranks released together, CUDA events on the rank's stream around it.
+struct Timer {
+  SpinBarrier& bar;
+  cudaStream_t s;
+  cudaEvent_t e0, e1;
+  void* flush = nullptr;  // L2 flush before each timing when set
+  Timer(SpinBarrier& b, cudaStream_t st) : bar(b), s(st) {
+    cuda_must(cudaEventCreate(&e0), "event");
+    cuda_must(cudaEventCreate(&e1), "event");
+  }
+  ~Timer() {
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+  }
+  template <class Body>
+  float ms(Body&& body) {
+    if (flush) cuda_must(cudaMemsetAsync(flush, 1, size_t(256) << 20, s), "flush L2");
+    cuda_must(cudaStreamSynchronize(s), "sync");
+    bar.wait();
+    cuda_must(cudaEventRecord(e0, s), "record");
+    body();
+    cuda_must(cudaEventRecord(e1, s), "record");
+    cuda_must(cudaEventSynchronize(e1), "sync");
+    float t = 0;
+    cuda_must(cudaEventElapsedTime(&t, e0, e1), "elapsed");
+    return t;
+  }
+};
+
 int32_t dtype_code(const std::string& d) {
   return d == "fp8" ? DEEPEP4J_FP8_E4M3 : d == "fp32" ? DEEPEP4J_FLOAT32 : DEEPEP4J_BFLOAT16;
 }
@@ -208,20 +288,10 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
   for (int r = 0; r < R; ++r)
     th.emplace_back([&, r] {
       cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
-      std::mt19937_64 rng(o.seed * 1000 + uint64_t(r) + 7 * uint64_t(tokens));
-      std::vector<int64_t> idx(size_t(tokens * o.topk));
-      std::vector<float> w(idx.size());
-      std::vector<int32_t> perm(size_t(o.experts));
-      for (int64_t t = 0; t < tokens; ++t) {
-        for (int e = 0; e < o.experts; ++e) perm[size_t(e)] = e;
-        for (int k = 0; k < o.topk; ++k) {
-          std::swap(perm[size_t(k)], perm[size_t(k + int(rng() % uint64_t(o.experts - k)))]);
-          idx[size_t(t * o.topk + k)] = perm[size_t(k)];
-          w[size_t(t * o.topk + k)] = float(1 + rng() % 8) / 8.0f;
-        }
-      }
-      std::vector<uint8_t> x(size_t(tokens * H) * es);
-      for (auto& b : x) b = uint8_t(rng() & 0x3f);  // small finite values in every dtype
+      std::vector<int64_t> idx;
+      std::vector<float> w;
+      std::vector<uint8_t> x;
+      make_inputs(o, r, tokens, es, &idx, &w, &x);
       std::vector<float> xs(size_t(tokens * S), 1.0f);
       void *d_idx, *d_w, *d_x, *d_xs = nullptr, *flush;
       const size_t flush_bytes = size_t(256) << 20;
@@ -300,6 +370,220 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
   res.dispatch_gbs = rows * double(H * int64_t(es) + S * 4) / (res.dispatch_us * 1e3);
   res.combine_gbs = rows * double(H * int64_t(ces)) / (res.combine_us * 1e3);
   return res;
+}
+
+// The fixed cost of a step: N = 0 on every rank, so dispatch and combine move nothing. Single calls (events around
+// each) and, for queued calls, `pairs` dispatch + combine pairs back to back (per pair).
+struct EmptyStep {
+  double dispatch_us = 0, combine_us = 0, pair_us = 0;
+};
+EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
+  const int R = o.ranks, total = o.warmup + o.iters, pairs = 100;
+  std::vector<std::vector<float>> td(size_t(R), std::vector<float>(size_t(total), 0.0f)), tc = td, tp = td;
+  SpinBarrier bar(R);
+  std::vector<std::thread> th;
+  for (int r = 0; r < R; ++r)
+    th.emplace_back([&, r] {
+      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
+      cudaStream_t s;
+      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      deepep4j_buffer* b = g.bufs[size_t(r)];
+      int64_t* d_idx = static_cast<int64_t*>(dev_alloc(64));
+      deepep4j_handle* h = nullptr;
+      int64_t M = 0;
+      must(deepep4j_notify_dispatch(b, d_idx, 0, o.topk, o.experts, o.hidden, DEEPEP4J_BFLOAT16, &h, &M, nullptr, s),
+           "notify_dispatch", r);
+      deepep4j_dispatch_args da{};
+      deepep4j_combine_args ca{};
+      Timer tm(bar, s);
+      for (int it = 0; it < total; ++it) {
+        td[size_t(r)][size_t(it)] = tm.ms([&] { must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r); });
+        tc[size_t(r)][size_t(it)] =
+            tm.ms([&] { must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r); });
+        if (queued)
+          tp[size_t(r)][size_t(it)] = tm.ms([&] {
+            for (int i = 0; i < pairs; ++i) {
+              must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
+              must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r);
+            }
+          }) / pairs;
+      }
+      must(deepep4j_buffer_sync(b, s), "buffer_sync", r);
+      deepep4j_handle_destroy(h);
+      cudaFree(d_idx);
+      cudaStreamDestroy(s);
+    });
+  for (auto& t : th) t.join();
+  EmptyStep e;
+  e.dispatch_us = slowest_mean_us(td, o.warmup);
+  e.combine_us = slowest_mean_us(tc, o.warmup);
+  e.pair_us = queued ? slowest_mean_us(tp, o.warmup) : 0;
+  return e;
+}
+
+// notify -> dispatch -> combine (y = the received rows) of `tokens` tokens: replayed from a CUDA graph captured once
+// (worst-case sized handle, deepep4j_notify_dispatch_queued) and made eagerly (notify_dispatch, which waits for the
+// counts, then queued dispatch and combine). L2 flushed before each.
+struct GraphRow {
+  double graph_us = 0, eager_us = 0;
+};
+GraphRow run_graph_row(const Opts& o, Group& g, int64_t tokens) {
+  const int R = o.ranks, total = o.warmup + o.iters;
+  const int64_t H = o.hidden, worst = int64_t(R) * tokens;
+  const int32_t dt = DEEPEP4J_BFLOAT16;
+  std::vector<std::vector<float>> tg(size_t(R), std::vector<float>(size_t(total), 0.0f)), te = tg;
+  SpinBarrier bar(R);
+  std::vector<std::thread> th;
+  for (int r = 0; r < R; ++r)
+    th.emplace_back([&, r] {
+      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
+      cudaStream_t s;
+      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      deepep4j_buffer* b = g.bufs[size_t(r)];
+      std::vector<int64_t> idx;
+      std::vector<float> w;
+      std::vector<uint8_t> x;
+      make_inputs(o, r, tokens, 2, &idx, &w, &x);
+      int64_t* d_idx = dev_copy(idx);
+      float* d_w = dev_copy(w);
+      uint8_t* d_x = dev_copy(x);
+      void* rx = dev_alloc(size_t(worst * H) * 2);
+      float* rw = static_cast<float*>(dev_alloc(size_t(worst * o.topk) * 4));
+      void* out = dev_alloc(size_t(tokens * H) * 2);
+      int64_t* m_dev = static_cast<int64_t*>(dev_alloc(8));
+      deepep4j_dispatch_args da{};
+      da.x = d_x, da.topk_weights = d_w, da.recv_x = rx, da.recv_topk_weights = rw;
+      deepep4j_combine_args ca{};
+      ca.y = rx, ca.recv_topk_weights = rw, ca.out = out;
+      deepep4j_handle* h = nullptr;
+      must(deepep4j_handle_create_queued(b, tokens, o.topk, o.experts, H, dt, worst, &h), "handle_create_queued", r);
+      cudaGraph_t graph;
+      cuda_must(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "begin capture");
+      must(deepep4j_notify_dispatch_queued(b, h, d_idx, m_dev, nullptr, s), "notify_dispatch_queued", r);
+      must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
+      must(deepep4j_combine(b, h, dt, &ca, s), "combine", r);
+      cuda_must(cudaStreamEndCapture(s, &graph), "end capture");
+      cudaGraphExec_t exec;
+      cuda_must(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+      Timer tm(bar, s);
+      tm.flush = dev_alloc(size_t(256) << 20);
+      for (int it = 0; it < total; ++it) {
+        tg[size_t(r)][size_t(it)] = tm.ms([&] { cuda_must(cudaGraphLaunch(exec, s), "graph launch"); });
+        deepep4j_handle* e = nullptr;
+        te[size_t(r)][size_t(it)] = tm.ms([&] {
+          int64_t M = 0;
+          must(deepep4j_notify_dispatch(b, d_idx, tokens, o.topk, o.experts, H, dt, &e, &M, nullptr, s), "notify", r);
+          must(deepep4j_dispatch(b, e, -1, &da, s), "dispatch", r);
+          must(deepep4j_combine(b, e, dt, &ca, s), "combine", r);
+        });
+        must(deepep4j_buffer_sync(b, s), "buffer_sync", r);
+        deepep4j_handle_destroy(e);
+      }
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      deepep4j_handle_destroy(h);
+      for (void* p : {(void*)d_idx, (void*)d_w, (void*)d_x, rx, (void*)rw, out, (void*)m_dev, tm.flush}) cudaFree(p);
+      cudaStreamDestroy(s);
+    });
+  for (auto& t : th) t.join();
+  return {slowest_mean_us(tg, o.warmup), slowest_mean_us(te, o.warmup)};
+}
+
+// Compute-bound stand-in for a GEMM: independent FMA chains in registers, no memory traffic, one block per SM it
+// is given. `iters` sets its length.
+__global__ void fma_load(float* sink, int iters) {
+  float a[8];
+  for (int j = 0; j < 8; ++j) a[j] = float(threadIdx.x + j) * 1e-3f;
+  for (int i = 0; i < iters; ++i)
+    for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], 0.999f, 1e-3f);
+  float t = 0;
+  for (int j = 0; j < 8; ++j) t += a[j];
+  if (t == 12345.0f) sink[0] = t;  // keeps the chains alive
+}
+
+// Rank 0 runs a ~1 ms fma_load on the SMs the ranks' combines leave free, beside an async combine of `tokens`
+// tokens (deepep4j_combine_async, deepep4j_comm_wait); every rank combines. Times on rank 0's stream.
+struct OverlapRow {
+  double load_ms = 0, combine_us = 0, both_ms = 0;
+  int blocks = 0;
+};
+OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
+  const int R = o.ranks, total = o.warmup + o.iters;
+  const int64_t H = o.hidden;
+  const int32_t dt = DEEPEP4J_BFLOAT16;
+  int devices = 0;
+  cudaGetDeviceCount(&devices);
+  const int ranks_per_gpu = (R + devices - 1) / devices;
+  OverlapRow row;
+  row.blocks = std::max(1, sms - ranks_per_gpu * o.num_sms);
+  std::vector<std::vector<float>> tl(size_t(R), std::vector<float>(size_t(total), 0.0f)), tc = tl, tb = tl;
+  std::atomic<int> load_iters{0};
+  SpinBarrier bar(R);
+  std::vector<std::thread> th;
+  for (int r = 0; r < R; ++r)
+    th.emplace_back([&, r] {
+      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
+      cudaStream_t s;
+      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      deepep4j_buffer* b = g.bufs[size_t(r)];
+      std::vector<int64_t> idx;
+      std::vector<float> w;
+      std::vector<uint8_t> x;
+      make_inputs(o, r, tokens, 2, &idx, &w, &x);
+      int64_t* d_idx = dev_copy(idx);
+      float* d_w = dev_copy(w);
+      uint8_t* d_x = dev_copy(x);
+      deepep4j_handle* h = nullptr;
+      int64_t M = 0;
+      must(deepep4j_notify_dispatch(b, d_idx, tokens, o.topk, o.experts, H, dt, &h, &M, nullptr, s), "notify", r);
+      void* rx = dev_alloc(size_t(M * H) * 2);
+      float* rw = static_cast<float*>(dev_alloc(size_t(M * o.topk) * 4));
+      void* out = dev_alloc(size_t(tokens * H) * 2);
+      float* sink = static_cast<float*>(dev_alloc(16));
+      deepep4j_dispatch_args da{};
+      da.x = d_x, da.topk_weights = d_w, da.recv_x = rx, da.recv_topk_weights = rw;
+      must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
+      deepep4j_combine_args ca{};
+      ca.y = rx, ca.recv_topk_weights = rw, ca.out = out;
+      Timer tm(bar, s);
+      if (r == 0) {  // length of the load: ~1 ms alone
+        const int probe = 1 << 16;
+        float ms = tm.ms([&] { fma_load<<<row.blocks, 256, 0, s>>>(sink, probe); });
+        ms = tm.ms([&] { fma_load<<<row.blocks, 256, 0, s>>>(sink, probe); });
+        load_iters = std::max(1, int(double(probe) / std::max(ms, 1e-3f)));
+      } else {
+        tm.ms([] {});
+        tm.ms([] {});
+      }
+      const int iters = load_iters.load();
+      auto combine = [&] {
+        must(deepep4j_combine_async(b, h, dt, &ca, s), "combine_async", r);
+        must(deepep4j_comm_wait(b, s), "comm_wait", r);
+      };
+      for (int it = 0; it < total; ++it) {
+        tl[size_t(r)][size_t(it)] = tm.ms([&] {
+          if (r == 0) fma_load<<<row.blocks, 256, 0, s>>>(sink, iters);
+        });
+        tc[size_t(r)][size_t(it)] = tm.ms(combine);
+        tb[size_t(r)][size_t(it)] = tm.ms([&] {
+          must(deepep4j_combine_async(b, h, dt, &ca, s), "combine_async", r);
+          if (r == 0) fma_load<<<row.blocks, 256, 0, s>>>(sink, iters);
+          must(deepep4j_comm_wait(b, s), "comm_wait", r);
+        });
+      }
+      cuda_must(cudaGetLastError(), "fma_load");
+      must(deepep4j_buffer_sync(b, s), "buffer_sync", r);
+      deepep4j_handle_destroy(h);
+      for (void* p : {(void*)d_idx, (void*)d_w, (void*)d_x, rx, (void*)rw, out, (void*)sink}) cudaFree(p);
+      cudaStreamDestroy(s);
+    });
+  for (auto& t : th) t.join();
+  // Rank 0's figures: the load runs there.
+  std::vector<std::vector<float>> l0{tl[0]}, b0{tb[0]};
+  row.load_ms = slowest_mean_us(l0, o.warmup) / 1000.0;
+  row.combine_us = slowest_mean_us(tc, o.warmup);
+  row.both_ms = slowest_mean_us(b0, o.warmup) / 1000.0;
+  return row;
 }
 
 // Raw copy bandwidth between devices 0 and 1 (one way, and each way while both run), the ceiling of any transfer.
@@ -407,5 +691,32 @@ int bench_ep_cuda(int argc, char** argv) {
       }
   }
   std::printf("# combine carries bf16 rows (fp32 for fp32 runs); fp8 dispatch bytes include the fp32 scales\n");
+  if (std::find(o.backends.begin(), o.backends.end(), "deepep-queued") != o.backends.end()) {
+    std::fflush(stdout);
+    Group sync_group(o, "deepep-sm", o.num_sms, o.ring_tokens, o.chunk);
+    EmptyStep es = run_empty_step(o, sync_group, false);
+    Group g(o, "deepep-queued", o.num_sms, o.ring_tokens, o.chunk);
+    EmptyStep eq = run_empty_step(o, g, true);
+    std::printf("# empty step (N = 0), fixed cost: deepep-sm dispatch %.1f us / combine %.1f us; deepep-queued "
+                "dispatch %.1f us / combine %.1f us; queued pairs back to back %.1f us per dispatch + combine\n",
+                es.dispatch_us, es.combine_us, eq.dispatch_us, eq.combine_us, eq.pair_us);
+    std::printf("| CUDA graph (deepep-queued, bf16) | tokens | notify+dispatch+combine us, graph replay | same calls "
+                "eagerly us |\n|---|---|---|---|\n");
+    for (int64_t t : o.tokens) {
+      if (t > 4096) continue;
+      GraphRow gr = run_graph_row(o, g, t);
+      std::printf("| graph | %lld | %.1f | %.1f |\n", (long long)t, gr.graph_us, gr.eager_us);
+      std::fflush(stdout);
+    }
+    int64_t overlap_tokens = 0;
+    for (int64_t t : o.tokens)
+      if (t <= 4096) overlap_tokens = std::max(overlap_tokens, t);
+    if (overlap_tokens > 0) {
+      OverlapRow ov = run_overlap_row(o, g, overlap_tokens, prop.multiProcessorCount);
+      std::printf("# overlap (deepep-queued, bf16, %lld tokens): compute load on %d SMs alone %.3f ms; async combine "
+                  "alone %.1f us; both %.3f ms = %.2fx the load alone\n", (long long)overlap_tokens, ov.blocks,
+                  ov.load_ms, ov.combine_us, ov.both_ms, ov.both_ms / ov.load_ms);
+    }
+  }
   return 0;
 }

@@ -121,6 +121,10 @@ typedef struct deepep4j_config {
   int32_t cuda_trace;                /* 1: after each copy-engine step, one line on stderr with where its time went */
   int32_t cpu_direct;                /* CPU: 1 = ranks of one process copy rows directly (used when every rank
                                         allows it), 0 = every row goes through the rings */
+  int32_t stream_ordered;            /* CUDA deepep backend: 1 = dispatch / combine / cached calls given a stream are
+                                        queued on it and return without waiting for the GPU (see "Stream-ordered
+                                        mode" below); 0 = every call completes before it returns. All ranks must
+                                        agree. The CPU backend accepts both and always completes on return. */
 } deepep4j_config;
 
 typedef enum deepep4j_cuda_transfer {
@@ -131,10 +135,10 @@ typedef enum deepep4j_cuda_transfer {
 } deepep4j_cuda_transfer;
 
 /* Fills defaults: 256 MiB buffer, 20 SMs, chunk 16 tokens, ring 128 tokens, 60 s timeout, CPU device 0, deepep, auto
-   threads, max_hidden_bytes 0, cuda_transfer AUTO, ce_chunks 4, cuda_trace 0, cpu_direct 1. The environment gives
-   other defaults for the last four (and only here; the library reads no environment elsewhere):
+   threads, max_hidden_bytes 0, cuda_transfer AUTO, ce_chunks 4, cuda_trace 0, cpu_direct 1, stream_ordered 0. The
+   environment gives other defaults for the last five (and only here; the library reads no environment elsewhere):
    DEEPEP4J_CUDA_TRANSFER = auto | sm | copy_engine, DEEPEP4J_CE_CHUNKS = n, DEEPEP4J_CUDA_TRACE = 1,
-   DEEPEP4J_CPU_DIRECT = 0. A value that is none of these makes the field invalid (-1), which buffer_create rejects
+   DEEPEP4J_CPU_DIRECT = 0, DEEPEP4J_STREAM_ORDERED = 1. A value that is none of these makes the field invalid (-1), which buffer_create rejects
    naming the field. */
 DEEPEP4J_API void deepep4j_config_init(deepep4j_config* config);
 
@@ -249,6 +253,74 @@ DEEPEP4J_API int deepep4j_combine(deepep4j_buffer* buf, deepep4j_handle* handle,
    (which must not be DEEPEP4J_OK) with `message` as this rank's last error. On the CUDA alltoall backend the failure
    stays local (the peers time out). */
 DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const char* message);
+
+/* ---------------------------------------------------------------- stream-ordered mode (config.stream_ordered = 1)
+ * CUDA deepep backend, SM ring kernels (cuda_transfer auto means sm; copy_engine is refused at buffer_create: its
+ * copies are queued by the host after the step's barrier). What changes, call by call:
+ *   dispatch / combine (fresh or cached) with a non-NULL stream: the arguments are checked on the host, the step
+ *     (barrier + ring kernel) is queued on `stream` behind this buffer's previous step (an event, no host wait) and
+ *     the call returns. Outputs are valid for work queued on `stream` after the call. With stream = NULL the call
+ *     completes before it returns, as with stream_ordered = 0.
+ *   notify_dispatch still waits on the host for the counts (once per step, as DeepEP's normal mode);
+ *     deepep4j_notify_dispatch_queued below does not.
+ * When an error surfaces:
+ *   - a check this rank makes on the host (a bad argument, a NULL handle, ...): at once, from that call, on that rank;
+ *     the step is still queued with this failure, so the peers' kernels see it at the step's barrier and move nothing.
+ *   - everything found on the device (a peer's failure: DEEPEP4J_ERR_PEER_ERROR naming the rank and its message; a
+ *     peer that never came or died: DEEPEP4J_ERR_TIMEOUT, at the latest timeout_ms after the waiting kernel began;
+ *     a queued notify's bad topk_idx or num_worst_tokens overflow): recorded in a host-mapped error word. Every step
+ *     this rank queued after the failed one moves nothing, its outputs untouched and invalid. The error is returned by
+ *     the first of: the next dispatch / combine / notify / fail_step call on this buffer that finds it recorded (it
+ *     checks without waiting; notify waits for the stream and so finds every earlier step's error), or
+ *     deepep4j_buffer_sync. Those calls name the failed step's rank and reason with today's words, prefixed
+ *     "a queued step failed".
+ *   - after an error of a queued step (a local failure of a queued dispatch / combine / fail_step, or anything
+ *     found on the device) the buffer is broken (DEEPEP4J_ERR_STATE "... destroy and recreate"): peers may have queued
+ *     later steps, so the group cannot agree where to resume. notify_dispatch's own argument errors (it waits for the
+ *     exchange) stay recoverable as with stream_ordered = 0.
+ *   - a CUDA graph: steps captured in it are ordered by the graph; launch it on the stream of this buffer's previous
+ *     step (or after deepep4j_buffer_sync), and pass that stream to deepep4j_buffer_sync to learn its errors.
+ * Ranks sharing one GPU in one process: each rank's spinning kernels must not sit ahead of another rank's work in one
+ * hardware queue; give every rank its own stream and set CUDA_DEVICE_MAX_CONNECTIONS=32 (the driver maps streams
+ * onto that many queues). */
+
+/* Waits on the host until this rank's queued steps (and `stream`'s work, when not NULL) are complete, at most
+   timeout_ms + 1 s, and returns the first error any of them recorded (see above), else OK. Local (not collective). */
+DEEPEP4J_API int deepep4j_buffer_sync(deepep4j_buffer* buf, void* stream);
+
+/* Collective. Combine on the buffer's communication stream, so that work queued on `stream` after this call runs
+   beside it: the combine waits (on the device) for everything queued on `stream` so far, then runs on the buffer's own
+   stream. y and the other inputs must stay unchanged, and out must not be read, until deepep4j_comm_wait(buf, s) has
+   ordered a stream s after it (or deepep4j_buffer_sync has returned). The next step of this buffer, on any stream,
+   is ordered after it. On CUDA it needs stream_ordered = 1 (else DEEPEP4J_ERR_STATE on every rank); with stream =
+   NULL, and on CPU, it completes on return. */
+DEEPEP4J_API int deepep4j_combine_async(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
+                                        const deepep4j_combine_args* args, void* stream);
+
+/* Local. Orders `stream` after every step queued on the buffer's communication stream so far (a device-side wait;
+   the host does not block). Readers of an async combine's out queued on `stream` afterwards see it complete. */
+DEEPEP4J_API int deepep4j_comm_wait(deepep4j_buffer* buf, void* stream);
+
+/* Worst-case sized routing (DeepEP's num_worst_tokens): no host wait in notify, so notify -> dispatch -> experts ->
+   combine can be captured into a CUDA graph and replayed. CUDA deepep backend with stream_ordered = 1 only (other
+   backends return DEEPEP4J_ERR_UNAVAILABLE).
+   deepep4j_handle_create_queued: local. A handle for steps of exactly num_tokens tokens of (num_topk, num_experts,
+   hidden, dtype) on this buffer, receiving at most num_worst_tokens rows (>= 0); its device arrays are allocated here
+   (outside any capture). deepep4j_handle_num_recv_tokens returns num_worst_tokens; the rows actually received are
+   written on the device by each notify (below). deepep4j_handle_recv_counts_per_rank is refused (STATE) for it. */
+DEEPEP4J_API int deepep4j_handle_create_queued(deepep4j_buffer* buf, int64_t num_tokens, int32_t num_topk,
+                                               int32_t num_experts, int64_t hidden, int32_t dtype,
+                                               int64_t num_worst_tokens, deepep4j_handle** out_handle);
+/* Collective. Re-routes `handle` from topk_idx (device, [num_tokens, num_topk]) entirely on `stream` (non-NULL):
+   plan, count exchange, receive offsets. num_recv_tokens (device int64, or NULL) gets M, the rows this rank
+   receives; num_recv_tokens_per_expert (device int32 [E/R], or NULL) the per-local-expert counts. Then dispatch with
+   this handle writes rows [0, M) of arrays sized num_worst_tokens and marks rows [M, num_worst_tokens) as padding:
+   recv_topk_idx -1, recv_topk_weights 0, recv_src_token -1, recv_src_rank -1 (recv_x of padding rows untouched).
+   A bad topk_idx entry or M > num_worst_tokens on a rank is found on the device: the step fails on every rank
+   (INVALID_ARGUMENT on that rank, PEER_ERROR on the others), reported as any stream-ordered error. */
+DEEPEP4J_API int deepep4j_notify_dispatch_queued(deepep4j_buffer* buf, deepep4j_handle* handle,
+                                                 const int64_t* topk_idx, int64_t* num_recv_tokens,
+                                                 int32_t* num_recv_tokens_per_expert, void* stream);
 
 /* ---------------------------------------------------------------- handle */
 DEEPEP4J_API int64_t deepep4j_handle_num_tokens(const deepep4j_handle* h);      /* N */

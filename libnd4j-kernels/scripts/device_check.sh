@@ -13,6 +13,8 @@ set -u
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 # Two ranks on one GPU must not load kernels lazily inside a step (README: "Two ranks on one GPU").
 export CUDA_MODULE_LOADING=EAGER
+# Stream-ordered steps of two ranks on one GPU must not share a hardware queue (deepep4j.h: stream-ordered mode).
+export CUDA_DEVICE_MAX_CONNECTIONS=32
 what=${1:-all}
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$here/device-logs}
@@ -45,6 +47,8 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   run gpu_roundtrip 300 "$build/gpu_test_roundtrip"
   run gpu_step_recovery 120 "$build/gpu_test_step_recovery"
   run gpu_roundtrip_sm 300 env DEEPEP4J_CUDA_TRANSFER=sm "$build/gpu_test_roundtrip"
+  run gpu_stream_ordered 120 "$build/gpu_test_stream_ordered"
+  run gpu_roundtrip_stream_ordered 300 env DEEPEP4J_STREAM_ORDERED=1 DEEPEP4J_CUDA_TRANSFER=sm "$build/gpu_test_roundtrip"
   run gpu_roundtrip_ce 300 env $ce "$build/gpu_test_roundtrip"
   run gpu_roundtrip_ce_direct 300 env $ce DEEPEP4J_TEST_POOL_PEER_ACCESS=1 "$build/gpu_test_roundtrip"
   run gpu_cross_process 300 "$build/gpu_test_cross_process"

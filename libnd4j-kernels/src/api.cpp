@@ -78,6 +78,8 @@ void deepep4j_config_init(deepep4j_config* c) {
   c->cuda_trace = v != nullptr && std::strcmp(v, "1") == 0 ? 1 : 0;
   v = getenv("DEEPEP4J_CPU_DIRECT");
   c->cpu_direct = v != nullptr && std::strcmp(v, "0") == 0 ? 0 : 1;
+  v = getenv("DEEPEP4J_STREAM_ORDERED");
+  c->stream_ordered = v != nullptr && std::strcmp(v, "1") == 0 ? 1 : 0;
 }
 
 int deepep4j_buffer_size_hint(int64_t hidden, int32_t dtype, int32_t num_ranks, const deepep4j_config* config,
@@ -232,6 +234,54 @@ int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const char* message
   return guarded("deepep4j_fail_step", [&] { return buf->backend->fail_step(status, msg); });
 }
 
+int deepep4j_buffer_sync(deepep4j_buffer* buf, void* stream) {
+  if (int st = need_buffer(buf, false, "deepep4j_buffer_sync")) return st;
+  return guarded("deepep4j_buffer_sync", [&] { return buf->backend->sync(stream); });
+}
+
+int deepep4j_combine_async(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
+                           const deepep4j_combine_args* args, void* stream) {
+  if (int st = need_buffer(buf, true, "deepep4j_combine_async")) return st;
+  if (int st = need_handle(buf, handle, "deepep4j_combine_async")) return st;
+  return guarded("deepep4j_combine_async", [&] { return buf->backend->combine_async(handle, dtype, args, stream); });
+}
+
+int deepep4j_comm_wait(deepep4j_buffer* buf, void* stream) {
+  if (int st = need_buffer(buf, false, "deepep4j_comm_wait")) return st;
+  return guarded("deepep4j_comm_wait", [&] { return buf->backend->comm_wait(stream); });
+}
+
+int deepep4j_handle_create_queued(deepep4j_buffer* buf, int64_t num_tokens, int32_t num_topk, int32_t num_experts,
+                                  int64_t hidden, int32_t dtype, int64_t num_worst_tokens,
+                                  deepep4j_handle** out_handle) {
+  if (int st = need_buffer(buf, true, "deepep4j_handle_create_queued")) return st;
+  if (out_handle == nullptr)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "out_handle = NULL: nowhere to return the handle");
+  if (num_worst_tokens < 0)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "num_worst_tokens = %" PRId64 ": must be >= 0", num_worst_tokens);
+  return guarded("deepep4j_handle_create_queued", [&] {
+    Handle* h = nullptr;
+    int st = buf->backend->create_queued_handle(num_tokens, num_topk, num_experts, hidden, dtype, num_worst_tokens, &h);
+    if (st != DEEPEP4J_OK) return st;
+    h->owner = buf;
+    h->queued = true;
+    *out_handle = h;
+    return ok();
+  });
+}
+
+int deepep4j_notify_dispatch_queued(deepep4j_buffer* buf, deepep4j_handle* handle, const int64_t* topk_idx,
+                                    int64_t* num_recv_tokens, int32_t* per_local_expert, void* stream) {
+  if (int st = need_buffer(buf, true, "deepep4j_notify_dispatch_queued")) return st;
+  if (int st = need_handle(buf, handle, "deepep4j_notify_dispatch_queued")) return st;
+  if (!handle->queued)
+    return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT,
+                     "handle: notify_dispatch_queued needs a handle of deepep4j_handle_create_queued");
+  return guarded("deepep4j_notify_dispatch_queued", [&] {
+    return buf->backend->notify_dispatch_queued(handle, topk_idx, num_recv_tokens, per_local_expert, stream);
+  });
+}
+
 int64_t deepep4j_handle_num_tokens(const deepep4j_handle* h) { return h ? h->num_tokens : -1; }
 int64_t deepep4j_handle_num_recv_tokens(const deepep4j_handle* h) { return h ? h->num_recv_tokens : -1; }
 int32_t deepep4j_handle_num_topk(const deepep4j_handle* h) { return h ? h->num_topk : -1; }
@@ -241,6 +291,9 @@ int32_t deepep4j_handle_num_experts(const deepep4j_handle* h) { return h ? h->nu
 int deepep4j_handle_recv_counts_per_rank(const deepep4j_handle* h, int32_t* out) {
   if (h == nullptr || out == nullptr)
     return set_error(DEEPEP4J_ERR_INVALID_ARGUMENT, "handle/out = NULL: need a handle and an int32[num_ranks]");
+  if (h->queued)
+    return set_error(DEEPEP4J_ERR_STATE, "handle: a queued handle's per-rank counts live on the device (its notify "
+                     "writes num_recv_tokens there)");
   for (int i = 0; i < h->num_ranks; ++i) out[i] = h->recv_counts_per_rank[i];
   return ok();
 }

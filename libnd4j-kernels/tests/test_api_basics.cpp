@@ -35,21 +35,25 @@ TEST(config_defaults) {
   CHECK_EQ(c.ce_chunks, 4);
   CHECK_EQ(c.cuda_trace, 0);
   CHECK_EQ(c.cpu_direct, 1);
+  CHECK_EQ(c.stream_ordered, 0);
   deepep4j_config_init(nullptr);  // documented as harmless
 }
 
 // The environment gives defaults to the transfer settings, through config_init only; a bad value is an invalid field
 // that buffer_create names.
 TEST(config_defaults_from_environment) {
-  const char* names[] = {"DEEPEP4J_CUDA_TRANSFER", "DEEPEP4J_CE_CHUNKS", "DEEPEP4J_CUDA_TRACE", "DEEPEP4J_CPU_DIRECT"};
+  const char* names[] = {"DEEPEP4J_CUDA_TRANSFER", "DEEPEP4J_CE_CHUNKS", "DEEPEP4J_CUDA_TRACE", "DEEPEP4J_CPU_DIRECT",
+                         "DEEPEP4J_STREAM_ORDERED"};
   std::vector<std::pair<bool, std::string>> saved;
   for (const char* n : names) saved.push_back({getenv(n) != nullptr, getenv(n) ? getenv(n) : ""});
   setenv("DEEPEP4J_CUDA_TRANSFER", "copy_engine", 1);
   setenv("DEEPEP4J_CE_CHUNKS", "3", 1);
   setenv("DEEPEP4J_CUDA_TRACE", "1", 1);
   setenv("DEEPEP4J_CPU_DIRECT", "0", 1);
+  setenv("DEEPEP4J_STREAM_ORDERED", "1", 1);
   deepep4j_config c;
   deepep4j_config_init(&c);
+  CHECK_EQ(c.stream_ordered, 1);
   CHECK_EQ(c.cuda_transfer, DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE);
   CHECK_EQ(c.ce_chunks, 3);
   CHECK_EQ(c.cuda_trace, 1);
@@ -73,6 +77,14 @@ TEST(config_defaults_from_environment) {
   c.cpu_direct = 1;
   c.cuda_trace = -1;
   CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "cuda_trace = -1");
+  c.cuda_trace = 0;
+  c.stream_ordered = 2;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "stream_ordered = 2");
+  c.stream_ordered = 1;
+  c.device = DEEPEP4J_DEVICE_CUDA;
+  c.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &b), DEEPEP4J_ERR_INVALID_ARGUMENT, "stream_ordered = 1",
+            "cuda_transfer = copy_engine");
   CHECK(b == nullptr);
   for (size_t i = 0; i < saved.size(); ++i)
     if (saved[i].first) setenv(names[i], saved[i].second.c_str(), 1); else unsetenv(names[i]);
@@ -186,6 +198,38 @@ TEST(last_error_is_per_thread) {
   std::thread([&] { other = deepep4j_last_error(); }).join();
   CHECK_MSG(other.empty(), "a fresh thread sees \"%s\"", other.c_str());
   CHECK(std::string(deepep4j_last_error()).find("num_sms = 7") != std::string::npos);
+}
+
+// The CPU backend completes every call on return: with stream_ordered = 1 the async combine is a plain combine,
+// buffer_sync and comm_wait have nothing to wait for, and worst-case sized queued handles are CUDA only.
+TEST(stream_ordered_calls_on_cpu_complete_on_return) {
+  ref::Shape s;
+  s.num_ranks = 2, s.num_experts = 8, s.num_topk = 2, s.hidden = 32, s.dtype = DEEPEP4J_FLOAT32;
+  deepep4j_config cfg = ep::small_config(s);
+  cfg.stream_ordered = 1;
+  ep::Group g(2, cfg);
+  std::vector<ref::RankInput> in = ep::make_inputs(s, {20, 13}, 3);
+  std::vector<ep::RankResult> res(2);
+  ep::StepOptions o;
+  ep::run_ranks(2, [&](int32_t r) {
+    ep::run_rank(g[r], r, s, in[size_t(r)], o, &res[size_t(r)], true);
+    deepep4j_handle* h = res[size_t(r)].handle;
+    std::vector<uint8_t> again(res[size_t(r)].combined.out.size(), 0xEE);
+    deepep4j_combine_args c{};
+    c.y = res[size_t(r)].y.data(), c.out = again.data();
+    REQUIRE_OK(deepep4j_combine_async(g[r], h, s.dtype, &c, nullptr));
+    REQUIRE_OK(deepep4j_comm_wait(g[r], nullptr));
+    REQUIRE_OK(deepep4j_buffer_sync(g[r], nullptr));
+    CHECK_MSG(again == res[size_t(r)].combined.out, "rank %d: combine_async differs from combine", r);
+    deepep4j_handle* q = reinterpret_cast<deepep4j_handle*>(0x1);
+    CHECK_ERR(deepep4j_handle_create_queued(g[r], 20, 2, 8, 32, DEEPEP4J_FLOAT32, 40, &q), DEEPEP4J_ERR_UNAVAILABLE,
+              "CUDA deepep backend");
+    CHECK(q == reinterpret_cast<deepep4j_handle*>(0x1));
+    CHECK_ERR(deepep4j_handle_create_queued(g[r], 20, 2, 8, 32, DEEPEP4J_FLOAT32, -1, &q),
+              DEEPEP4J_ERR_INVALID_ARGUMENT, "num_worst_tokens = -1");
+    REQUIRE_OK(deepep4j_handle_destroy(h));
+  });
+  ep::verify(s, in, res, o, "stream_ordered on CPU");
 }
 
 TEST(one_rank_keeps_every_row) {

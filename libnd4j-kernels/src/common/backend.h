@@ -42,6 +42,32 @@ class Backend {
   // Joins the peers' current collective step with a local failure (deepep4j_fail_step). A backend without a
   // step exchange reports the failure locally only.
   virtual int fail_step(int32_t status, const char* message) { return set_error(status, "%s", message); }
+  // Stream-ordered mode (deepep4j.h). Backends whose calls complete on return (CPU) keep these defaults: nothing is
+  // ever pending, so sync and comm_wait have nothing to wait for and the async combine is a plain one.
+  virtual int sync(void* stream) {
+    (void)stream;
+    return ok();
+  }
+  virtual int combine_async(Handle* h, int32_t dtype, const deepep4j_combine_args* a, void* stream) {
+    return combine(h, dtype, a, stream);
+  }
+  virtual int comm_wait(void* stream) {
+    (void)stream;
+    return ok();
+  }
+  // Worst-case sized handles re-routed on the device (deepep4j_notify_dispatch_queued).
+  virtual int create_queued_handle(int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype, int64_t worst,
+                                   Handle** out) {
+    (void)n, (void)k, (void)e, (void)hidden, (void)dtype, (void)worst, (void)out;
+    return set_error(DEEPEP4J_ERR_UNAVAILABLE,
+                     "deepep4j_handle_create_queued: needs the CUDA deepep backend with stream_ordered = 1");
+  }
+  virtual int notify_dispatch_queued(Handle* h, const int64_t* topk_idx, int64_t* num_recv, int32_t* per_local_expert,
+                                     void* stream) {
+    (void)h, (void)topk_idx, (void)num_recv, (void)per_local_expert, (void)stream;
+    return set_error(DEEPEP4J_ERR_UNAVAILABLE,
+                     "deepep4j_notify_dispatch_queued: needs the CUDA deepep backend with stream_ordered = 1");
+  }
   // A local failure in connect before this rank could reach its peers (bad or missing blobs): published where the
   // peers, which map this rank's region, see it, so they fail with PEER_ERROR instead of waiting for this rank.
   virtual int fail_connect(int32_t status, const char* message) { return set_error(status, "%s", message); }
@@ -77,5 +103,6 @@ struct deepep4j_handle {
   int32_t dtype = 0;                        // dtype of the notify call
   int32_t num_ranks = 0;
   int32_t recv_counts_per_rank[DEEPEP4J_MAX_RANKS] = {};
+  bool queued = false;  // worst-case sized, routed on the device: M and the per-rank counts live there
 };
 

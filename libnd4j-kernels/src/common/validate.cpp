@@ -56,6 +56,12 @@ Check check_config(int32_t rank, int32_t num_ranks, const deepep4j_config& c) {
     return Check::fail(E_ARG, "cuda_trace = %d: must be 0 or 1", c.cuda_trace);
   if (c.cpu_direct != 0 && c.cpu_direct != 1)
     return Check::fail(E_ARG, "cpu_direct = %d: must be 0 or 1", c.cpu_direct);
+  if (c.stream_ordered != 0 && c.stream_ordered != 1)
+    return Check::fail(E_ARG, "stream_ordered = %d: must be 0 or 1", c.stream_ordered);
+  // Copy-engine copies are queued by the host once the step's barrier has told it every rank's vote.
+  if (c.stream_ordered == 1 && c.device == DEEPEP4J_DEVICE_CUDA && c.cuda_transfer == DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE)
+    return Check::fail(E_ARG, "stream_ordered = 1 with cuda_transfer = copy_engine: stream-ordered steps use the SM "
+                       "ring kernels (set cuda_transfer to sm or auto)");
   if (c.buffer_bytes <= 0)
     return Check::fail(E_ARG, "buffer_bytes = %" PRId64 ": must be > 0", c.buffer_bytes);
   return Check{};

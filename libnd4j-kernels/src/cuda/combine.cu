@@ -8,6 +8,11 @@ namespace cuda {
 
 namespace {
 
+// kRows bounds the ranks (R <= kRows): the per-warp table of returned rows lives in local memory, and at 64 entries
+// (1.6 KB per thread) it is larger than the default 1 KB stack, so each launch would resize the device's local
+// memory, which waits for every running kernel — with two ranks on one GPU a queued launch then waits for the
+// other rank's spinning kernel, which waits for this one (a deadlock until timeout_ms).
+template <int kRows>
 __global__ void __launch_bounds__(kRingThreads, 1)
     combine_kernel(Step st, Rings rg, Routing h, CombineIo io) {
   __shared__ int s_abort[kMaxGroups];
@@ -42,7 +47,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     s_need[d] = 0;
   }
   __syncthreads();
-  ReturnedRow rows[DEEPEP4J_MAX_RANKS];
+  ReturnedRow rows[kRows];
   // A round takes up to half a ring of tokens (never more than a ring from one stream), so senders fill the other half
   // while this one is reduced.
   const int round = max(rg.chunk, rg.slots / 2);
@@ -85,8 +90,18 @@ __global__ void __launch_bounds__(kRingThreads, 1)
 
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s) {
-  combine_kernel<<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
+  if (step.num_ranks <= kFewRanks)
+    combine_kernel<kFewRanks><<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
+  else
+    combine_kernel<DEEPEP4J_MAX_RANKS><<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
   return cudaGetLastError();
+}
+
+size_t ring_kernels_stack_bytes(int32_t num_ranks) {
+  const void* f = num_ranks <= kFewRanks ? reinterpret_cast<const void*>(&combine_kernel<kFewRanks>)
+                                         : reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>);
+  cudaFuncAttributes a{};
+  return cudaFuncGetAttributes(&a, f) == cudaSuccess ? a.localSizeBytes : 0;
 }
 
 }  // namespace cuda

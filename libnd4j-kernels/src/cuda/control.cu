@@ -171,7 +171,8 @@ __device__ void barrier_body(const Step& st, int32_t status, const char* message
     } else if (s_failed_peer < DEEPEP4J_MAX_RANKS) {
       const int f = s_failed_peer;
       const PeerStatus* ps = status_slot(st.peers.region[(s_alone >> f & 1ull) ? f : st.rank], st.epoch, f);
-      mb->status = DEEPEP4J_ERR_PEER_ERROR;
+      // This rank's own failure (found on the device: a queued notify's check) keeps its status.
+      mb->status = f == st.rank ? ps->status : DEEPEP4J_ERR_PEER_ERROR;
       mb->peer = f;
       for (int i = 0; i < int(sizeof(ps->message)); ++i) mb->message[i] = ps->message[i];
     } else {
@@ -188,36 +189,158 @@ struct BarrierMessage {
   char text[sizeof(PeerStatus::message)];
 };
 
+// The start of every step's control kernel (one block). Stream-ordered steps (st.sticky) are skipped entirely after
+// an earlier failure of this rank, take their epoch from the region's counter, and publish a failure left pending on
+// this device as this rank's status. Returns false when the step is skipped; *st gets the step's epoch.
+__device__ bool begin_step(Step* st, int32_t* status, const char** message) {
+  __shared__ int s_skip;
+  __shared__ uint32_t s_epoch;
+  uint8_t* own = st->peers.region[st->rank];
+  if (threadIdx.x == 0) {
+    s_skip = st->sticky && *reinterpret_cast<volatile int32_t*>(step_failed(own)) != 0;
+    s_epoch = st->epoch != 0 ? st->epoch : *reinterpret_cast<volatile uint32_t*>(epoch_word(own)) + 1u;
+  }
+  __syncthreads();
+  st->epoch = s_epoch;
+  if (s_skip) return false;
+  const PeerStatus* p = pending(own);
+  if (st->sticky && *status == 0 && p->status != 0) *status = p->status, *message = p->message;
+  return true;
+}
+
+// The end of a step's control kernel: the counter the next stream-ordered step numbers itself from.
+__device__ void end_step(const Step& st) {
+  if (threadIdx.x == 0) *epoch_word(st.peers.region[st.rank]) = st.epoch;
+}
+
 __global__ void barrier_kernel(Step st, int32_t status, BarrierMessage msg, int32_t ce_vote, DirectTargets direct) {
   const uint64_t deadline = global_ns() + st.timeout_ns;
-  barrier_body(st, status, msg.text, deadline, ce_vote, &direct);
+  const char* text = msg.text;
+  if (!begin_step(&st, &status, &text)) return;
+  barrier_body(st, status, text, deadline, ce_vote, &direct);
+  end_step(st);
+}
+
+// Small device-side message writer for failures found on the device (a queued notify's checks).
+struct DevText {
+  char* out;
+  int cap, len = 0;
+  __device__ DevText(char* o, int c) : out(o), cap(c) { out[0] = 0; }
+  __device__ DevText& s(const char* v) {
+    while (*v && len + 1 < cap) out[len++] = *v++;
+    out[len] = 0;
+    return *this;
+  }
+  __device__ DevText& i(long long v) {
+    char digits[24];
+    int n = 0;
+    const bool neg = v < 0;
+    unsigned long long u = neg ? 0ull - (unsigned long long)v : (unsigned long long)v;
+    do digits[n++] = char('0' + u % 10); while ((u /= 10) != 0);
+    if (neg && len + 1 < cap) out[len++] = '-';
+    while (n > 0 && len + 1 < cap) out[len++] = digits[--n];
+    out[len] = 0;
+    return *this;
+  }
+};
+
+// Receive offsets, M and per-expert counts of a queued notify from the gathered slots (block-wide).
+__device__ void finish_queued(const Step& st, const NotifyHeader& mine, const uint8_t* gathered, int64_t slot_bytes,
+                              int local_experts, const QueuedNotify& q) {
+  const int R = st.num_ranks, C = mine.num_channels;
+  if (threadIdx.x == 0) {
+    int mismatch = -1;
+    int64_t m = 0;
+    for (int s = 0; s < R; ++s) {
+      const NotifyHeader* o = reinterpret_cast<const NotifyHeader*>(gathered + s * slot_bytes);
+      if (o->num_topk != mine.num_topk || o->num_experts != mine.num_experts || o->dtype != mine.dtype ||
+          o->hidden != mine.hidden)
+        mismatch = mismatch < 0 ? s : mismatch;
+      const int32_t* ints = reinterpret_cast<const int32_t*>(o + 1);
+      for (int c = 0; c < C; ++c) {
+        q.recv_offset[s * C + c] = int32_t(m);
+        q.recv_counts[s * C + c] = ints[c];
+        m += ints[c];
+      }
+    }
+    *q.num_recv = m;
+    if (q.num_recv_out) *q.num_recv_out = m;
+    // A local finding after the exchange: the next barrier publishes it, so every rank fails that step.
+    PeerStatus* p = pending(st.peers.region[st.rank]);
+    if (mismatch >= 0) {
+      DevText(p->message, int(sizeof(p->message)))
+          .s("deepep4j_notify_dispatch_queued: rank ").i(st.rank).s(" and rank ").i(mismatch)
+          .s(" disagree on (num_topk, num_experts, dtype, hidden): all ranks of a step must agree");
+      p->status = DEEPEP4J_ERR_PEER_MISMATCH;
+    } else if (m > q.worst) {
+      DevText(p->message, int(sizeof(p->message)))
+          .s("num_worst_tokens = ").i(q.worst).s(": rank ").i(st.rank).s(" receives ").i(m)
+          .s(" rows in this step; the handle must be created with at least that many");
+      p->status = DEEPEP4J_ERR_INVALID_ARGUMENT;
+    }
+  }
+  if (q.per_expert_out)
+    for (int j = threadIdx.x; j < local_experts; j += blockDim.x) {
+      int32_t sum = 0;
+      for (int s = 0; s < R; ++s)
+        sum += reinterpret_cast<const int32_t*>(gathered + s * slot_bytes + sizeof(NotifyHeader))[C + j];
+      q.per_expert_out[j] = sum;
+    }
 }
 
 __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_counts, const int32_t* expert_counts,
-                              int local_experts, uint8_t* gathered, int64_t slot_bytes) {
+                              int local_experts, uint8_t* gathered, int64_t slot_bytes, QueuedNotify q) {
   const uint64_t deadline = global_ns() + st.timeout_ns;
   const int C = header.num_channels;
+  const bool queued = q.recv_offset != nullptr;
+  __shared__ NotifyHeader s_header;
+  __shared__ char s_text[sizeof(PeerStatus::message)];  // what barrier_body publishes: a whole PeerStatus message
+  if (threadIdx.x == 0) {
+    s_header = header;
+    if (queued && s_header.status == 0 && *q.bad != ~0ull) {  // the plan found a bad topk_idx entry
+      const unsigned long long b = *q.bad;
+      const long long k = header.num_topk;
+      s_header.status = DEEPEP4J_ERR_INVALID_ARGUMENT;
+      DevText(s_header.message, int(sizeof(s_header.message)))
+          .s("topk_idx[").i((long long)(b / k)).s("][").i((long long)(b % k)).s("] = ").i(q.topk_idx[b])
+          .s(": must be in [-1, num_experts = ").i(header.num_experts).s(")");
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < int(sizeof(s_text)); i += blockDim.x)
+    s_text[i] = i < int(sizeof(s_header.message)) ? s_header.message[i] : 0;
+  __syncthreads();
+  int32_t status = queued ? s_header.status : 0;
+  const char* text = s_text;
+  if (!begin_step(&st, &status, &text)) return;
   const uint32_t parity = st.epoch;
   for (int d = 0; d < st.num_ranks; ++d) {
     uint8_t* slot = notify_slot(st.peers.region[d], parity, st.rank);
     for (int i = threadIdx.x; i < int(sizeof(NotifyHeader)) / 4; i += blockDim.x)
-      reinterpret_cast<int32_t*>(slot)[i] = reinterpret_cast<const int32_t*>(&header)[i];
+      reinterpret_cast<int32_t*>(slot)[i] = reinterpret_cast<const int32_t*>(&s_header)[i];
     int32_t* ints = reinterpret_cast<int32_t*>(slot + sizeof(NotifyHeader));
     for (int i = threadIdx.x; i < C + local_experts; i += blockDim.x) {
       int32_t v = 0;
-      if (header.status == 0)
+      if (s_header.status == 0)
         v = i < C ? send_counts[d * C + i] : expert_counts[d * local_experts + (i - C)];
       ints[i] = v;
     }
   }
   __syncthreads();
-  barrier_body(st, 0, nullptr, deadline, 0, nullptr);
+  // Host-driven notify (status 0) checks the gathered headers itself; a queued one fails the barrier with its status.
+  barrier_body(st, status, text, deadline, 0, nullptr);
+  end_step(st);
   if (*step_failed(st.peers.region[st.rank]) != 0) return;
+  // Only the slot's used part: the header and C + L ints.
+  const int64_t used = int64_t(sizeof(NotifyHeader)) + 4 * int64_t(C + local_experts);
   for (int s = 0; s < st.num_ranks; ++s) {
     const int32_t* src = reinterpret_cast<const int32_t*>(notify_slot(st.peers.region[st.rank], parity, s));
     int32_t* dst = reinterpret_cast<int32_t*>(gathered + s * slot_bytes);
-    for (int64_t i = threadIdx.x; i < slot_bytes / 4; i += blockDim.x) dst[i] = src[i];
+    for (int64_t i = threadIdx.x; i < used / 4; i += blockDim.x) dst[i] = src[i];
   }
+  if (!queued) return;
+  __syncthreads();
+  finish_queued(st, s_header, gathered, slot_bytes, local_experts, q);
 }
 
 }  // namespace
@@ -256,7 +379,13 @@ cudaError_t launch_barrier(const Step& step, int32_t status, const char* message
 cudaError_t launch_notify(const Step& step, const NotifyHeader& header, const Routing* h, int32_t local_experts,
                           uint8_t* gathered, int64_t slot_bytes, cudaStream_t s) {
   notify_kernel<<<1, 256, 0, s>>>(step, header, h ? h->send_counts : nullptr, h ? h->expert_counts : nullptr,
-                                  local_experts, gathered, slot_bytes);
+                                  local_experts, gathered, slot_bytes, QueuedNotify{});
+  return cudaGetLastError();
+}
+
+cudaError_t launch_notify_queued(const Step& step, const NotifyHeader& header, const Routing& h, int32_t local_experts,
+                                 uint8_t* gathered, int64_t slot_bytes, const QueuedNotify& q, cudaStream_t s) {
+  notify_kernel<<<1, 256, 0, s>>>(step, header, h.send_counts, h.expert_counts, local_experts, gathered, slot_bytes, q);
   return cudaGetLastError();
 }
 

@@ -50,7 +50,7 @@ endforeach()
 
 # GPU tests: one program per file in tests/gpu; 77 = no GPU here (skipped, not passed).
 set(DEEPEP4J_GPU_TEST_DIR ${CMAKE_CURRENT_LIST_DIR}/../../tests/gpu)
-set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block)
+set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block stream_ordered)
 foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_executable(gpu_test_${name} ${DEEPEP4J_GPU_TEST_DIR}/test_gpu_${name}.cpp)
   target_include_directories(gpu_test_${name} PRIVATE ${DEEPEP4J_GPU_TEST_DIR} ${DEEPEP4J_GPU_TEST_DIR}/..
@@ -69,6 +69,10 @@ add_test(NAME gpu_cross_process_ce COMMAND gpu_test_cross_process)
 set_tests_properties(gpu_roundtrip_sm gpu_roundtrip_ce gpu_roundtrip_ce_direct gpu_cross_process_ce PROPERTIES
                      TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77)
 set_tests_properties(gpu_roundtrip_sm PROPERTIES ENVIRONMENT DEEPEP4J_CUDA_TRANSFER=sm)
+# Stream-ordered buffers, called with NULL streams (complete on return): device-numbered barriers, sticky failures.
+add_test(NAME gpu_roundtrip_stream_ordered COMMAND gpu_test_roundtrip)
+set_tests_properties(gpu_roundtrip_stream_ordered PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77 ENVIRONMENT
+                     "DEEPEP4J_STREAM_ORDERED=1;DEEPEP4J_CUDA_TRANSFER=sm")
 set_tests_properties(gpu_roundtrip_ce gpu_cross_process_ce PROPERTIES
                      ENVIRONMENT "DEEPEP4J_CUDA_TRANSFER=copy_engine;DEEPEP4J_TEST_BUFFER_MB=64")
 set_tests_properties(gpu_roundtrip_ce_direct PROPERTIES ENVIRONMENT

@@ -49,7 +49,9 @@ CudaHandle::~CudaHandle() {
 CudaBackend::~CudaBackend() {
   if (use_device() != DEEPEP4J_OK) return;
   if (own_stream_) cudaStreamDestroy(own_stream_);
-  if (legacy_done_) cudaEventDestroy(legacy_done_);
+  if (comm_stream_) cudaStreamDestroy(comm_stream_);
+  for (cudaEvent_t e : {legacy_done_, step_done_, caller_ready_, comm_done_})
+    if (e) cudaEventDestroy(e);
   if (mailbox_) cudaFreeHost(mailbox_);
   if (gathered_host_) cudaFreeHost(gathered_host_);
   if (scratch_) cudaFree(scratch_);
@@ -79,7 +81,9 @@ int CudaBackend::init() {
                      "num_sms = %d: must be <= %d on CUDA device %d (its SMs, and at most %d channels)", cfg_.num_sms,
                      std::min(sms, 2 * kMaxChannels), cfg_.device_id, kMaxChannels);
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
-  DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&legacy_done_, cudaEventDisableTiming));
+  DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+  for (cudaEvent_t* e : {&legacy_done_, &step_done_, &caller_ready_, &comm_done_})
+    DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
   DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(Mailbox), cudaHostAllocMapped));
   std::memset(mailbox_, 0, sizeof(Mailbox));
   DEEPEP4J_CUDA_TRY(cudaHostGetDevicePointer(reinterpret_cast<void**>(&mailbox_dev_), mailbox_, 0));
@@ -142,6 +146,7 @@ Blob CudaBackend::own_blob() const {
   b.num_sms = cfg_.num_sms, b.chunk = cfg_.max_send_tokens_per_chunk, b.ring_tokens = cfg_.ring_tokens;
   b.timeout_ms = cfg_.timeout_ms;
   b.cuda_transfer = cfg_.cuda_transfer, b.ce_chunks = cfg_.ce_chunks;
+  b.stream_ordered = cfg_.stream_ordered;
   return b;
 }
 
@@ -166,7 +171,8 @@ int CudaBackend::read_blobs(const void* const* blobs, const size_t* lens, std::v
                   {"max_send_tokens_per_chunk", cfg_.max_send_tokens_per_chunk, b.chunk},
                   {"ring_tokens", cfg_.ring_tokens, b.ring_tokens},
                   {"cuda_transfer", cfg_.cuda_transfer, b.cuda_transfer},
-                  {"ce_chunks", cfg_.ce_chunks, b.ce_chunks}};
+                  {"ce_chunks", cfg_.ce_chunks, b.ce_chunks},
+                  {"stream_ordered", cfg_.stream_ordered, b.stream_ordered}};
     for (const Field& f : fields)
       if (f.mine != f.theirs)
         return set_error(DEEPEP4J_ERR_PEER_MISMATCH,
@@ -195,16 +201,28 @@ int CudaBackend::finish_step(cudaStream_t s, const char* call) {
   // Kernels give up at timeout_ms on their own; the extra second covers launch and copy latency.
   int st = wait_stream(s, now_ms() + cfg_.timeout_ms + 1000, call);
   if (st != DEEPEP4J_OK) return st;
+  return read_mailbox(call, "");
+}
+
+int CudaBackend::read_mailbox(const char* call, const char* prefix) {
   Mailbox mb;
   std::atomic_thread_fence(std::memory_order_acquire);
   std::memcpy(&mb, mailbox_, sizeof(Mailbox));
-  std::memset(mailbox_, 0, sizeof(Mailbox));
+  // Stream-ordered steps keep the error word: it is how later queued steps' reports find it.
+  if (!so_) std::memset(mailbox_, 0, sizeof(Mailbox));
   ce_veto_ = mb.ce_veto != 0;
   std::memcpy(peer_direct_, mb.direct, sizeof(peer_direct_));
   if (mb.status == DEEPEP4J_OK) return DEEPEP4J_OK;
   mb.message[sizeof(mb.message) - 1] = 0;
-  if (mb.status == DEEPEP4J_ERR_PEER_ERROR)
-    return set_error(DEEPEP4J_ERR_PEER_ERROR, "%s on rank %d: rank %d reported: %s", call, rank_, mb.peer, mb.message);
+  if (so_) {  // peers may have queued later steps: the group cannot agree where to resume
+    broken_ = true;
+    broken_reason_ = std::string("a stream-ordered step failed: ") + mb.message;
+  }
+  if (mb.status != DEEPEP4J_ERR_TIMEOUT && mb.peer == rank_)  // this rank's own failure, found on the device
+    return set_error(mb.status, "%s on rank %d: %s%s", call, rank_, prefix, mb.message);
+  if (mb.status != DEEPEP4J_ERR_TIMEOUT)
+    return set_error(DEEPEP4J_ERR_PEER_ERROR, "%s on rank %d: %srank %d reported: %s", call, rank_, prefix, mb.peer,
+                     mb.message);
   static const char* kWhere[] = {"barrier", "dispatch send", "dispatch receive", "combine send", "combine receive"};
   const char* where = mb.where >= 0 && mb.where < 5 ? kWhere[mb.where] : "wait";
   broken_ = true;
@@ -212,17 +230,94 @@ int CudaBackend::finish_step(cudaStream_t s, const char* call) {
   const int gave_up = mb.abandoned_by - 1;
   if (gave_up == int(kLateRank))
     return set_error(DEEPEP4J_ERR_TIMEOUT,
-                     "%s on rank %d: the other ranks abandoned this step (timeout_ms = %d) before this rank arrived; "
-                     "the buffer is broken: destroy and recreate the group's buffers", call, rank_, cfg_.timeout_ms);
+                     "%s on rank %d: %sthe other ranks abandoned this step (timeout_ms = %d) before this rank arrived; "
+                     "the buffer is broken: destroy and recreate the group's buffers", call, rank_, prefix,
+                     cfg_.timeout_ms);
   if (gave_up >= 0 && gave_up != rank_)
     return set_error(DEEPEP4J_ERR_TIMEOUT,
-                     "%s on rank %d: step abandoned: rank %d waited for rank %d longer than timeout_ms = %d; the buffer "
-                     "is broken: destroy and recreate the group's buffers", call, rank_, gave_up, mb.peer,
-                     cfg_.timeout_ms);
+                     "%s on rank %d: %sstep abandoned: rank %d waited for rank %d longer than timeout_ms = %d; the "
+                     "buffer is broken: destroy and recreate the group's buffers", call, rank_, prefix, gave_up,
+                     mb.peer, cfg_.timeout_ms);
   return set_error(DEEPEP4J_ERR_TIMEOUT,
-                   "%s on rank %d: %s waited for rank %d longer than timeout_ms = %d (peer gone or not calling); the "
+                   "%s on rank %d: %s%s waited for rank %d longer than timeout_ms = %d (peer gone or not calling); the "
                    "step is abandoned on every rank and the buffer is broken: destroy and recreate the group's buffers",
-                   call, rank_, where, mb.peer, cfg_.timeout_ms);
+                   call, rank_, prefix, where, mb.peer, cfg_.timeout_ms);
+}
+
+int CudaBackend::queued_error(const char* call) {
+  if (int st = broken_check(call)) return st;  // reported once; from then on the buffer refuses steps
+  if (!so_ || *reinterpret_cast<volatile int32_t*>(&mailbox_->status) == DEEPEP4J_OK) return DEEPEP4J_OK;
+  return read_mailbox(call, "a queued step failed: ");
+}
+
+namespace {
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus c = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(s, &c) == cudaSuccess && c != cudaStreamCaptureStatusNone;
+}
+}  // namespace
+
+int CudaBackend::order_step(cudaStream_t s) {
+  if (!so_ || last_stream_ == nullptr || last_stream_ == s || capturing(s)) return DEEPEP4J_OK;
+  return cuda_status(cudaStreamWaitEvent(s, step_done_, 0), "cudaStreamWaitEvent");
+}
+
+int CudaBackend::step_queued(cudaStream_t s) {
+  if (!so_ || capturing(s)) return DEEPEP4J_OK;
+  last_stream_ = s;
+  return cuda_status(cudaEventRecord(step_done_, s), "cudaEventRecord");
+}
+
+int CudaBackend::sync(void* stream) {
+  const char* call = "deepep4j_buffer_sync";
+  if (int st = use_device()) return st;
+  const int64_t deadline = now_ms() + cfg_.timeout_ms + 1000;
+  for (cudaStream_t s : {static_cast<cudaStream_t>(stream), comm_stream_, own_stream_})
+    if (s != nullptr)
+      if (int st = wait_stream(s, deadline, call)) return st;
+  if (last_stream_ != nullptr)
+    for (int spins = 0;; ++spins) {  // the last step may have gone to a stream the caller did not name
+      cudaError_t e = cudaEventQuery(step_done_);
+      if (e == cudaSuccess) break;
+      if (e != cudaErrorNotReady) return cuda_status(e, call);
+      if (now_ms() > deadline)
+        return wait_stream(last_stream_, deadline, call);  // reports the timeout and breaks the buffer
+      if (spins > 1000) sched_yield();
+    }
+  return so_ ? read_mailbox(call, "a queued step failed: ") : ok();
+}
+
+int CudaBackend::comm_wait(void* stream) {
+  if (int st = use_device()) return st;
+  if (stream == nullptr) {  // nothing to order on the device: wait here
+    if (int st = wait_stream(comm_stream_, now_ms() + cfg_.timeout_ms + 1000, "deepep4j_comm_wait")) return st;
+    if (int st = queued_error("deepep4j_comm_wait")) return st;
+    return ok();
+  }
+  DEEPEP4J_CUDA_TRY(cudaEventRecord(comm_done_, comm_stream_));
+  DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), comm_done_, 0));
+  return ok();
+}
+
+int CudaBackend::alloc_routing(CudaHandle* h, int64_t n, int32_t k, int32_t e, cudaStream_t s) {
+  Routing& r = h->r;
+  const int C = channels();
+  r.num_tokens = n, r.num_topk = k, r.num_experts = e, r.channels = C;
+  r.tokens_per_channel = (n + C - 1) / C;
+  const size_t RC = size_t(R_) * C, N = size_t(n);
+  size_t sizes[] = {N * 8, N * k * 4, N * R_ * 4, N * R_ * 4, RC * 4, size_t(e) * 4, RC * 4, RC * 4, RC * 4, 8};
+  size_t total = 0;
+  for (size_t v : sizes) total += align256(v);
+  DEEPEP4J_CUDA_TRY(cudaMallocAsync(&h->arena, total, s));
+  uint8_t* p = static_cast<uint8_t*>(h->arena);
+  void** ptrs[] = {(void**)&r.token_mask,  (void**)&r.topk,         (void**)&r.send_pos,    (void**)&r.send_list,
+                   (void**)&r.send_counts, (void**)&r.expert_counts, (void**)&r.recv_offset, (void**)&r.recv_counts,
+                   (void**)&r.send_prefix, (void**)&h->num_recv_dev};
+  for (int i = 0; i < 10; ++i) {
+    *ptrs[i] = p;
+    p += align256(sizes[i]);
+  }
+  return DEEPEP4J_OK;
 }
 
 int CudaBackend::get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,
@@ -245,7 +340,9 @@ int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, 
   const char* call = "deepep4j_notify_dispatch";
   if (int st = broken_check(call)) return st;
   if (int st = use_device()) return st;
+  if (int st = queued_error(call)) return st;
   cudaStream_t s = pick(stream);
+  if (int st = order_step(s)) return st;
   const int C = channels();
   Check check = check_routing(topk_idx, n, k, e, R_, false);
   if (check.ok()) check = check_payload(hidden, dtype, true, "notify_dispatch");
@@ -257,21 +354,8 @@ int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, 
   h->device = cfg_.device_id;
   if (check.ok()) {
     Routing& r = h->r;
-    r.num_tokens = n, r.num_topk = k, r.num_experts = e, r.channels = C;
-    r.tokens_per_channel = (n + C - 1) / C;
-    const size_t RC = size_t(R_) * C, N = size_t(n);
-    size_t sizes[] = {N * 8, N * k * 4, N * R_ * 4, N * R_ * 4, RC * 4, size_t(e) * 4, RC * 4, RC * 4, RC * 4};
-    size_t total = 0;
-    for (size_t v : sizes) total += align256(v);
-    DEEPEP4J_CUDA_TRY(cudaMallocAsync(&h->arena, total, s));
-    uint8_t* p = static_cast<uint8_t*>(h->arena);
-    void** ptrs[] = {(void**)&r.token_mask, (void**)&r.topk,          (void**)&r.send_pos,
-                     (void**)&r.send_list,  (void**)&r.send_counts,   (void**)&r.expert_counts,
-                     (void**)&r.recv_offset, (void**)&r.recv_counts,  (void**)&r.send_prefix};
-    for (int i = 0; i < 9; ++i) {
-      *ptrs[i] = p;
-      p += align256(sizes[i]);
-    }
+    const size_t RC = size_t(R_) * C;
+    if (int st = alloc_routing(h.get(), n, k, e, s)) return st;
     DEEPEP4J_CUDA_TRY(cudaMemsetAsync(scratch_, 0xff, 8, s));
     DEEPEP4J_CUDA_TRY(launch_plan(topk_idx, r, R_, scratch_, s));
     unsigned long long bad = 0;
@@ -347,6 +431,7 @@ int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, 
   DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.recv_counts, h->recv_counts_host.data(), RC * 4, cudaMemcpyHostToDevice, s));
   DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->r.send_prefix, send_prefix.data(), RC * 4, cudaMemcpyHostToDevice, s));
   if (M > 0) DEEPEP4J_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&h->r.recv_local), size_t(M) * 4, s));
+  if (int st = step_queued(s)) return st;
   if (int st = wait_stream(s, now_ms() + cfg_.timeout_ms, call)) return st;
   h->num_tokens = n, h->num_recv_tokens = M, h->num_topk = k, h->num_experts = e, h->hidden = hidden;
   h->dtype = dtype, h->num_ranks = R_;

@@ -31,6 +31,7 @@ struct Blob {
   int32_t has_nccl_id, pad;
   uint8_t nccl_id[128];
   int32_t cuda_transfer, ce_chunks;
+  int32_t stream_ordered, pad2;
 };
 static_assert(sizeof(Blob) <= DEEPEP4J_MAX_BLOB_BYTES, "blob too large");
 constexpr uint32_t kBlobMagic = 0x64657034;  // "dep4"
@@ -51,6 +52,8 @@ class CudaBackend : public Backend {
                           int32_t* per_expert, uint8_t* in_rank, void* stream) override;
   int notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype,
                       Handle** out_handle, int64_t* num_recv, int32_t* per_local_expert, void* stream) override;
+  int sync(void* stream) override;
+  int comm_wait(void* stream) override;
 
  protected:
   virtual int init_backend() = 0;
@@ -81,6 +84,16 @@ class CudaBackend : public Backend {
   // Waits for `s` until the deadline (the kernels stop themselves before it); then reads and resets the mailbox.
   int finish_step(cudaStream_t s, const char* call);
   int wait_stream(cudaStream_t s, int64_t deadline_ms, const char* call);
+  // Turns the mailbox into this call's status (prefix goes before the reason; stream-ordered steps keep it).
+  int read_mailbox(const char* call, const char* prefix);
+  // Stream-ordered mode (so_): the error an earlier queued step left in the mailbox, checked without waiting.
+  int queued_error(const char* call);
+  // Orders a step queued on `s` after this buffer's previous step when that one went to another stream, and records
+  // where this one ends. Both leave a capturing stream alone (a graph's steps follow each other on its stream).
+  int order_step(cudaStream_t s);
+  int step_queued(cudaStream_t s);
+  // The device arrays of a handle's routing for n tokens (and its M), allocated on `s`.
+  int alloc_routing(CudaHandle* h, int64_t n, int32_t k, int32_t e, cudaStream_t s);
   int broken_check(const char* call) const;
   int channels() const { return cfg_.num_sms / 2; }
   // This rank's blob without backend-specific parts (region, IPC handle, NCCL id).
@@ -92,6 +105,12 @@ class CudaBackend : public Backend {
   deepep4j_config cfg_;
   cudaStream_t own_stream_ = nullptr;
   cudaEvent_t legacy_done_ = nullptr;
+  bool so_ = false;                      // stream-ordered steps (config.stream_ordered on the deepep backend)
+  cudaStream_t comm_stream_ = nullptr;   // async combine runs here
+  cudaEvent_t step_done_ = nullptr;      // end of the last step queued outside a graph capture
+  cudaEvent_t caller_ready_ = nullptr;   // the caller's stream, before an async combine
+  cudaEvent_t comm_done_ = nullptr;      // the comm stream, for deepep4j_comm_wait
+  cudaStream_t last_stream_ = nullptr;   // where step_done_ was recorded
   Mailbox* mailbox_ = nullptr;        // host view
   Mailbox* mailbox_dev_ = nullptr;    // device view
   unsigned long long* scratch_ = nullptr;  // device: the plan's first bad topk_idx index

@@ -36,6 +36,7 @@ class DeepepBackend : public CudaBackend {
   ~DeepepBackend() override {
     if (use_device() != DEEPEP4J_OK) return;
     cudaStreamSynchronize(own_stream_);
+    cudaStreamSynchronize(comm_stream_);
     for (void* p : opened_) cudaIpcCloseMemHandle(p);
     if (region_) cudaFree(region_);
     if (gathered_dev_) cudaFree(gathered_dev_);
@@ -118,12 +119,13 @@ class DeepepBackend : public CudaBackend {
     Check failure;
     failure.status = status;
     failure.message = message;
-    return run_step(call, failure, false, nullptr, own_stream_, [](const Step&) { return int(DEEPEP4J_OK); },
+    return run_step(call, failure, false, nullptr, own_stream_, false, [](const Step&) { return int(DEEPEP4J_OK); },
                     [](const Step&) { return cudaSuccess; });
   }
 
   int dispatch(Handle* handle, int32_t dtype, const deepep4j_dispatch_args* a, void* stream) override {
     const char* call = "deepep4j_dispatch";
+    if (int st = queued_error(call)) return st;
     StepStart<DispatchIo> b;
     if (int st = begin_dispatch(call, handle, dtype, a, stream, &b)) return st;
     CudaHandle* h = b.h;
@@ -137,16 +139,105 @@ class DeepepBackend : public CudaBackend {
         ce_wanted([&] { return ce_.plan_dispatch(*h, rank_, io.row_bytes, meta, zone_bytes(), &plan); }, plan, &b.check);
     DirectTargets direct = ce_vote ? publish_direct(*h, io, &plan) : DirectTargets{};
     int fin = run_step(
-        call, b.check, ce_vote, &direct, b.s,
+        call, b.check, ce_vote, &direct, b.s, stream == nullptr,
         [&](const Step& st) { return ce_.run_dispatch(st, plan, *h, io, meta.bytes, peer_direct_, cfg_.num_sms, b.s); },
-        [&](const Step& st) { return launch_dispatch(st, rings, h->r, io, cfg_.num_sms, b.s); });
+        [&](const Step& st) {
+          cudaError_t e = launch_dispatch(st, rings, h->r, io, cfg_.num_sms, b.s);
+          if (e == cudaSuccess && h->queued) e = launch_pad_recv(st, h->num_recv_dev, h->num_recv_tokens, h->num_topk, io, b.s);
+          return e;
+        });
     if (fin != DEEPEP4J_OK) return fin;
     h->dispatched = true;
     return ok();
   }
 
   int combine(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
-    const char* call = "deepep4j_combine";
+    return combine_step("deepep4j_combine", handle, dtype, a, stream, stream == nullptr);
+  }
+
+  // The combine waits on the device for the caller's stream, then runs on the comm stream; the next step (any
+  // stream) is ordered after it by step_done_, readers by deepep4j_comm_wait.
+  int combine_async(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
+    const char* call = "deepep4j_combine_async";
+    if (!so_)
+      return set_error(DEEPEP4J_ERR_STATE, "%s: needs config.stream_ordered = 1 (a combine that returns before the "
+                       "GPU is done)", call);
+    if (stream == nullptr) return combine_step(call, handle, dtype, a, nullptr, true);
+    if (int st = use_device()) return st;
+    DEEPEP4J_CUDA_TRY(cudaEventRecord(caller_ready_, static_cast<cudaStream_t>(stream)));
+    DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(comm_stream_, caller_ready_, 0));
+    return combine_step(call, handle, dtype, a, comm_stream_, false);
+  }
+
+  int create_queued_handle(int64_t n, int32_t k, int32_t e, int64_t hidden, int32_t dtype, int64_t worst,
+                           Handle** out) override {
+    const char* call = "deepep4j_handle_create_queued";
+    if (!so_)
+      return set_error(DEEPEP4J_ERR_UNAVAILABLE, "%s: needs config.stream_ordered = 1 on the CUDA deepep backend",
+                       call);
+    if (int st = broken_check(call)) return st;
+    if (int st = use_device()) return st;
+    Check c = n < 0 ? Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "num_tokens = %" PRId64 ": must be >= 0", n)
+                    : check_routing(nullptr, 0, k, e, R_, false);  // K / E / R rules; topk_idx comes with each notify
+    if (c.ok()) c = check_payload(hidden, dtype, true, "handle_create_queued");
+    if (c.ok() && e / R_ + channels() > int64_t(kMaxNotifyInts))
+      c = Check::fail(DEEPEP4J_ERR_INVALID_ARGUMENT, "num_experts = %d: at most %d experts per rank on CUDA", e,
+                      int(kMaxNotifyInts) - channels());
+    if (!c.ok()) return set_error(c.status, "%s", c.message.c_str());
+    auto h = std::make_unique<CudaHandle>();
+    h->device = cfg_.device_id;
+    if (int st = alloc_routing(h.get(), n, k, e, own_stream_)) return st;
+    if (worst > 0)
+      DEEPEP4J_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&h->r.recv_local), size_t(worst) * 4, own_stream_));
+    DEEPEP4J_CUDA_TRY(cudaMemsetAsync(h->num_recv_dev, 0, 8, own_stream_));
+    if (int st = wait_stream(own_stream_, now_ms() + cfg_.timeout_ms, call)) return st;
+    h->num_tokens = n, h->num_recv_tokens = worst, h->num_topk = k, h->num_experts = e, h->hidden = hidden;
+    h->dtype = dtype, h->num_ranks = R_;
+    *out = h.release();
+    return ok();
+  }
+
+  // The whole notify on `stream`: plan, the count exchange and the receive offsets, no host wait (capturable).
+  int notify_dispatch_queued(Handle* handle, const int64_t* topk_idx, int64_t* num_recv, int32_t* per_local_expert,
+                             void* stream) override {
+    const char* call = "deepep4j_notify_dispatch_queued";
+    if (int st = broken_check(call)) return st;
+    if (int st = use_device()) return st;
+    if (int st = queued_error(call)) return st;
+    CudaHandle* h = static_cast<CudaHandle*>(handle);
+    cudaStream_t s = pick(stream);
+    Check check = check_routing(topk_idx, h->num_tokens, h->num_topk, h->num_experts, R_, false);
+    const int L = h->num_experts / R_;
+    if (int st = order_step(s)) return st;
+    NotifyHeader header{};
+    header.status = check.status;
+    header.num_topk = h->num_topk, header.num_experts = h->num_experts, header.dtype = h->dtype;
+    header.hidden = h->hidden, header.num_tokens = h->num_tokens, header.num_channels = channels();
+    std::snprintf(header.message, sizeof(header.message), "%s", check.message.c_str());
+    if (check.ok()) {
+      DEEPEP4J_CUDA_TRY(cudaMemsetAsync(scratch_, 0xff, 8, s));
+      DEEPEP4J_CUDA_TRY(launch_plan(topk_idx, h->r, R_, scratch_, s));
+    }
+    QueuedNotify q{};
+    q.topk_idx = topk_idx, q.bad = scratch_, q.recv_offset = h->r.recv_offset, q.recv_counts = h->r.recv_counts;
+    q.num_recv = h->num_recv_dev, q.num_recv_out = num_recv, q.per_expert_out = per_local_expert;
+    q.worst = h->num_recv_tokens;
+    DEEPEP4J_CUDA_TRY(launch_notify_queued(step(++epoch_), header, h->r, check.ok() ? L : 0, gathered_dev_,
+                                           int64_t(kNotifySlotBytes), q, s));
+    if (int st = step_queued(s)) return st;
+    h->dispatched = false;
+    if (!check.ok()) {
+      broken_ = true;
+      broken_reason_ = std::string(call) + " failed on rank " + std::to_string(rank_);
+      return set_error(check.status, "%s", check.message.c_str());
+    }
+    if (stream == nullptr) return finish_step(s, call);
+    return ok();
+  }
+
+  int combine_step(const char* call, Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream,
+                   bool complete) {
+    if (int st = queued_error(call)) return st;
     StepStart<CombineIo> b;
     if (int st = begin_combine(call, handle, dtype, a, stream, &b)) return st;
     CudaHandle* h = b.h;
@@ -158,7 +249,7 @@ class DeepepBackend : public CudaBackend {
         b.check.ok() &&
         ce_wanted([&] { return ce_.plan_combine(*h, rank_, io.row_bytes, zone_bytes(), &plan); }, plan, &b.check);
     int fin = run_step(
-        call, b.check, ce_vote, nullptr, b.s,
+        call, b.check, ce_vote, nullptr, b.s, complete,
         [&](const Step& st) { return ce_.run_combine(st, plan, *h, io, cfg_.num_sms, b.s); },
         [&](const Step& st) { return launch_combine(st, rings, h->r, io, cfg_.num_sms, b.s); });
     return fin == DEEPEP4J_OK ? ok() : fin;
@@ -166,7 +257,16 @@ class DeepepBackend : public CudaBackend {
 
  protected:
   int init_backend() override {
-    transfer_ = transfer_of(cfg_);
+    so_ = cfg_.stream_ordered == 1;
+    transfer_ = so_ ? Transfer::kSm : transfer_of(cfg_);  // stream-ordered steps never wait for the host's copies
+    if (so_) {
+      // A queued launch must never resize local memory (it would wait for the peers' spinning kernels): raise the
+      // stack limit to what the ring kernels need now, while nothing of this buffer runs.
+      size_t limit = 0;
+      DEEPEP4J_CUDA_TRY(cudaDeviceGetLimit(&limit, cudaLimitStackSize));
+      const size_t need = ring_kernels_stack_bytes(R_);  // R <= 8: within the default 1 KB
+      if (need > limit) DEEPEP4J_CUDA_TRY(cudaDeviceSetLimit(cudaLimitStackSize, need));
+    }
     if (transfer_ != Transfer::kSm) {
       if (int st = ce_.init(R_, cfg_.ce_chunks, cfg_.cuda_trace == 1)) return st;
       if (transfer_ == Transfer::kCopyEngine && !ce_.available())
@@ -204,6 +304,7 @@ class DeepepBackend : public CudaBackend {
     st.rank = rank_, st.num_ranks = R_, st.epoch = epoch;
     st.timeout_ns = uint64_t(cfg_.timeout_ms) * 1000000ull;
     st.mailbox = mailbox_dev_;
+    if (so_) st.epoch = 0, st.sticky = 1;  // the device numbers the step (kernels.h: Step)
     return st;
   }
 
@@ -224,9 +325,25 @@ class DeepepBackend : public CudaBackend {
   // The step after this rank's own checks: the barrier (with its status, vote and direct targets), then the
   // copy-engine kernels and copies when every rank voted for them, else the ring kernel. Errors of the local checks
   // win over the step's, as every rank reports its own first.
+  // Stream-ordered (so_): the barrier and the ring kernel are queued behind the previous step and the call returns
+  // (`complete`: after waiting, for a NULL stream); a local failure still joins the step, then breaks the buffer.
   template <class RunCopyEngine, class LaunchRings>
   int run_step(const char* call, const Check& check, bool ce_vote, const DirectTargets* direct, cudaStream_t s,
-               RunCopyEngine&& run_ce, LaunchRings&& launch_rings) {
+               bool complete, RunCopyEngine&& run_ce, LaunchRings&& launch_rings) {
+    if (so_) {
+      Step st = step(++epoch_);
+      if (int e = order_step(s)) return e;
+      DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
+      if (check.ok()) DEEPEP4J_CUDA_TRY(launch_rings(st));
+      if (int e = step_queued(s)) return e;
+      if (!check.ok()) {
+        broken_ = true;
+        broken_reason_ = std::string(call) + " failed on rank " + std::to_string(rank_);
+        return set_error(check.status, "%s", check.message.c_str());
+      }
+      return complete ? finish_step(s, call) : ok();
+    }
+    (void)complete;
     Step st = step(++epoch_);
     const int64_t t0 = now_us();
     // The barrier finishes before the data kernels are queued: see exchange_counts.

@@ -1,5 +1,7 @@
 // dispatch.cu — the ring dispatch: per channel a sender block streams its tokens to every destination's ring in peer
 // memory, and a receiver block copies what its sources streamed into the receive arrays, in source-token order.
+#include <algorithm>
+
 #include "cuda/ring_common.cuh"
 #include "cuda/slot_ops.cuh"
 
@@ -72,7 +74,27 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   }
 }
 
+__global__ void pad_recv_kernel(Step st, const int64_t* num_recv, int64_t worst, int32_t k, DispatchIo io) {
+  if (*reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0) return;  // outputs untouched
+  const int64_t m = *num_recv;
+  for (int64_t i = m + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < worst; i += int64_t(gridDim.x) * blockDim.x) {
+    for (int j = 0; j < k; ++j) {
+      if (io.recv_topk_idx) io.recv_topk_idx[i * k + j] = -1;
+      if (io.recv_topk_weights) io.recv_topk_weights[i * k + j] = 0.0f;
+    }
+    if (io.recv_src_token) io.recv_src_token[i] = -1;
+    if (io.recv_src_rank) io.recv_src_rank[i] = -1;
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_pad_recv(const Step& step, const int64_t* num_recv, int64_t worst, int32_t num_topk,
+                            const DispatchIo& io, cudaStream_t s) {
+  const int blocks = int(std::min<int64_t>((worst + 255) / 256, 256));
+  if (blocks > 0) pad_recv_kernel<<<blocks, 256, 0, s>>>(step, num_recv, worst, num_topk, io);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing& h, const DispatchIo& io,
                             int32_t num_sms, cudaStream_t s) {

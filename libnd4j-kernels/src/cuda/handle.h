@@ -35,6 +35,7 @@ struct CudaHandle : ::deepep4j_handle {
   std::vector<int32_t> send_counts_host, recv_counts_host;  // [R*C] each
   std::vector<int32_t> expert_counts_host;                  // [E]
   bool dispatched = false;  // r.recv_local is valid once a dispatch has run
+  int64_t* num_recv_dev = nullptr;  // device M (in the arena): written by a queued notify
   ~CudaHandle() override;
 };
 

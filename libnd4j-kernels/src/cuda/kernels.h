@@ -25,10 +25,14 @@ struct Mailbox {
 };
 
 // Where waits stop: every kernel's deadline is its start time plus timeout_ns.
+// Stream-ordered steps (sticky = 1) carry epoch 0: their barrier takes the next epoch from the region's counter, so a
+// replayed CUDA graph (whose kernel arguments are frozen) still numbers its barriers afresh; and a failure sticks:
+// every later step of this rank moves nothing until the host has reported it (the buffer is broken then).
 struct Step {
   Peers peers;
   int32_t rank, num_ranks;
   uint32_t epoch;
+  int32_t sticky;
   uint64_t timeout_ns;
   Mailbox* mailbox;  // device view of the host-mapped mailbox
 };
@@ -53,6 +57,22 @@ cudaError_t launch_barrier(const Step& step, int32_t status, const char* message
 // ([R] slots of `slot_bytes`).
 cudaError_t launch_notify(const Step& step, const NotifyHeader& header, const Routing* h, int32_t local_experts,
                           uint8_t* gathered, int64_t slot_bytes, cudaStream_t s);
+
+// Stream-ordered notify of a worst-case sized handle, finished on the device: after the exchange the kernel checks
+// that every rank sent the same (K, E, dtype, H), writes recv_offset / recv_counts, M (handle and caller copies) and
+// the per-local-expert counts; a bad topk_idx (plan's `bad`) fails the exchange itself, M > worst fails the next step.
+struct QueuedNotify {
+  const int64_t* topk_idx;
+  const unsigned long long* bad;  // plan's first bad flat index, ULLONG_MAX when none
+  int32_t* recv_offset;           // [R*C]
+  int32_t* recv_counts;           // [R*C]
+  int64_t* num_recv;              // handle's device M
+  int64_t* num_recv_out;          // caller's device M, or NULL
+  int32_t* per_expert_out;        // caller's device [L], or NULL
+  int64_t worst;
+};
+cudaError_t launch_notify_queued(const Step& step, const NotifyHeader& header, const Routing& h, int32_t local_experts,
+                                 uint8_t* gathered, int64_t slot_bytes, const QueuedNotify& q, cudaStream_t s);
 
 struct DispatchIo {
   const uint8_t* x;
@@ -82,6 +102,16 @@ cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing&
                             int32_t num_sms, cudaStream_t s);
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s);
+// Ring combine kernels are specialised for R <= kFewRanks (a small local table of returned rows) and for any R.
+constexpr int kFewRanks = 8;
+// The per-thread local memory (stack) the ring combine needs for num_ranks ranks (the dispatch needs less): a launch
+// needing more than the device's stack limit resizes local memory and waits for every running kernel (combine.cu).
+size_t ring_kernels_stack_bytes(int32_t num_ranks);
+
+// Worst-case sized dispatch: marks receive rows [M, worst) as padding (idx -1, weights 0, source -1); nothing when
+// the step failed.
+cudaError_t launch_pad_recv(const Step& step, const int64_t* num_recv, int64_t worst, int32_t num_topk,
+                            const DispatchIo& io, cudaStream_t s);
 
 // Copy-engine transfers: a step's rows between two ranks move in a few copy-engine copies, from the sender's local
 // staging (dispatch) or straight from y (combine) into the receiver's landing zone for that sender (its region's ring

@@ -7,7 +7,10 @@
 //   [kStatus, +2*64*256)     per (epoch parity, source rank): the status + message a source published at its barrier
 //   [kCounters, ...)         ring counters per (channel, source): tail (written by the source), head (by this rank)
 //   [kNotify, ...)           per (notify parity, source rank): the counts of a notify step (NotifySlot)
+//   [kEpoch, +4)             the epoch of the last barrier this rank reached (stream-ordered steps number theirs from it)
 //   [kArrivals, ...)         copy-engine mode: per (source, chunk) the epoch of the step whose chunk has landed
+//   [kPending, +256)         stream-ordered mode: a failure found on this device after a barrier (a queued notify's
+//                            bad topk_idx or overflow), published by this rank's next barrier (PeerStatus layout)
 //   [kRings, +buffer_bytes)  channels x sources rings of slots; a slot carries one token row and its metadata.
 //                            In copy-engine mode the same bytes are R landing zones, one per source, each holding the
 //                            whole step's rows from that source.
@@ -28,6 +31,7 @@ constexpr size_t kFlags = 0;
 constexpr size_t kStatus = 512;
 constexpr size_t kStepFailed = 256;
 constexpr size_t kDecision = 264;
+constexpr size_t kEpoch = 272;
 // Outcome bits of the decision word: the barrier was abandoned by rank (bits 14..8; kLateRank: this rank found the
 // group past it) after waiting for rank (bits 7..0).
 constexpr unsigned long long kAbandoned = 1ull << 15;
@@ -39,7 +43,8 @@ constexpr size_t kNotify = kCounters + kCounterBytes;
 constexpr size_t kNotifySlotBytes = 16384;
 constexpr int kMaxCeChunks = 16;  // copy-engine transfers per (source, destination) and step
 constexpr size_t kArrivals = kNotify + 2 * DEEPEP4J_MAX_RANKS * kNotifySlotBytes;
-constexpr size_t kRings = kArrivals + DEEPEP4J_MAX_RANKS * kMaxCeChunks * sizeof(uint32_t);
+constexpr size_t kPending = kArrivals + DEEPEP4J_MAX_RANKS * kMaxCeChunks * sizeof(uint32_t);
+constexpr size_t kRings = kPending + kStatusBytes;
 
 // Status a rank publishes at a barrier: 0, or the deepep4j_status of its local check and its message; and its vote
 // for copy-engine transfers in the step that follows (they are used only when every rank votes 1).
@@ -76,6 +81,8 @@ DEEPEP4J_HD inline int32_t* step_failed(uint8_t* region) { return reinterpret_ca
 DEEPEP4J_HD inline unsigned long long* decision(uint8_t* region) {
   return reinterpret_cast<unsigned long long*>(region + kDecision);
 }
+DEEPEP4J_HD inline uint32_t* epoch_word(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kEpoch); }
+DEEPEP4J_HD inline PeerStatus* pending(uint8_t* region) { return reinterpret_cast<PeerStatus*>(region + kPending); }
 DEEPEP4J_HD inline uint32_t* tails(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kCounters); }
 DEEPEP4J_HD inline uint32_t* heads(uint8_t* region) {
   return reinterpret_cast<uint32_t*>(region + kCounters) + kMaxChannels * DEEPEP4J_MAX_RANKS;

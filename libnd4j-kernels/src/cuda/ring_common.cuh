@@ -18,6 +18,7 @@ __device__ __forceinline__ void record_timeout(const Step& st, int where, int pe
     st.mailbox->peer = peer;
     __threadfence_system();
   }
+  if (st.sticky) *step_failed(st.peers.region[st.rank]) = 1;  // later queued steps move nothing
 }
 
 // Whether the barrier before this step failed (the host reports why): then the step's kernels move no data.

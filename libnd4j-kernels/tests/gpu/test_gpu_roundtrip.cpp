@@ -167,6 +167,7 @@ TEST(copy_engine_without_room) {
     ref::Shape s = shape(2, 8, 2, 64, DEEPEP4J_FLOAT32);
     deepep4j_config cfg = gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 2, 1, 2);  // ring of 2 slots: zones of ~2 rows
     cfg.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_COPY_ENGINE;
+    cfg.stream_ordered = 0;  // stream-ordered steps refuse copy engines
     gpu::Group g(2, cfg);
     std::vector<ref::RankInput> in = ep::make_inputs(s, {40, 40}, 9);
     ep::run_ranks(2, [&](int32_t r) {

@@ -2,6 +2,7 @@
 // a check only one rank sees reaches the other as PEER_ERROR at once and the group keeps working; a rank that arrives
 // after the other abandoned a step gets an error, never OK, and then both refuse every collective call with
 // DEEPEP4J_ERR_STATE ("broken ... recreate").
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -142,6 +143,103 @@ void late_rank(bool in_dispatch) {
     if (h) deepep4j_handle_destroy(h);
   });
   expect_broken(g, s, in);
+}
+
+// Stream-ordered steps: rank 1 passes a NULL handle to dispatch and is told at once; rank 0's dispatch was queued
+// (OK), its combine queued after it or refused, and the first of them or deepep4j_buffer_sync reports PEER_ERROR naming
+// rank 1, within timeout_ms. Rank 0's outputs are untouched; then both buffers are broken.
+TEST(null_handle_under_stream_ordered_steps_reaches_the_peer) {
+  ref::Shape s = small_shape();
+  deepep4j_config cfg = config(s);
+  cfg.stream_ordered = 1, cfg.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_SM;
+  gpu::Group g(2, cfg);
+  std::vector<ref::RankInput> in = ep::make_inputs(s, {64, 48}, 2);
+  ep::run_ranks(2, [&](int32_t r) {
+    CUDA_OK(cudaSetDevice(g.devices[size_t(r)]));
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    gpu::Dev idx(in[size_t(r)].topk_idx), x(in[size_t(r)].x);
+    deepep4j_handle* h = nullptr;
+    int64_t M = 0;
+    REQUIRE_OK(deepep4j_notify_dispatch(g[r], idx.as<int64_t>(), in[size_t(r)].n, s.num_topk, s.num_experts, s.hidden,
+                                        s.dtype, &h, &M, nullptr, stream));
+    gpu::Dev rx(size_t(M * s.hidden) * ref::elem_size(s.dtype)), y(size_t(M * s.hidden) * ref::elem_size(s.dtype));
+    gpu::Dev out(size_t(in[size_t(r)].n * s.hidden) * ref::elem_size(s.dtype));
+    rx.fill(0xEE), out.fill(0xEE), y.fill(0);
+    CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
+    deepep4j_dispatch_args a{};
+    a.x = x.p;
+    a.recv_x = rx.p;
+    auto t0 = std::chrono::steady_clock::now();
+    int st = deepep4j_dispatch(g[r], r == 1 ? nullptr : h, -1, &a, stream);
+    if (r == 1) {
+      CHECK_ERR(st, DEEPEP4J_ERR_INVALID_ARGUMENT, "handle = NULL");
+    } else {
+      CHECK_MSG(st == DEEPEP4J_OK, "rank 0: a queued dispatch returned %s: %s", deepep4j_status_name(st),
+                deepep4j_last_error());
+      deepep4j_combine_args c{};
+      c.y = y.p, c.out = out.p;
+      int first = deepep4j_combine(g[r], h, s.dtype, &c, stream);  // refused if the failure is already known
+      std::string msg = deepep4j_last_error();
+      if (first == DEEPEP4J_OK) {
+        first = deepep4j_buffer_sync(g[r], stream);
+        msg = deepep4j_last_error();
+      }
+      CHECK_MSG(first == DEEPEP4J_ERR_PEER_ERROR && msg.find("rank 1 reported") != std::string::npos &&
+                    msg.find("handle = NULL") != std::string::npos,
+                "rank 0: %s: %s", deepep4j_status_name(first), msg.c_str());
+      CHECK_MSG(ms_since(t0) < kTimeoutMs, "rank 0 took %lld ms", (long long)ms_since(t0));
+      CHECK_ERR(deepep4j_buffer_sync(g[r], stream), DEEPEP4J_ERR_PEER_ERROR, "rank 1");
+      std::vector<uint8_t> got_rx, got_out;
+      rx.get(&got_rx);
+      out.get(&got_out);
+      CHECK_MSG(std::all_of(got_rx.begin(), got_rx.end(), [](uint8_t b) { return b == 0xEE; }),
+                "rank 0: recv_x of the failed step was written");
+      CHECK_MSG(std::all_of(got_out.begin(), got_out.end(), [](uint8_t b) { return b == 0xEE; }),
+                "rank 0: out of the combine queued after the failed step was written");
+    }
+    CHECK_ERR(deepep4j_dispatch(g[r], h, -1, &a, stream), DEEPEP4J_ERR_STATE, "broken", "recreate");
+    cudaStreamDestroy(stream);
+    deepep4j_handle_destroy(h);
+  });
+}
+
+// A queued notify (worst-case sized handle) with an out-of-range expert id on rank 1: found on the device; rank 1's
+// report names the entry, rank 0's names rank 1; a step queued after it moves nothing.
+TEST(bad_topk_in_a_queued_notify_reaches_every_rank) {
+  ref::Shape s = small_shape();
+  deepep4j_config cfg = config(s);
+  cfg.stream_ordered = 1, cfg.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_SM;
+  gpu::Group g(2, cfg);
+  std::vector<ref::RankInput> in = ep::make_inputs(s, {32, 32}, 7);
+  in[1].topk_idx[5] = 8;  // token 2, k = 1
+  ep::run_ranks(2, [&](int32_t r) {
+    CUDA_OK(cudaSetDevice(g.devices[size_t(r)]));
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    gpu::Dev idx(in[size_t(r)].topk_idx), x(in[size_t(r)].x), m(8), rx(size_t(64 * s.hidden) * 2);
+    rx.fill(0xEE);
+    CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
+    deepep4j_handle* h = nullptr;
+    REQUIRE_OK(deepep4j_handle_create_queued(g[r], 32, s.num_topk, s.num_experts, s.hidden, s.dtype, 64, &h));
+    REQUIRE_OK(deepep4j_notify_dispatch_queued(g[r], h, idx.as<int64_t>(), m.as<int64_t>(), nullptr, stream));
+    deepep4j_dispatch_args a{};
+    a.x = x.p;
+    a.recv_x = rx.p;
+    int st = deepep4j_dispatch(g[r], h, -1, &a, stream);
+    if (st == DEEPEP4J_OK) st = deepep4j_buffer_sync(g[r], stream);
+    if (r == 1)
+      CHECK_ERR(st, DEEPEP4J_ERR_INVALID_ARGUMENT, "topk_idx[2][1] = 8", "num_experts = 8");
+    else
+      CHECK_ERR(st, DEEPEP4J_ERR_PEER_ERROR, "rank 1 reported", "topk_idx[2][1] = 8");
+    deepep4j_buffer_sync(g[r], stream);
+    std::vector<uint8_t> got;
+    rx.get(&got);
+    CHECK_MSG(std::all_of(got.begin(), got.end(), [](uint8_t b) { return b == 0xEE; }),
+              "rank %d: recv_x of the dispatch after the failed notify was written", r);
+    cudaStreamDestroy(stream);
+    deepep4j_handle_destroy(h);
+  });
 }
 
 TEST(late_rank_after_abandoned_notify_gets_an_error) { late_rank(false); }

@@ -45,11 +45,13 @@ __global__ void __launch_bounds__(kThreads) pack_combine(Routing h, int64_t M, C
     write_combine_slot(staging + m * slot_bytes, lay, io, h, m, lane);
 }
 
+// kRows bounds the ranks (R <= kRows): the table of returned rows is per thread (local memory), 1.5 KB at 64 rows.
+template <int kRows>
 __global__ void __launch_bounds__(kThreads) reduce_combine(Routing h, int R, CombineIo io, RankBases dest,
                                                            const uint8_t* staging, int64_t slot_bytes) {
   const CombineSlot lay = CombineSlot::make(io.row_bytes, h.num_topk);
   const int lane = threadIdx.x % 32;
-  ReturnedRow rows[DEEPEP4J_MAX_RANKS];
+  ReturnedRow rows[kRows];
   for (int64_t t = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; t < h.num_tokens; t += int64_t(gridDim.x) * kWarps) {
     const uint64_t mask = h.token_mask[t];
     for (int d = 0; d < R; ++d)
@@ -83,9 +85,20 @@ cudaError_t launch_a2a_pack_combine(const Routing& h, int64_t M, const CombineIo
 
 cudaError_t launch_a2a_reduce_combine(const Routing& h, int32_t R, const CombineIo& io, const RankBases& dest,
                                       const uint8_t* staging, int64_t slot_bytes, cudaStream_t s) {
-  if (h.num_tokens > 0)
-    reduce_combine<<<blocks_for(h.num_tokens), kThreads, 0, s>>>(h, R, io, dest, staging, slot_bytes);
+  if (h.num_tokens <= 0) return cudaGetLastError();
+  if (R <= kFewRanks)
+    reduce_combine<kFewRanks><<<blocks_for(h.num_tokens), kThreads, 0, s>>>(h, R, io, dest, staging, slot_bytes);
+  else
+    reduce_combine<DEEPEP4J_MAX_RANKS><<<blocks_for(h.num_tokens), kThreads, 0, s>>>(h, R, io, dest, staging,
+                                                                                   slot_bytes);
   return cudaGetLastError();
+}
+
+cudaError_t load_a2a_kernels(int32_t num_ranks, KernelSet* k) {
+  return k->add({reinterpret_cast<const void*>(pack_dispatch), reinterpret_cast<const void*>(unpack_dispatch),
+                 reinterpret_cast<const void*>(pack_combine),
+                 num_ranks <= kFewRanks ? reinterpret_cast<const void*>(reduce_combine<kFewRanks>)
+                                        : reinterpret_cast<const void*>(reduce_combine<DEEPEP4J_MAX_RANKS>)});
 }
 
 }  // namespace cuda

@@ -168,6 +168,8 @@ class AlltoallBackend : public CudaBackend {
     return ok();
   }
 
+  cudaError_t load_step_kernels(KernelSet* k) const override { return load_a2a_kernels(R_, k); }
+
   int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t L, uint8_t* gathered,
                       cudaStream_t s) override {
     const char* call = "deepep4j_notify_dispatch";

@@ -97,11 +97,9 @@ cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& 
   return cudaGetLastError();
 }
 
-size_t ring_kernels_stack_bytes(int32_t num_ranks) {
-  const void* f = num_ranks <= kFewRanks ? reinterpret_cast<const void*>(&combine_kernel<kFewRanks>)
-                                         : reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>);
-  cudaFuncAttributes a{};
-  return cudaFuncGetAttributes(&a, f) == cudaSuccess ? a.localSizeBytes : 0;
+cudaError_t load_ring_combine_kernels(int32_t num_ranks, KernelSet* k) {
+  return k->add({num_ranks <= kFewRanks ? reinterpret_cast<const void*>(&combine_kernel<kFewRanks>)
+                                        : reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>)});
 }
 
 }  // namespace cuda

@@ -389,5 +389,10 @@ cudaError_t launch_notify_queued(const Step& step, const NotifyHeader& header, c
   return cudaGetLastError();
 }
 
+cudaError_t load_control_kernels(KernelSet* k) {
+  return k->add({reinterpret_cast<const void*>(layout_kernel), reinterpret_cast<const void*>(plan_kernel),
+                 reinterpret_cast<const void*>(barrier_kernel), reinterpret_cast<const void*>(notify_kernel)});
+}
+
 }  // namespace cuda
 }  // namespace deepep4j

@@ -85,7 +85,6 @@ int CopyEngine::init(int32_t num_ranks, int32_t chunks, bool trace) {
   DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(&reset_done_, cudaEventDisableTiming));
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&packed_), sizeof(uint32_t) * (kMaxCeChunks + 1)));
   DEEPEP4J_CUDA_TRY(cudaMemset(packed_, 0, sizeof(uint32_t) * (kMaxCeChunks + 1)));
-  DEEPEP4J_CUDA_TRY(preload_ce_kernels());
   if (trace_) {
     for (cudaEvent_t* e : {&kernel_begin_, &kernel_end_, &copies_begin_}) DEEPEP4J_CUDA_TRY(cudaEventCreate(e));
     for (cudaEvent_t& e : chunk_end_) DEEPEP4J_CUDA_TRY(cudaEventCreate(&e));

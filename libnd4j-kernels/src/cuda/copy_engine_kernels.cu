@@ -132,6 +132,8 @@ __global__ void __launch_bounds__(256) ce_combine_meta_kernel(Step st, CePlan p,
   }
 }
 
+// kRows bounds the ranks (R <= kRows): the table of returned rows is per thread (local memory), 1.5 KB at 64 rows.
+template <int kRows>
 __global__ void __launch_bounds__(kCeThreads, 1)
     ce_combine_kernel(Step st, CePlan p, Routing h, CombineIo io) {
   if (step_skipped(st)) return;
@@ -140,7 +142,7 @@ __global__ void __launch_bounds__(kCeThreads, 1)
   const int64_t gw = int64_t(blockIdx.x) * kCeWarps + threadIdx.x / 32, GW = int64_t(gridDim.x) * kCeWarps;
   uint8_t* region = st.peers.region[me];
   const int64_t own0 = h.recv_offset[me * C];
-  ReturnedRow rows[DEEPEP4J_MAX_RANKS];
+  ReturnedRow rows[kRows];
   // Tokens in order across all warps: chunks land in token order, so every warp moves along with the copies.
   for (int64_t t = gw; t < h.num_tokens; t += GW) {
     const uint64_t mask = h.token_mask[t];
@@ -182,19 +184,18 @@ cudaError_t launch_ce_combine_meta(const Step& step, const CePlan& plan, const R
 
 cudaError_t launch_ce_combine(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
                               int32_t num_sms, cudaStream_t s) {
-  ce_combine_kernel<<<num_sms, kCeThreads, 0, s>>>(step, plan, h, io);
+  if (step.num_ranks <= kFewRanks)
+    ce_combine_kernel<kFewRanks><<<num_sms, kCeThreads, 0, s>>>(step, plan, h, io);
+  else
+    ce_combine_kernel<DEEPEP4J_MAX_RANKS><<<num_sms, kCeThreads, 0, s>>>(step, plan, h, io);
   return cudaGetLastError();
 }
 
-cudaError_t preload_ce_kernels() {
-  cudaFuncAttributes a;
-  for (const void* f : {reinterpret_cast<const void*>(ce_dispatch_kernel),
-                        reinterpret_cast<const void*>(ce_combine_meta_kernel),
-                        reinterpret_cast<const void*>(ce_combine_kernel)})
-    if (cudaError_t e = cudaFuncGetAttributes(&a, f)) return e;
-  return cudaSuccess;
+cudaError_t load_ce_kernels(int32_t num_ranks, KernelSet* k) {
+  return k->add({reinterpret_cast<const void*>(ce_dispatch_kernel), reinterpret_cast<const void*>(ce_combine_meta_kernel),
+                 num_ranks <= kFewRanks ? reinterpret_cast<const void*>(ce_combine_kernel<kFewRanks>)
+                                        : reinterpret_cast<const void*>(ce_combine_kernel<DEEPEP4J_MAX_RANKS>)});
 }
-
 
 }  // namespace cuda
 }  // namespace deepep4j

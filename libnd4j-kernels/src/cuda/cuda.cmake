@@ -24,6 +24,7 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/copy_engine.cu
   ${DEEPEP4J_CUDA_DIR}/copy_engine_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu
+  ${DEEPEP4J_CUDA_DIR}/stack_limit.cpp
   ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp
   ${DEEPEP4J_CUDA_DIR}/moe/cublas_api.cpp
   ${DEEPEP4J_CUDA_DIR}/moe/moe_ops_cuda.cu

@@ -90,7 +90,13 @@ int CudaBackend::init() {
   DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&gathered_host_), size_t(R_) * kNotifySlotBytes,
                                   cudaHostAllocDefault));
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&scratch_), 256));
-  return init_backend();
+  if (int st = init_backend()) return st;
+  // Before any step can spin: no launch of this buffer may load a module or grow local memory later (kernels.h).
+  KernelSet kernels;
+  DEEPEP4J_CUDA_TRY(load_control_kernels(&kernels));
+  DEEPEP4J_CUDA_TRY(load_step_kernels(&kernels));
+  DEEPEP4J_CUDA_TRY(cover_stack(kernels));
+  return ok();
 }
 
 int CudaBackend::broken_check(const char* call) const {

@@ -45,7 +45,7 @@ class CudaBackend : public Backend {
  public:
   CudaBackend(int32_t rank, int32_t num_ranks, const deepep4j_config& cfg) : rank_(rank), R_(num_ranks), cfg_(cfg) {}
   ~CudaBackend() override;
-  // Device, stream, mailbox; then the backend's own resources.
+  // Device, stream, mailbox; then the backend's own resources; then every kernel loaded and the stack limit raised.
   int init();
 
   int get_dispatch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t* per_rank,
@@ -57,6 +57,9 @@ class CudaBackend : public Backend {
 
  protected:
   virtual int init_backend() = 0;
+  // Loads the kernels this backend's steps may launch (beside the control kernels every backend launches): init then
+  // raises the stack limit to their largest need, before any step (kernels.h).
+  virtual cudaError_t load_step_kernels(KernelSet* k) const = 0;
 
   // What every dispatch / combine of the CUDA backends starts with: the buffer is not broken, the device is current,
   // the stream is picked, the arguments are checked (check holds the local verdict, which the step then exchanges)

@@ -259,14 +259,6 @@ class DeepepBackend : public CudaBackend {
   int init_backend() override {
     so_ = cfg_.stream_ordered == 1;
     transfer_ = so_ ? Transfer::kSm : transfer_of(cfg_);  // stream-ordered steps never wait for the host's copies
-    if (so_) {
-      // A queued launch must never resize local memory (it would wait for the peers' spinning kernels): raise the
-      // stack limit to what the ring kernels need now, while nothing of this buffer runs.
-      size_t limit = 0;
-      DEEPEP4J_CUDA_TRY(cudaDeviceGetLimit(&limit, cudaLimitStackSize));
-      const size_t need = ring_kernels_stack_bytes(R_);  // R <= 8: within the default 1 KB
-      if (need > limit) DEEPEP4J_CUDA_TRY(cudaDeviceSetLimit(cudaLimitStackSize, need));
-    }
     if (transfer_ != Transfer::kSm) {
       if (int st = ce_.init(R_, cfg_.ce_chunks, cfg_.cuda_trace == 1)) return st;
       if (transfer_ == Transfer::kCopyEngine && !ce_.available())
@@ -280,6 +272,12 @@ class DeepepBackend : public CudaBackend {
     DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&gathered_dev_), size_t(R_) * kNotifySlotBytes));
     DEEPEP4J_CUDA_TRY(cudaDeviceSynchronize());
     return ok();
+  }
+
+  cudaError_t load_step_kernels(KernelSet* k) const override {
+    if (cudaError_t e = load_ring_dispatch_kernels(k)) return e;
+    if (cudaError_t e = load_ring_combine_kernels(R_, k)) return e;
+    return transfer_ == Transfer::kSm ? cudaSuccess : load_ce_kernels(R_, k);
   }
 
   int exchange_counts(const NotifyHeader& header, const CudaHandle* h, int32_t local_experts, uint8_t* gathered,

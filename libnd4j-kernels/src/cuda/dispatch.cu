@@ -102,5 +102,9 @@ cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing&
   return cudaGetLastError();
 }
 
+cudaError_t load_ring_dispatch_kernels(KernelSet* k) {
+  return k->add({reinterpret_cast<const void*>(dispatch_kernel), reinterpret_cast<const void*>(pad_recv_kernel)});
+}
+
 }  // namespace cuda
 }  // namespace deepep4j

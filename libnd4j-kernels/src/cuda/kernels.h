@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "cuda/handle.h"
 #include "cuda/region.h"
@@ -102,11 +103,9 @@ cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing&
                             int32_t num_sms, cudaStream_t s);
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s);
-// Ring combine kernels are specialised for R <= kFewRanks (a small local table of returned rows) and for any R.
+// Combine kernels (ring, copy engine, all-to-all reduce) are specialised for R <= kFewRanks (a small local table of
+// returned rows, within the default 1 KB stack) and for any R (a table of DEEPEP4J_MAX_RANKS rows, 1.5 KB or more).
 constexpr int kFewRanks = 8;
-// The per-thread local memory (stack) the ring combine needs for num_ranks ranks (the dispatch needs less): a launch
-// needing more than the device's stack limit resizes local memory and waits for every running kernel (combine.cu).
-size_t ring_kernels_stack_bytes(int32_t num_ranks);
 
 // Worst-case sized dispatch: marks receive rows [M, worst) as padding (idx -1, weights 0, source -1); nothing when
 // the step failed.
@@ -168,9 +167,6 @@ cudaError_t launch_ce_combine_meta(const Step& step, const CePlan& plan, const R
 // Combine, receiving side: reduces every token in order, reading own rows from y and peers' rows as they land.
 cudaError_t launch_ce_combine(const Step& step, const CePlan& plan, const Routing& h, const CombineIo& io,
                               int32_t num_sms, cudaStream_t s);
-// Loads every copy-engine kernel now: a kernel loaded lazily at its first launch can wait for the device's running
-// kernels, which here spin until a peer's copies land (a deadlock until timeout_ms).
-cudaError_t preload_ce_kernels();
 
 // All-to-all backend. Staging buffers hold slots in the dispatch / combine slot layout; `base[r]` is the first slot of
 // rank r's block in a staging buffer.
@@ -190,6 +186,31 @@ cudaError_t launch_a2a_pack_combine(const Routing& h, int64_t num_recv, const Co
 // Reduces returned slots per original token (rank d's block starts at dest.v[d], in the order they were sent).
 cudaError_t launch_a2a_reduce_combine(const Routing& h, int32_t num_ranks, const CombineIo& io, const RankBases& dest,
                                       const uint8_t* staging, int64_t slot_bytes, cudaStream_t s);
+
+// Every kernel the engine may launch, loaded at create. Two launch-time operations wait for every kernel running on the
+// device: loading a kernel's module (lazy loading, CUDA's default, loads it at its first launch) and growing local
+// memory for a kernel whose per-thread stack (localSizeBytes) exceeds the device's cudaLimitStackSize (1 KB by
+// default). With two ranks on one GPU the running kernel can be the other rank's, spinning until this rank's step
+// arrives: a deadlock until timeout_ms. So a buffer (CudaBackend::init) and a MoE block (moe_ops_cuda.cu) load, at
+// create and before any step, every kernel they may launch, and raise the stack limit once to the largest need.
+// Each file that defines kernels lists them in its load_*_kernels function (a kernel left out of these lists is not
+// covered: tests/gpu/test_gpu_stack_limit.cpp and the cuda_stack_frames test check the lists and the frames).
+struct KernelSet {
+  size_t stack_bytes = 0;  // the largest per-thread local memory (cudaFuncAttributes::localSizeBytes) added so far
+  int count = 0;           // kernels added
+  // Loads each kernel (cudaFuncGetAttributes) and records its local memory.
+  cudaError_t add(std::initializer_list<const void*> kernels);
+};
+// Raises the current device's cudaLimitStackSize to k.stack_bytes when it is lower (it is never lowered, so buffers
+// of several ranks or configurations on one device each keep what they need).
+cudaError_t cover_stack(const KernelSet& k);
+
+cudaError_t load_control_kernels(KernelSet* k);                    // control.cu: layout, plan, barrier, notify
+cudaError_t load_ring_dispatch_kernels(KernelSet* k);              // dispatch.cu
+cudaError_t load_ring_combine_kernels(int32_t num_ranks, KernelSet* k);  // combine.cu
+cudaError_t load_ce_kernels(int32_t num_ranks, KernelSet* k);      // copy_engine_kernels.cu
+cudaError_t load_a2a_kernels(int32_t num_ranks, KernelSet* k);     // a2a_kernels.cu
+// The MoE block's kernels: load_moe_kernels in moe/moe_kernels.h.
 
 }  // namespace cuda
 }  // namespace deepep4j

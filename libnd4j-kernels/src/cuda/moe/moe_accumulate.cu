@@ -54,9 +54,9 @@ bool accumulate_can_widen(const AccumulateGroup& g) {
          reinterpret_cast<uintptr_t>(g.product) % 16 == 0;
 }
 
-// Loads this file's kernels now: see preload_moe_kernels.
-cudaError_t preload_accumulate_kernels() {
-  return preload({(const void*)accumulate_kernel<1>, (const void*)accumulate_kernel<8>});
+// Loads this file's kernels now: see load_moe_kernels.
+cudaError_t load_accumulate_kernels(KernelSet* k) {
+  return k->add({(const void*)accumulate_kernel<1>, (const void*)accumulate_kernel<8>});
 }
 
 }  // namespace moe

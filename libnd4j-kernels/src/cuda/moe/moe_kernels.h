@@ -5,12 +5,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/kernels.h"
 #include "moe/moe_ops.h"
 
 namespace deepep4j {
 namespace cuda {
 namespace moe {
 
+using cuda::KernelSet;
 using deepep4j::moe::Permutation;
 using deepep4j::moe::RouterBackward;
 using deepep4j::moe::RouterForward;
@@ -51,19 +53,20 @@ cudaError_t launch_swiglu_backward(int32_t dtype, int64_t count, const void* a, 
 cudaError_t launch_optimizer_step(int32_t dtype, int64_t count, const deepep4j_optimizer& opt, void* params,
                                   const void* grads, void* m, void* v, cudaStream_t s);
 
-// Each file's kernels, loaded now for every dtype. With lazy module loading (CUDA's default) a kernel's first launch
-// loads it and may wait for the whole device, where another rank's spinning dispatch/combine kernel may be waiting for
-// this rank: so the block loads every kernel at deepep4j_moe_create, before any collective step.
-cudaError_t preload_accumulate_kernels();
-cudaError_t preload_optimizer_kernels();
-cudaError_t preload_permute_kernels();
-cudaError_t preload_router_kernels();
-cudaError_t preload_rows_kernels();
-cudaError_t preload_swiglu_kernels();
-inline cudaError_t preload_moe_kernels() {
-  for (auto f : {preload_accumulate_kernels, preload_optimizer_kernels, preload_permute_kernels, preload_router_kernels,
-                 preload_rows_kernels, preload_swiglu_kernels})
-    if (cudaError_t e = f()) return e;
+// Each file's kernels, loaded (into k, see KernelSet in cuda/kernels.h) for every dtype. With lazy module loading
+// (CUDA's default) a kernel's first launch loads it and may wait for the whole device, where another rank's spinning
+// dispatch/combine kernel may be waiting for this rank: so the block loads every kernel at deepep4j_moe_create, before
+// any collective step, and raises the stack limit to their need (cover_stack).
+cudaError_t load_accumulate_kernels(KernelSet* k);
+cudaError_t load_optimizer_kernels(KernelSet* k);
+cudaError_t load_permute_kernels(KernelSet* k);
+cudaError_t load_router_kernels(KernelSet* k);
+cudaError_t load_rows_kernels(KernelSet* k);
+cudaError_t load_swiglu_kernels(KernelSet* k);
+inline cudaError_t load_moe_kernels(KernelSet* k) {
+  for (auto f : {load_accumulate_kernels, load_optimizer_kernels, load_permute_kernels, load_router_kernels,
+                 load_rows_kernels, load_swiglu_kernels})
+    if (cudaError_t e = f(k)) return e;
   return cudaSuccess;
 }
 

@@ -77,8 +77,10 @@ class CudaMoeOps final : public MoeOps {
     }
     // Everything that may load code or wait for the device happens here, before the block's first collective step:
     // with two ranks on one GPU, a lazy kernel load inside a step can wait behind the other rank's spinning kernel,
-    // which waits for this rank (moe_kernels.h).
-    if (cudaError_t e = preload_moe_kernels()) return cuda_status(e, "loading the MoE block's kernels");
+    // which waits for this rank; so can a launch that grows local memory (moe_kernels.h).
+    KernelSet kernels;
+    if (cudaError_t e = load_moe_kernels(&kernels)) return cuda_status(e, "loading the MoE block's kernels");
+    DEEPEP4J_CUDA_TRY(cover_stack(kernels));
     return warm_cublas();
   }
 

@@ -56,10 +56,10 @@ cudaError_t launch_optimizer_step(int32_t dtype, int64_t n, const deepep4j_optim
   });
 }
 
-// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
-cudaError_t preload_optimizer_kernels() {
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see load_moe_kernels.
+cudaError_t load_optimizer_kernels(KernelSet* k) {
   return for_each_dtype(
-      [](auto t, auto acc) { return preload({(const void*)optimizer_kernel<decltype(t), decltype(acc)>}); });
+      [k](auto t, auto acc) { return k->add({(const void*)optimizer_kernel<decltype(t), decltype(acc)>}); });
 }
 
 }  // namespace moe

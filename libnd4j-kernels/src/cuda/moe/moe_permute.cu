@@ -51,8 +51,8 @@ cudaError_t launch_permutation(const Permutation& p, const int64_t* offsets_dev,
   return cudaGetLastError();
 }
 
-// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
-cudaError_t preload_permute_kernels() { return preload({(const void*)permutation_kernel}); }
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see load_moe_kernels.
+cudaError_t load_permute_kernels(KernelSet* k) { return k->add({(const void*)permutation_kernel}); }
 
 }  // namespace moe
 }  // namespace cuda

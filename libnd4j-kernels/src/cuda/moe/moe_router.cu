@@ -206,13 +206,13 @@ cudaError_t launch_router_backward(int32_t dtype, const RouterBackward& r, cudaS
   });
 }
 
-// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
-cudaError_t preload_router_kernels() {
-  if (cudaError_t e = preload({(const void*)router_forward_kernel<double>, (const void*)router_forward_kernel<float>,
+// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see load_moe_kernels.
+cudaError_t load_router_kernels(KernelSet* k) {
+  if (cudaError_t e = k->add({(const void*)router_forward_kernel<double>, (const void*)router_forward_kernel<float>,
                                (const void*)prob_sum_kernel<double>, (const void*)prob_sum_kernel<float>}))
     return e;
   return for_each_dtype(
-      [](auto t, auto acc) { return preload({(const void*)router_backward_kernel<decltype(t), decltype(acc)>}); });
+      [k](auto t, auto acc) { return k->add({(const void*)router_backward_kernel<decltype(t), decltype(acc)>}); });
 }
 
 }  // namespace moe

@@ -194,13 +194,13 @@ cudaError_t launch_columns(bool pack, int32_t dtype, int64_t rows, int32_t k, co
   });
 }
 
-// Loads this file's kernels now, for every dtype and width: see preload_moe_kernels.
-cudaError_t preload_rows_kernels() {
-  return for_each_dtype([](auto t, auto acc) {
+// Loads this file's kernels now, for every dtype and width: see load_moe_kernels.
+cudaError_t load_rows_kernels(KernelSet* k) {
+  return for_each_dtype([k](auto t, auto acc) {
     using T = decltype(t);
     using A = decltype(acc);
     constexpr int V = kWide<T>;
-    return preload({(const void*)gather_rows_kernel<T, A, 1>, (const void*)gather_rows_kernel<T, A, V>,
+    return k->add({(const void*)gather_rows_kernel<T, A, 1>, (const void*)gather_rows_kernel<T, A, V>,
                     (const void*)scatter_rows_kernel<T, A, 1>, (const void*)scatter_rows_kernel<T, A, V>,
                     (const void*)row_dots_kernel<T, A, 1>, (const void*)row_dots_kernel<T, A, V>,
                     (const void*)gather_slots_kernel<A>, (const void*)scatter_slots_kernel<A>,

@@ -73,13 +73,13 @@ cudaError_t launch_swiglu_backward(int32_t dtype, int64_t n, const void* a, cons
   });
 }
 
-// Loads this file's kernels now, for every dtype and width: see preload_moe_kernels.
-cudaError_t preload_swiglu_kernels() {
-  return for_each_dtype([](auto t, auto acc) {
+// Loads this file's kernels now, for every dtype and width: see load_moe_kernels.
+cudaError_t load_swiglu_kernels(KernelSet* k) {
+  return for_each_dtype([k](auto t, auto acc) {
     using T = decltype(t);
     using A = decltype(acc);
     constexpr int V = kWide<T>;
-    return preload({(const void*)swiglu_forward_kernel<T, A, 1>, (const void*)swiglu_forward_kernel<T, A, V>,
+    return k->add({(const void*)swiglu_forward_kernel<T, A, 1>, (const void*)swiglu_forward_kernel<T, A, V>,
                     (const void*)swiglu_backward_kernel<T, A, 1>, (const void*)swiglu_backward_kernel<T, A, V>});
   });
 }

@@ -40,19 +40,11 @@ cudaError_t with_types(int32_t dtype, F&& f) {
   return f(float{}, float{});
 }
 
-// Runs f(T{}, A{}) for each block dtype's pair, stopping at the first error (the preload_*_kernels functions).
+// Runs f(T{}, A{}) for each block dtype's pair, stopping at the first error (the load_*_kernels functions).
 template <class F>
 cudaError_t for_each_dtype(F&& f) {
   for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
     if (cudaError_t e = with_types(dtype, f)) return e;
-  return cudaSuccess;
-}
-
-// Loads the given kernels now (cudaFuncGetAttributes loads a kernel's module): see preload_moe_kernels.
-inline cudaError_t preload(std::initializer_list<const void*> kernels) {
-  cudaFuncAttributes a;
-  for (const void* f : kernels)
-    if (cudaError_t e = cudaFuncGetAttributes(&a, f)) return e;
   return cudaSuccess;
 }
 

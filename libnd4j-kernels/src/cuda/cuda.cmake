@@ -44,6 +44,13 @@ foreach(target deepep4j_objects deepep4j deepep4j_static)
                                              CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
 endforeach()
 target_compile_options(deepep4j_objects PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEEPEP4J_CUDA_WARNINGS}>)
+# Every kernel's stack frame is checked as it compiles (stack_frames.cmake): above CUDA's default 1 KB stack only the
+# any-R specialisations (template argument DEEPEP4J_MAX_RANKS = 64, mangled "ILi64E"), whose buffers raise the limit.
+option(DEEPEP4J_CHECK_STACK_FRAMES "Fail the build when an engine kernel's stack frame exceeds the default stack" ON)
+if(DEEPEP4J_CHECK_STACK_FRAMES)
+  set_target_properties(deepep4j_objects PROPERTIES CUDA_COMPILER_LAUNCHER
+                        "${CMAKE_COMMAND};-DLIMIT=1024;-DALLOWED=ILi64E;-P;${DEEPEP4J_CUDA_DIR}/stack_frames.cmake;--")
+endif()
 target_link_libraries(deepep4j_objects PUBLIC CUDA::cudart_static)
 foreach(target deepep4j deepep4j_static)
   target_link_libraries(${target} PUBLIC CUDA::cudart_static ${CMAKE_DL_LIBS})
@@ -51,7 +58,7 @@ endforeach()
 
 # GPU tests: one program per file in tests/gpu; 77 = no GPU here (skipped, not passed).
 set(DEEPEP4J_GPU_TEST_DIR ${CMAKE_CURRENT_LIST_DIR}/../../tests/gpu)
-set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block stream_ordered)
+set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block stream_ordered stack_limit)
 foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_executable(gpu_test_${name} ${DEEPEP4J_GPU_TEST_DIR}/test_gpu_${name}.cpp)
   target_include_directories(gpu_test_${name} PRIVATE ${DEEPEP4J_GPU_TEST_DIR} ${DEEPEP4J_GPU_TEST_DIR}/..
@@ -61,6 +68,8 @@ foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_test(NAME gpu_${name} COMMAND gpu_test_${name})
   set_tests_properties(gpu_${name} PROPERTIES TIMEOUT 600 LABELS gpu SKIP_RETURN_CODE 77)
 endforeach()
+# The stack-limit test checks the engine's kernel lists (src/cuda/kernels.h) themselves.
+target_include_directories(gpu_test_stack_limit PRIVATE ${CMAKE_CURRENT_LIST_DIR}/..)
 # The same round trips with every row through the SM rings, and every step by copy engines (buffers large enough):
 # through the landing zones, and with rows written straight into recv_x (the tests' pools open to peer devices).
 add_test(NAME gpu_roundtrip_sm COMMAND gpu_test_roundtrip)

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 
 #include "cuda/handle.h"
 #include "cuda/region.h"
@@ -197,7 +198,7 @@ cudaError_t launch_a2a_reduce_combine(const Routing& h, int32_t num_ranks, const
 // covered: tests/gpu/test_gpu_stack_limit.cpp and the cuda_stack_frames test check the lists and the frames).
 struct KernelSet {
   size_t stack_bytes = 0;  // the largest per-thread local memory (cudaFuncAttributes::localSizeBytes) added so far
-  int count = 0;           // kernels added
+  std::vector<const void*> entries;  // the kernels added
   // Loads each kernel (cudaFuncGetAttributes) and records its local memory.
   cudaError_t add(std::initializer_list<const void*> kernels);
 };

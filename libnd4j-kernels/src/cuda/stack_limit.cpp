@@ -12,7 +12,7 @@ cudaError_t KernelSet::add(std::initializer_list<const void*> kernels) {
     cudaFuncAttributes a{};
     if (cudaError_t e = cudaFuncGetAttributes(&a, f)) return e;
     stack_bytes = std::max(stack_bytes, a.localSizeBytes);
-    ++count;
+    entries.push_back(f);
   }
   return cudaSuccess;
 }

@@ -5,7 +5,8 @@
 #   scripts/device_check.sh [all|tests|bench|moe|quick|sweep]
 #   moe: the MoE block's GPU tests, memcheck on its single-rank cases and bench_moe (EP1 and EP2 on one GPU, EP2
 #   repeated);
-#   quick: the shortest run of the GPU test programs: the block (moe), then the default round trip and step recovery.
+#   quick: the shortest run of the GPU test programs: the block (moe), then the stack limit, the default round trip and
+#   step recovery.
 # Passes, or skips with a printed reason, on 1, 2 and 4 GPUs: cases that need one GPU per rank (NCCL all-to-all) or
 # ranks on their own GPUs (compute-sanitizer) say why they were not run. CUDA_ARCHS (e.g. 90) limits the build to
 # the machine's architecture.
@@ -44,6 +45,7 @@ run() {  # name, timeout seconds, command...
 }
 if [ "$what" = all ] || [ "$what" = tests ]; then
   ce="DEEPEP4J_CUDA_TRANSFER=copy_engine DEEPEP4J_TEST_BUFFER_MB=64"
+  run gpu_stack_limit 120 "$build/gpu_test_stack_limit"
   run gpu_roundtrip 300 "$build/gpu_test_roundtrip"
   run gpu_step_recovery 120 "$build/gpu_test_step_recovery"
   run gpu_roundtrip_sm 300 env DEEPEP4J_CUDA_TRANSFER=sm "$build/gpu_test_roundtrip"
@@ -82,6 +84,7 @@ if [ "$what" = all ] || [ "$what" = moe ] || [ "$what" = quick ]; then
   cat "$out/bench_moe.log"
 fi
 if [ "$what" = quick ]; then
+  run gpu_stack_limit 60 "$build/gpu_test_stack_limit"
   run gpu_step_recovery 60 "$build/gpu_test_step_recovery"
   run gpu_roundtrip 120 "$build/gpu_test_roundtrip"
 fi

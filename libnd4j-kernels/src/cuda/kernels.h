@@ -194,8 +194,9 @@ cudaError_t launch_a2a_reduce_combine(const Routing& h, int32_t num_ranks, const
 // default). With two ranks on one GPU the running kernel can be the other rank's, spinning until this rank's step
 // arrives: a deadlock until timeout_ms. So a buffer (CudaBackend::init) and a MoE block (moe_ops_cuda.cu) load, at
 // create and before any step, every kernel they may launch, and raise the stack limit once to the largest need.
-// Each file that defines kernels lists them in its load_*_kernels function (a kernel left out of these lists is not
-// covered: tests/gpu/test_gpu_stack_limit.cpp and the cuda_stack_frames test check the lists and the frames).
+// Each file that defines kernels lists them in its load_*_kernels function (a kernel left out is not covered:
+// tests/gpu/test_gpu_stack_limit.cpp checks the lists on a GPU, and stack_frames.cmake fails the build when a kernel
+// other than an any-R specialisation has a stack frame above the default 1 KB).
 struct KernelSet {
   size_t stack_bytes = 0;  // the largest per-thread local memory (cudaFuncAttributes::localSizeBytes) added so far
   std::vector<const void*> entries;  // the kernels added

@@ -158,6 +158,12 @@ TEST(every_kernel_of_a_listed_file_is_listed) {
   auto get_name = reinterpret_cast<CUresult (*)(const char**, CUfunction)>(fp[1]);
   auto count_of = reinterpret_cast<CUresult (*)(unsigned*, CUmodule)>(fp[2]);
   auto enumerate = reinterpret_cast<CUresult (*)(CUfunction*, unsigned, CUmodule)>(fp[3]);
+  auto ok = [](CUresult r, const char* call) {
+    if (r != CUDA_SUCCESS) {
+      t::fail(__FILE__, __LINE__, t::fmt("%s -> CUresult %d", call, int(r)));
+      throw t::Abort{};
+    }
+  };
 
   std::set<std::string> listed;
   std::set<CUmodule> modules;
@@ -169,7 +175,8 @@ TEST(every_kernel_of_a_listed_file_is_listed) {
         CUDA_OK(cudaGetFuncBySymbol(&f, entry));
         const char* fname = nullptr;
         CUmodule mod = nullptr;
-        REQUIRE(get_name(&fname, f) == CUDA_SUCCESS && get_module(&mod, f) == CUDA_SUCCESS);
+        ok(get_name(&fname, f), "cuFuncGetName");
+        ok(get_module(&mod, f), "cuFuncGetModule");
         listed.insert(fname);
         modules.insert(mod);
       }
@@ -177,12 +184,12 @@ TEST(every_kernel_of_a_listed_file_is_listed) {
   size_t seen = 0;
   for (CUmodule mod : modules) {
     unsigned n = 0;
-    REQUIRE(count_of(&n, mod) == CUDA_SUCCESS);
+    ok(count_of(&n, mod), "cuModuleGetFunctionCount");
     std::vector<CUfunction> fs(n);
-    REQUIRE(enumerate(fs.data(), n, mod) == CUDA_SUCCESS);
+    ok(enumerate(fs.data(), n, mod), "cuModuleEnumerateFunctions");
     for (CUfunction f : fs) {
       const char* fname = nullptr;
-      REQUIRE(get_name(&fname, f) == CUDA_SUCCESS);
+      ok(get_name(&fname, f), "cuFuncGetName");
       ++seen;
       CHECK_MSG(listed.count(fname) == 1, "kernel %s is in a kernel file but in no load_*_kernels list", fname);
     }

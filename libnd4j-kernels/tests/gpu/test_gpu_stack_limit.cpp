@@ -57,7 +57,7 @@ size_t most(std::initializer_list<const cu::KernelSet*> sets) {
 }
 
 // Creates R buffers of `cfg` on device 0 (create alone loads the kernels and raises the limit; no connect), checks
-// the limit then covers `need`, destroys them. False (nothing checked) when the backend is unavailable here.
+// the limit then covers `need` (and is left alone when the start limit already did), destroys them. False (nothing checked) when the backend is unavailable here.
 bool limit_after_create_covers(int32_t R, deepep4j_config cfg, size_t need, const char* what) {
   reset_limit();
   cfg.device_id = 0;
@@ -79,6 +79,10 @@ bool limit_after_create_covers(int32_t R, deepep4j_config cfg, size_t need, cons
                  limit);
     CHECK_MSG(limit >= need, "%s, R = %d: stack limit %zu after create < %zu bytes its kernels need", what, R, limit,
               need);
+    // Raised only when needed: the limit costs device memory for every thread the device can hold.
+    if (need <= g_start_limit)
+      CHECK_MSG(limit == g_start_limit, "%s, R = %d: stack limit raised to %zu though its kernels need %zu", what, R,
+                limit, need);
   }
   for (deepep4j_buffer* b : bufs)
     if (b) deepep4j_buffer_destroy(b);

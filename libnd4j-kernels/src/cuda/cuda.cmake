@@ -25,6 +25,7 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/copy_engine_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp
+  ${DEEPEP4J_CUDA_DIR}/device_queue.cu
   ${DEEPEP4J_CUDA_DIR}/moe/cublas_api.cpp
   ${DEEPEP4J_CUDA_DIR}/moe/moe_ops_cuda.cu
   ${DEEPEP4J_CUDA_DIR}/moe/moe_router.cu

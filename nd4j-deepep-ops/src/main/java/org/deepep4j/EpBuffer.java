@@ -249,8 +249,16 @@ public final class EpBuffer implements AutoCloseable {
 
   /** Status of a collective call: remembered (see {@link #joinStepWithFailure}), then thrown as an exception. */
   private void collective(int status) {
+    collective(status, null);
+  }
+
+  /**
+   * As {@link #collective(int)} for the other collective calls on this buffer (the MoE block's): a rank whose step
+   * already failed everywhere must not join a further step with its failure, which no peer would come to.
+   */
+  void collective(int status, String context) {
     lastStepFailed = status != DeepEp4jNative.DEEPEP4J_OK;
-    Status.check(status);
+    Status.check(status, context);
   }
 
   /**

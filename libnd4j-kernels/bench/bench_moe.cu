@@ -2,9 +2,13 @@
 // GPU's dense bf16 GEMM rate on the same rows (one cublasGemmEx of N*K x H x F) from the same run. Ranks are threads;
 // EP2 runs 2 ranks on one GPU (they share it, so per-rank rates are half of what one GPU per rank would give).
 //   bench_moe [--tokens 4096] [--ranks 1,2] [--iters 10] [--gemm auto|grouped|loop] [--shapes H:F:E:K,...]
+//             [--repeat 1] [--timeout-ms 60000]
+// --repeat runs each (shape, ranks) that many times, each with new buffers and blocks (a row each): the 2-ranks-on-
+// one-GPU runs repeated catch a step that deadlocks only sometimes.
 // Weights and activations are random (a hash filled on the device), bf16.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
 #include <chrono>
@@ -93,11 +97,12 @@ struct Times {
   double fwd_ms = 0, fb_ms = 0;
 };
 
-Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm) {
+Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm, int32_t timeout_ms) {
   deepep4j_config cfg;
   deepep4j_config_init(&cfg);
   cfg.device = DEEPEP4J_DEVICE_CUDA;
   cfg.num_sms = 24;
+  cfg.timeout_ms = timeout_ms;
   int64_t bytes = 0;
   CK(deepep4j_buffer_size_hint(s.h, DEEPEP4J_BFLOAT16, R, &cfg, &bytes));
   cfg.buffer_bytes = bytes;
@@ -167,8 +172,11 @@ Times run(const Shape& s, int32_t R, int64_t n, int iters, int32_t gemm) {
       cudaStreamSynchronize(st);
       auto t1 = std::chrono::steady_clock::now();
       for (int i = 0; i < iters; ++i) {
+        // The last step as an NVTX range, for a profile of one step: ncu --nvtx --nvtx-include "moe_step/".
+        if (i == iters - 1) nvtxRangePushA("moe_step");
         CK(deepep4j_moe_forward(moe, n, &fa, st));
         CK(deepep4j_moe_backward(moe, &ba, st));
+        if (i == iters - 1) nvtxRangePop();
       }
       cudaStreamSynchronize(st);
       auto t2 = std::chrono::steady_clock::now();
@@ -196,7 +204,8 @@ int main(int argc, char** argv) {
   // cannot load them all ahead. Eager loading (read when CUDA starts, so set first) loads every kernel at start.
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   int64_t tokens = 4096;
-  int iters = 10;
+  int iters = 10, repeat = 1;
+  int32_t timeout_ms = 60000;
   int32_t gemm = DEEPEP4J_MOE_GEMM_AUTO;
   std::vector<int32_t> ranks = {1, 2};
   std::vector<Shape> shapes = {{2048, 768, 128, 8}, {7168, 2048, 64, 8}, {1024, 2048, 8, 2}};
@@ -204,6 +213,8 @@ int main(int argc, char** argv) {
     std::string a = argv[i], v = argv[i + 1];
     if (a == "--tokens") tokens = std::atoll(v.c_str());
     else if (a == "--iters") iters = std::atoi(v.c_str());
+    else if (a == "--repeat") repeat = std::max(1, std::atoi(v.c_str()));
+    else if (a == "--timeout-ms") timeout_ms = std::atoi(v.c_str());
     else if (a == "--gemm") gemm = v == "grouped" ? DEEPEP4J_MOE_GEMM_GROUPED : v == "loop" ? DEEPEP4J_MOE_GEMM_LOOP
                                                                                          : DEEPEP4J_MOE_GEMM_AUTO;
     else if (a == "--ranks") {
@@ -233,13 +244,14 @@ int main(int argc, char** argv) {
               "GEMM TFLOP/s |\n|---|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     const double dense = dense_rate(tokens * s.k, s.h, s.f);
-    for (int32_t R : ranks) {
-      Times t = run(s, R, tokens, iters, gemm);
-      const double flop = 2.0 * tokens * s.k * 3 * s.h * s.f;  // per rank
-      std::printf("| %ld / %ld / %d / %d | %d | %.3f | %.3f | %.0f | %.0f | %.0f |\n", long(s.h), long(s.f), s.e, s.k,
-                  R, t.fwd_ms, t.fb_ms, flop / t.fwd_ms / 1e9, 3 * flop / t.fb_ms / 1e9, dense);
-      std::fflush(stdout);
-    }
+    for (int32_t R : ranks)
+      for (int rep = 0; rep < repeat; ++rep) {
+        Times t = run(s, R, tokens, iters, gemm, timeout_ms);
+        const double flop = 2.0 * tokens * s.k * 3 * s.h * s.f;  // per rank
+        std::printf("| %ld / %ld / %d / %d | %d | %.3f | %.3f | %.0f | %.0f | %.0f |\n", long(s.h), long(s.f), s.e,
+                    s.k, R, t.fwd_ms, t.fb_ms, flop / t.fwd_ms / 1e9, 3 * flop / t.fb_ms / 1e9, dense);
+        std::fflush(stdout);
+      }
   }
   return 0;
 }

@@ -3,7 +3,8 @@
 # threads with peer access, and as processes with CUDA IPC; both backends), compute-sanitizer memcheck and racecheck on
 # a small case, the peer-dies test, and the bench_ep table. Logs go to $OUT (or ./device-logs).
 #   scripts/device_check.sh [all|tests|bench|moe|quick|sweep]
-#   moe: the MoE block's GPU tests, memcheck on its single-rank cases and bench_moe (EP1 and EP2 on one GPU);
+#   moe: the MoE block's GPU tests, memcheck on its single-rank cases and bench_moe (EP1 and EP2 on one GPU, EP2
+#   repeated);
 #   quick: the shortest run of the GPU test programs: the block (moe), then the default round trip and step recovery.
 # Passes, or skips with a printed reason, on 1, 2 and 4 GPUs: cases that need one GPU per rank (NCCL all-to-all) or
 # ranks on their own GPUs (compute-sanitizer) say why they were not run. CUDA_ARCHS (e.g. 90) limits the build to
@@ -71,6 +72,8 @@ if [ "$what" = all ] || [ "$what" = moe ] || [ "$what" = quick ]; then
   lim() { if [ "$what" = quick ]; then echo "$2"; else echo "$1"; fi; }  # quick: tighter limits (a hang leaves time)
   run gpu_moe_block $(lim 400 150) "$build/gpu_test_moe_block"
   run bench_moe $(lim 400 150) "$build/bench_moe"
+  # 2 ranks on one GPU, each shape 5 times with new buffers and blocks: a first-use deadlock shows up as a timeout.
+  run bench_moe_ep2_repeat $(lim 300 120) "$build/bench_moe" --ranks 2 --iters 3 --repeat 5 --timeout-ms 15000
   run sanitizer_memcheck_moe $(lim 400 100) compute-sanitizer --error-exitcode 9 --tool memcheck "$build/gpu_test_moe_block" gpu_single_rank
   cat "$out/bench_moe.log"
 fi

@@ -213,6 +213,8 @@ class CpuMoeOps final : public MoeOps {
   }
 
   int permutation(const Permutation& p) override {
+    std::fill(p.assign_row, p.assign_row + p.offsets[p.num_local], -1);  // padding, where an expert has any
+    std::fill(p.assign_slot, p.assign_slot + p.offsets[p.num_local], -1);
     std::vector<int64_t> fill(p.offsets, p.offsets + p.num_local);
     for (int64_t s = 0; s < p.m * p.k; ++s) {
       const int64_t e = p.recv_topk_idx[s];
@@ -236,6 +238,10 @@ class CpuMoeOps final : public MoeOps {
       const T* s = static_cast<const T*>(src);
       T* d = static_cast<T*>(dst);
       for (int64_t a = 0; a < count; ++a) {
+        if (row[a] < 0) {
+          std::memset(d + a * h, 0, sizeof(T) * size_t(h));  // zero bits are 0 in every dtype
+          continue;
+        }
         const T* in = s + int64_t(row[a]) * src_stride;
         if (scale == nullptr) {
           std::memcpy(d + a * h, in, sizeof(T) * size_t(h));
@@ -279,7 +285,8 @@ class CpuMoeOps final : public MoeOps {
       const T* s = static_cast<const T*>(src);
       for (int64_t a = 0; a < count; ++a) {
         A d = 0;
-        for (int64_t i = 0; i < h; ++i) d += to_acc(g[int64_t(row[a]) * stride + i]) * to_acc(s[a * h + i]);
+        for (int64_t i = 0; i < h && row[a] >= 0; ++i)
+          d += to_acc(g[int64_t(row[a]) * stride + i]) * to_acc(s[a * h + i]);
         static_cast<A*>(out)[a] = d;
       }
       return DEEPEP4J_OK;
@@ -292,7 +299,8 @@ class CpuMoeOps final : public MoeOps {
       using A = decltype(acc);
       for (int64_t a = 0; a < count; ++a) {
         const int64_t sl = slot[a];
-        static_cast<A*>(out)[a] = load_value<A>(values, values_dtype, (sl / k) * stride + offset + sl % k);
+        static_cast<A*>(out)[a] =
+            sl < 0 ? A(0) : load_value<A>(values, values_dtype, (sl / k) * stride + offset + sl % k);
       }
       return DEEPEP4J_OK;
     });

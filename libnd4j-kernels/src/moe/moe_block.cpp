@@ -9,6 +9,9 @@
 //           gxe = ga W1^T + gb W3^T -> g_recv_x[m] = sum of its slots' gxe -> combine of g_recv_x with the gw values
 //           (y_topk_weights; fp64: in each row's tail) -> grad of the routing weights -> router backward (renormalisation,
 //           aux loss, softmax / sigmoid) -> grad_x += g_logits Wr^T, grad_Wr = x^T g_logits.
+//           (accumulate = 0: the gW GEMMs write GRADS, beta 0, instead of adding.)
+// Each local expert's assignments take a segment of ops.padded_rows(count) rows (zero rows after the real ones), so the
+// GEMMs of a step only have shapes that warm_gemms ran at create.
 // Rows travel by the buffer's dispatch / combine, which reduce in fp32 (fp64 for fp64). Any local failure before or
 // between the collective calls is passed to the peers with deepep4j_fail_step, so they end with PEER_ERROR instead of
 // waiting for this rank.
@@ -17,7 +20,11 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace deepep4j {
 namespace moe {
@@ -233,6 +240,150 @@ ExpertWeights expert(const deepep4j_moe* b, const void* tensor, int32_t j, size_
   return ExpertWeights{base, base + hf * elem, base + 2 * hf * elem};
 }
 
+// The workspaces whose size depends only on the config and max_tokens, allocated at create: inside a step, an
+// allocation (device or pinned) risks waiting for the device while a peer's kernel on the same GPU spins for this
+// rank. Those that depend on the routing (received rows, assignments) grow once, from the block's pool.
+int presize(deepep4j_moe* b) {
+  const deepep4j_moe_config& c = b->cfg;
+  const int64_t N = c.max_tokens, H = c.hidden, E = c.num_experts, K = c.num_topk, W = b->row_width;
+  const size_t es = elem_bytes(c.dtype), as = acc_bytes(c.dtype);
+  const std::pair<Workspace*, size_t> device[] = {
+      {&b->x, size_t(N * H) * es},       {&b->wr, size_t(H * E) * es},       {&b->scores, size_t(N * E) * as},
+      {&b->topk_idx, size_t(N * K) * 8}, {&b->gate, size_t(N * K) * as},     {&b->weights, size_t(N * K) * as},
+      {&b->weights_f32, size_t(N * K) * 4}, {&b->gate_sum, size_t(N) * as},  {&b->load, size_t(E) * 4},
+      {&b->prob_sum, size_t(E) * as},    {&b->g_weights, size_t(N * K) * as}, {&b->g_logits, size_t(N * E) * es},
+      {&b->out_topk_w, size_t(N * K) * 4}, {&b->xw, c.dtype == DEEPEP4J_FLOAT64 ? size_t(N * W) * es : 0}};
+  for (const auto& w : device)
+    if (int st = ensure(b, *w.first, w.second)) return st;
+  if (int st = ensure_host(b, b->load, size_t(E) * 4)) return st;
+  return ensure_host(b, b->prob_sum, size_t(E) * as);
+}
+
+// The block's GEMMs, each described once for the steps and for warm_gemms. Expert GEMMs run per local expert on
+// `rows` = its padded assignments; "acc" GEMMs write the weight gradients (GRADS, accumulation type).
+enum class ExpertGemm {
+  kUp,        // a = xe W1, b = xe W3:  [rows, H] x [H, F]
+  kDown,      // ye = h W2:             [rows, F] x [F, H]
+  kGradDown,  // gW2 = h^T ge:          [F, rows] x [rows, H] -> acc
+  kGradH,     // gh = ge W2^T:          [rows, H] x [H, F]
+  kGradUp,    // gW1 = xe^T ga (gW3):   [H, rows] x [rows, F] -> acc
+  kGradX,     // gxe = ga W1^T (+ gb W3^T): [rows, F] x [F, H]
+};
+constexpr ExpertGemm kExpertGemms[] = {ExpertGemm::kUp,     ExpertGemm::kDown,   ExpertGemm::kGradDown,
+                                       ExpertGemm::kGradH,  ExpertGemm::kGradUp, ExpertGemm::kGradX};
+
+GemmDesc expert_desc(const deepep4j_moe* b, ExpertGemm kind, double beta) {
+  const int64_t H = b->cfg.hidden, F = b->cfg.ffn;
+  GemmDesc g;
+  g.ab_dtype = g.c_dtype = b->cfg.dtype;
+  g.beta = beta;
+  switch (kind) {
+    case ExpertGemm::kUp: g.lda = H, g.ldb = F, g.ldc = F; break;
+    case ExpertGemm::kDown: g.lda = F, g.ldb = H, g.ldc = H; break;
+    case ExpertGemm::kGradDown: g.trans_a = true, g.lda = F, g.ldb = H, g.ldc = H; break;
+    case ExpertGemm::kGradH: g.trans_b = true, g.lda = H, g.ldb = H, g.ldc = F; break;
+    case ExpertGemm::kGradUp: g.trans_a = true, g.lda = H, g.ldb = F, g.ldc = F; break;
+    case ExpertGemm::kGradX: g.trans_b = true, g.lda = F, g.ldb = F, g.ldc = H; break;
+  }
+  if (kind == ExpertGemm::kGradDown || kind == ExpertGemm::kGradUp) g.c_dtype = acc_dtype(b->cfg.dtype);
+  return g;
+}
+
+GemmGroup expert_group(const deepep4j_moe* b, ExpertGemm kind, int64_t rows, const void* a, const void* w, void* c) {
+  const int64_t H = b->cfg.hidden, F = b->cfg.ffn;
+  switch (kind) {
+    case ExpertGemm::kUp: return {rows, F, H, a, w, c};
+    case ExpertGemm::kDown: return {rows, H, F, a, w, c};
+    case ExpertGemm::kGradDown: return {F, H, rows, a, w, c};
+    case ExpertGemm::kGradH: return {rows, F, H, a, w, c};
+    case ExpertGemm::kGradUp: return {H, F, rows, a, w, c};
+    case ExpertGemm::kGradX: return {rows, H, F, a, w, c};
+  }
+  return {};
+}
+
+// Rows of local expert j's segment in the last forward (its assignments and padding).
+int64_t rows_of(const deepep4j_moe* b, int32_t j) { return b->offsets[size_t(j) + 1] - b->offsets[size_t(j)]; }
+
+// The router's GEMMs over the N tokens of a step.
+enum class RouterGemm {
+  kLogits,      // logits = x Wr:          [N, H] x [H, E] -> acc
+  kGradX,       // grad_x += g_logits Wr^T: [N, E] x [E, H]
+  kGradWeight,  // grad_Wr = x^T g_logits:  [H, N] x [N, E]
+};
+
+GemmDesc router_desc(const deepep4j_moe* b, RouterGemm kind) {
+  const int64_t H = b->cfg.hidden, E = b->cfg.num_experts;
+  GemmDesc g;
+  g.ab_dtype = g.c_dtype = b->cfg.dtype;
+  switch (kind) {
+    case RouterGemm::kLogits: g.c_dtype = acc_dtype(b->cfg.dtype), g.lda = H, g.ldb = E, g.ldc = E; break;
+    case RouterGemm::kGradX: g.trans_b = true, g.lda = E, g.ldb = E, g.ldc = H, g.beta = 1.0; break;
+    case RouterGemm::kGradWeight: g.trans_a = true, g.lda = H, g.ldb = E, g.ldc = E; break;
+  }
+  return g;
+}
+
+// Runs, once per process and block shape, every GEMM shape a step of this block can run: each expert GEMM for every
+// padded row count up to R * max_tokens (a rank receives each token at most once per expert), each router GEMM for
+// every N up to max_tokens. Why: cuBLAS sets up a kernel (loads it, sets its attributes) at its first launch, and that
+// may wait for the whole device; inside a step, another rank's kernel on the same GPU may be spinning for this rank
+// (2 ranks on one GPU: an EP2 step then deadlocks until timeout_ms). Ranks of one process share the warm-up: the
+// first to come runs it, the others wait here (on the host, before any kernel of theirs spins) and skip it.
+// Grouped calls (cublasGemmGroupedBatchedEx) choose kernels from the whole set of groups and are not covered here
+// (CudaMoeOps warms them at one small shape).
+int warm_gemms(deepep4j_moe* b) {
+  MoeOps& ops = *b->ops;
+  if (!ops.on_device()) return DEEPEP4J_OK;
+  const deepep4j_moe_config& c = b->cfg;
+  const int64_t H = c.hidden, F = c.ffn, E = c.num_experts, N = c.max_tokens;
+  const int64_t most = ops.padded_rows(int64_t(b->num_ranks) * N);
+  const std::vector<int64_t> key = {b->buf->config.device_id, c.dtype, H, F, E, most, N};
+  static std::mutex mutex;
+  static std::set<std::vector<int64_t>> warmed;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (warmed.count(key)) return DEEPEP4J_OK;
+  const size_t es = elem_bytes(c.dtype);
+  // Operands: workspaces the steps use anyway (contents are overwritten by every step), expert 0's weights, and
+  // expert 0's gradients (zeroed after).
+  int st = ensure(b, b->xe, size_t(most * H) * es);
+  if (!st) st = ensure(b, b->act_a, size_t(most * F) * es);
+  if (!st) st = ensure(b, b->ye, size_t(most * H) * es);
+  const ExpertWeights w = expert(b, b->params, 0, es);
+  const ExpertWeights g = expert(b, b->grads, 0, acc_bytes(c.dtype));
+  for (int64_t rows = ops.padded_rows(1); rows <= most && !st; rows = ops.padded_rows(rows + 1))
+    for (ExpertGemm kind : kExpertGemms) {
+      const bool into_grads = kind == ExpertGemm::kGradDown || kind == ExpertGemm::kGradUp;
+      const void* in = kind == ExpertGemm::kUp || kind == ExpertGemm::kGradUp ? b->xe.ptr
+                       : kind == ExpertGemm::kGradH                         ? b->ye.ptr
+                                                                            : b->act_a.ptr;
+      const void* other = kind == ExpertGemm::kGradDown ? b->ye.ptr
+                          : kind == ExpertGemm::kGradUp ? b->act_a.ptr
+                          : kind == ExpertGemm::kUp || kind == ExpertGemm::kGradX ? static_cast<const void*>(w.w1)
+                                                                                  : static_cast<const void*>(w.w2);
+      void* out = into_grads ? const_cast<uint8_t*>(g.w1)
+                  : kind == ExpertGemm::kUp || kind == ExpertGemm::kGradH ? b->act_a.ptr
+                                                                          : b->ye.ptr;
+      const GemmGroup q = expert_group(b, kind, rows, in, other, out);
+      for (double beta : {0.0, 1.0}) {  // accumulate 0 / 1, and gxe's two passes
+        if (!st && (beta == 0.0 || into_grads || kind == ExpertGemm::kGradX))
+          st = ops.gemm(expert_desc(b, kind, beta), &q, 1, DEEPEP4J_MOE_GEMM_LOOP);
+      }
+    }
+  for (int64_t n = 1; n <= N && !st; ++n) {
+    const GemmGroup logits{n, E, H, b->x.ptr, b->wr.ptr, b->scores.ptr};
+    const GemmGroup grad_x{n, H, E, b->g_logits.ptr, b->wr.ptr, b->xe.ptr};
+    const GemmGroup grad_wr{H, E, n, b->x.ptr, b->g_logits.ptr, b->wr.ptr};
+    st = ops.gemm(router_desc(b, RouterGemm::kLogits), &logits, 1, DEEPEP4J_MOE_GEMM_LOOP);
+    if (!st) st = ops.gemm(router_desc(b, RouterGemm::kGradX), &grad_x, 1, DEEPEP4J_MOE_GEMM_LOOP);
+    if (!st) st = ops.gemm(router_desc(b, RouterGemm::kGradWeight), &grad_wr, 1, DEEPEP4J_MOE_GEMM_LOOP);
+  }
+  if (!st) st = ops.zero(const_cast<uint8_t*>(g.w1), size_t(3 * H * F) * acc_bytes(c.dtype));
+  if (!st) st = ops.synchronize();
+  if (!st) warmed.insert(key);
+  return st;
+}
+
 }  // namespace
 
 int block_create(deepep4j_moe* b) {
@@ -248,6 +399,8 @@ int block_create(deepep4j_moe* b) {
   if (!st) st = b->ops->alloc(n * acc_bytes(c.dtype), &b->grads);
   if (!st) st = b->ops->alloc(n * acc_bytes(c.dtype), &b->state_m);
   if (!st) st = b->ops->alloc(n * acc_bytes(c.dtype), &b->state_v);
+  if (!st) st = presize(b);
+  if (!st) st = warm_gemms(b);
   if (st) return fail_peers(b, st);
   return agree_on_config(b);
 }
@@ -290,14 +443,8 @@ int block_forward(deepep4j_moe* b, int64_t N, const deepep4j_moe_forward_args* a
   if (!st) st = ensure_host(b, b->load, size_t(E) * 4);
   if (!st) st = ensure_host(b, b->prob_sum, size_t(E) * as);
   if (!st && N > 0) {
-    GemmDesc g;
-    g.ab_dtype = dt;
-    g.c_dtype = acc_dtype(dt);
-    g.lda = H;
-    g.ldb = E;
-    g.ldc = E;
     GemmGroup q{N, E, H, x, wr, b->scores.ptr};
-    st = ops.gemm(g, &q, 1, DEEPEP4J_MOE_GEMM_LOOP);
+    st = ops.gemm(router_desc(b, RouterGemm::kLogits), &q, 1, DEEPEP4J_MOE_GEMM_LOOP);
   }
   if (!st) {
     RouterForward r{N, E, K, c.score_function, c.normalize_topk, b->scores.ptr, static_cast<const float*>(bias),
@@ -327,8 +474,9 @@ int block_forward(deepep4j_moe* b, int64_t N, const deepep4j_moe_forward_args* a
                                 &M, b->counts.data(), ops.stream());
   if (st) return st;
   b->offsets.assign(size_t(L) + 1, 0);
-  for (int32_t j = 0; j < L; ++j) b->offsets[size_t(j) + 1] = b->offsets[size_t(j)] + b->counts[size_t(j)];
-  const int64_t A = b->offsets[size_t(L)];
+  for (int32_t j = 0; j < L; ++j)
+    b->offsets[size_t(j) + 1] = b->offsets[size_t(j)] + ops.padded_rows(b->counts[size_t(j)]);
+  const int64_t A = b->offsets[size_t(L)];  // assignments, with each expert's padding
   st = ensure(b, b->recv_x, size_t(M * W) * es);
   if (!st) st = ensure(b, b->recv_idx, size_t(M * K) * 8);
   if (!st) st = ensure(b, b->recv_w, size_t(M * K) * 4);
@@ -368,36 +516,26 @@ int block_forward(deepep4j_moe* b, int64_t N, const deepep4j_moe_forward_args* a
   std::vector<GemmGroup> groups;
   if (!st) {
     // a = xe W1, b = xe W3: one call over 2L products.
-    GemmDesc g;
-    g.ab_dtype = g.c_dtype = dt;
-    g.lda = H;
-    g.ldb = F;
-    g.ldc = F;
     for (int32_t j = 0; j < L; ++j) {
-      const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
+      const int64_t off = b->offsets[size_t(j)], cnt = rows_of(b, j);
       if (cnt == 0) continue;
       ExpertWeights w = expert(b, b->params, j, es);
       const uint8_t* xj = static_cast<const uint8_t*>(b->xe.ptr) + off * H * es;
-      groups.push_back({cnt, F, H, xj, w.w1, static_cast<uint8_t*>(b->act_a.ptr) + off * F * es});
-      groups.push_back({cnt, F, H, xj, w.w3, static_cast<uint8_t*>(b->act_b.ptr) + off * F * es});
+      groups.push_back(expert_group(b, ExpertGemm::kUp, cnt, xj, w.w1, static_cast<uint8_t*>(b->act_a.ptr) + off * F * es));
+      groups.push_back(expert_group(b, ExpertGemm::kUp, cnt, xj, w.w3, static_cast<uint8_t*>(b->act_b.ptr) + off * F * es));
     }
-    st = ops.gemm(g, groups.data(), int32_t(groups.size()), c.gemm);
+    st = ops.gemm(expert_desc(b, ExpertGemm::kUp, 0.0), groups.data(), int32_t(groups.size()), c.gemm);
   }
   if (!st) st = ops.swiglu_forward(dt, A * F, b->act_a.ptr, b->act_b.ptr, b->act_h.ptr);
   if (!st) {
-    GemmDesc g;
-    g.ab_dtype = g.c_dtype = dt;
-    g.lda = F;
-    g.ldb = H;
-    g.ldc = H;
     groups.clear();
     for (int32_t j = 0; j < L; ++j) {
-      const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
+      const int64_t off = b->offsets[size_t(j)], cnt = rows_of(b, j);
       if (cnt == 0) continue;
-      groups.push_back({cnt, H, F, static_cast<uint8_t*>(b->act_h.ptr) + off * F * es, expert(b, b->params, j, es).w2,
-                        static_cast<uint8_t*>(b->ye.ptr) + off * H * es});
+      groups.push_back(expert_group(b, ExpertGemm::kDown, cnt, static_cast<uint8_t*>(b->act_h.ptr) + off * F * es,
+                                    expert(b, b->params, j, es).w2, static_cast<uint8_t*>(b->ye.ptr) + off * H * es));
     }
-    st = ops.gemm(g, groups.data(), int32_t(groups.size()), c.gemm);
+    st = ops.gemm(expert_desc(b, ExpertGemm::kDown, 0.0), groups.data(), int32_t(groups.size()), c.gemm);
   }
   if (!st)
     st = ops.scatter_rows(dt, M, K, H, static_cast<int32_t*>(b->pos.ptr), b->ye.ptr, b->assign_w.ptr, b->y_recv.ptr, W);
@@ -488,79 +626,59 @@ int block_backward(deepep4j_moe* b, const deepep4j_moe_backward_args* a) {
   const int32_t* row = static_cast<const int32_t*>(b->assign_row.ptr);
   if (!st) st = ops.row_dots(dt, A, H, b->g_recv.ptr, W, row, b->ye.ptr, b->gw_assign.ptr);
   if (!st) st = ops.gather_rows(dt, A, H, b->g_recv.ptr, W, row, b->assign_w.ptr, b->ge.ptr);
-  if (!st && !a->accumulate) st = ops.zero(b->grads, size_t(b->tensor_count) * as);
+  // accumulate = 0: the weight-gradient GEMMs overwrite GRADS (beta 0) instead of adding to a zeroed copy, which saves
+  // a pass over the fp32 gradients; only the experts that received nothing are zeroed.
+  const double grad_beta = a->accumulate ? 1.0 : 0.0;
+  for (int32_t j = 0; j < L && !st && !a->accumulate; ++j)
+    if (b->counts[size_t(j)] == 0)
+      st = ops.zero(const_cast<uint8_t*>(expert(b, b->grads, j, as).w1), size_t(3 * H * F) * as);
   std::vector<GemmGroup> groups;
   auto at = [](const Workspace& w, int64_t off, int64_t width, size_t elem) {
     return static_cast<uint8_t*>(w.ptr) + size_t(off * width) * elem;
   };
   if (!st) {  // gW2 += h^T ge
-    GemmDesc g;
-    g.trans_a = true;
-    g.ab_dtype = dt;
-    g.c_dtype = acc_dtype(dt);
-    g.lda = F;
-    g.ldb = H;
-    g.ldc = H;
-    g.beta = 1.0;
     for (int32_t j = 0; j < L; ++j) {
-      const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
+      const int64_t off = b->offsets[size_t(j)], cnt = rows_of(b, j);
       if (cnt == 0) continue;
-      groups.push_back({F, H, cnt, at(b->act_h, off, F, es), at(b->ge, off, H, es),
-                        const_cast<uint8_t*>(expert(b, b->grads, j, as).w2)});
+      groups.push_back(expert_group(b, ExpertGemm::kGradDown, cnt, at(b->act_h, off, F, es), at(b->ge, off, H, es),
+                                    const_cast<uint8_t*>(expert(b, b->grads, j, as).w2)));
     }
-    st = ops.gemm(g, groups.data(), int32_t(groups.size()), c.gemm);
+    st = ops.gemm(expert_desc(b, ExpertGemm::kGradDown, grad_beta), groups.data(), int32_t(groups.size()), c.gemm);
   }
   if (!st) {  // gh = ge W2^T
-    GemmDesc g;
-    g.trans_b = true;
-    g.ab_dtype = g.c_dtype = dt;
-    g.lda = H;
-    g.ldb = H;
-    g.ldc = F;
     groups.clear();
     for (int32_t j = 0; j < L; ++j) {
-      const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
+      const int64_t off = b->offsets[size_t(j)], cnt = rows_of(b, j);
       if (cnt == 0) continue;
-      groups.push_back({cnt, F, H, at(b->ge, off, H, es), expert(b, b->params, j, es).w2, at(b->gh, off, F, es)});
+      groups.push_back(expert_group(b, ExpertGemm::kGradH, cnt, at(b->ge, off, H, es), expert(b, b->params, j, es).w2,
+                                    at(b->gh, off, F, es)));
     }
-    st = ops.gemm(g, groups.data(), int32_t(groups.size()), c.gemm);
+    st = ops.gemm(expert_desc(b, ExpertGemm::kGradH, 0.0), groups.data(), int32_t(groups.size()), c.gemm);
   }
   if (!st) st = ops.swiglu_backward(dt, A * F, b->act_a.ptr, b->act_b.ptr, b->gh.ptr, b->ga.ptr, b->gb.ptr);
   if (!st) {  // gW1 += xe^T ga, gW3 += xe^T gb
-    GemmDesc g;
-    g.trans_a = true;
-    g.ab_dtype = dt;
-    g.c_dtype = acc_dtype(dt);
-    g.lda = H;
-    g.ldb = F;
-    g.ldc = F;
-    g.beta = 1.0;
     groups.clear();
     for (int32_t j = 0; j < L; ++j) {
-      const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
+      const int64_t off = b->offsets[size_t(j)], cnt = rows_of(b, j);
       if (cnt == 0) continue;
       ExpertWeights w = expert(b, b->grads, j, as);
-      groups.push_back({H, F, cnt, at(b->xe, off, H, es), at(b->ga, off, F, es), const_cast<uint8_t*>(w.w1)});
-      groups.push_back({H, F, cnt, at(b->xe, off, H, es), at(b->gb, off, F, es), const_cast<uint8_t*>(w.w3)});
+      groups.push_back(expert_group(b, ExpertGemm::kGradUp, cnt, at(b->xe, off, H, es), at(b->ga, off, F, es),
+                                    const_cast<uint8_t*>(w.w1)));
+      groups.push_back(expert_group(b, ExpertGemm::kGradUp, cnt, at(b->xe, off, H, es), at(b->gb, off, F, es),
+                                    const_cast<uint8_t*>(w.w3)));
     }
-    st = ops.gemm(g, groups.data(), int32_t(groups.size()), c.gemm);
+    st = ops.gemm(expert_desc(b, ExpertGemm::kGradUp, grad_beta), groups.data(), int32_t(groups.size()), c.gemm);
   }
   for (int pass = 0; pass < 2 && !st; ++pass) {  // gxe = ga W1^T + gb W3^T
-    GemmDesc g;
-    g.trans_b = true;
-    g.ab_dtype = g.c_dtype = dt;
-    g.lda = F;
-    g.ldb = F;
-    g.ldc = H;
-    g.beta = pass;
     groups.clear();
     for (int32_t j = 0; j < L; ++j) {
-      const int64_t off = b->offsets[size_t(j)], cnt = b->counts[size_t(j)];
+      const int64_t off = b->offsets[size_t(j)], cnt = rows_of(b, j);
       if (cnt == 0) continue;
       ExpertWeights w = expert(b, b->params, j, es);
-      groups.push_back({cnt, H, F, at(pass ? b->gb : b->ga, off, F, es), pass ? w.w3 : w.w1, at(b->gxe, off, H, es)});
+      groups.push_back(expert_group(b, ExpertGemm::kGradX, cnt, at(pass ? b->gb : b->ga, off, F, es),
+                                    pass ? w.w3 : w.w1, at(b->gxe, off, H, es)));
     }
-    st = ops.gemm(g, groups.data(), int32_t(groups.size()), c.gemm);
+    st = ops.gemm(expert_desc(b, ExpertGemm::kGradX, pass), groups.data(), int32_t(groups.size()), c.gemm);
   }
   const int32_t* pos = static_cast<const int32_t*>(b->pos.ptr);
   if (!st) st = ops.scatter_rows(dt, M, K, H, pos, b->gxe.ptr, nullptr, b->g_recv_x.ptr, W);
@@ -603,25 +721,13 @@ int block_backward(deepep4j_moe* b, const deepep4j_moe_backward_args* a) {
     st = ops.router_backward(dt, r);
   }
   if (!st && N > 0) {  // grad_x += g_logits Wr^T
-    GemmDesc g;
-    g.trans_b = true;
-    g.ab_dtype = g.c_dtype = dt;
-    g.lda = E;
-    g.ldb = E;
-    g.ldc = H;
-    g.beta = 1.0;
     GemmGroup q{N, H, E, b->g_logits.ptr, b->wr.ptr, gx};
-    st = ops.gemm(g, &q, 1, DEEPEP4J_MOE_GEMM_LOOP);
+    st = ops.gemm(router_desc(b, RouterGemm::kGradX), &q, 1, DEEPEP4J_MOE_GEMM_LOOP);
   }
   if (!st) {  // grad_Wr = x^T g_logits
-    GemmDesc g;
-    g.trans_a = true;
-    g.ab_dtype = g.c_dtype = dt;
-    g.lda = H;
-    g.ldb = E;
-    g.ldc = E;
     GemmGroup q{H, E, N, b->x.ptr, b->g_logits.ptr, gwr};
-    st = N > 0 ? ops.gemm(g, &q, 1, DEEPEP4J_MOE_GEMM_LOOP) : ops.zero(gwr, size_t(H * E) * es);
+    st = N > 0 ? ops.gemm(router_desc(b, RouterGemm::kGradWeight), &q, 1, DEEPEP4J_MOE_GEMM_LOOP)
+               : ops.zero(gwr, size_t(H * E) * es);
   }
   if (!st) st = queue_out(b, a->memory, a->grad_x, size_t(N * H) * es, b->grad_x);
   if (!st) st = queue_out(b, a->memory, a->grad_router_weight, size_t(H * E) * es, b->grad_wr);

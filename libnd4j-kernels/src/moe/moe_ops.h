@@ -63,14 +63,15 @@ struct RouterBackward {
   void* grad_logits;      // [N,E] block dtype
 };
 
-// Assignments of received rows to local experts, expert-major, inside an expert in (row, slot) order.
+// Assignments of received rows to local experts, expert-major, inside an expert in (row, slot) order. An expert's
+// segment may end in padding (see MoeOps::padded_rows): assignments that belong to no (row, slot), row and slot -1.
 struct Permutation {
   int64_t m;
   int32_t k, num_local;
   const int64_t* recv_topk_idx;  // [M,K] local ids or -1
-  const int64_t* offsets;        // [L+1] host: first assignment of each local expert
-  int32_t* assign_row;           // [A] received row
-  int32_t* assign_slot;          // [A] row * K + slot
+  const int64_t* offsets;        // [L+1] host: first assignment of each local expert (offsets[L] = A)
+  int32_t* assign_row;           // [A] received row, or -1 (padding)
+  int32_t* assign_slot;          // [A] row * K + slot, or -1 (padding)
   int32_t* pos;                  // [M*K] assignment of (row, slot), or -1
 };
 
@@ -102,17 +103,23 @@ class MoeOps {
   virtual int router_backward(int32_t dtype, const RouterBackward& r) = 0;
   virtual int permutation(const Permutation& p) = 0;
 
-  // dst[a, 0:h] = scale[a] * src[row[a], 0:h] (scale NULL = 1); src rows src_stride elements apart.
+  // The rows an expert's segment takes for `rows` assignments (>= rows; padding rows are zero). The GPU rounds up to a
+  // fixed set of sizes, so that every GEMM shape a step can run was run once at create (see warm_gemms in
+  // moe_block.cpp); the CPU takes rows as they are.
+  virtual int64_t padded_rows(int64_t rows) const { return rows; }
+
+  // dst[a, 0:h] = scale[a] * src[row[a], 0:h] (scale NULL = 1), or 0 where row[a] < 0; src rows src_stride apart.
   virtual int gather_rows(int32_t dtype, int64_t count, int64_t h, const void* src, int64_t src_stride,
                           const int32_t* row, const void* scale, void* dst) = 0;
   // out[m, 0:h] = sum over slots k with pos[m,k] >= 0 of scale[pos] * src[pos, 0:h] (acc; scale NULL = 1); out rows
   // out_stride elements apart.
   virtual int scatter_rows(int32_t dtype, int64_t m, int32_t k, int64_t h, const int32_t* pos, const void* src,
                            const void* scale, void* out, int64_t out_stride) = 0;
-  // out[a] = dot(rows[row[a], 0:h], src[a, 0:h]) in acc.
+  // out[a] = dot(rows[row[a], 0:h], src[a, 0:h]) in acc (0 where row[a] < 0).
   virtual int row_dots(int32_t dtype, int64_t count, int64_t h, const void* rows, int64_t stride,
                        const int32_t* row, const void* src, void* out) = 0;
-  // out[a] = values[slot[a]] (values: fp32 or fp64 array, entry s at (s / k) * stride + offset + s % k) into acc.
+  // out[a] = values[slot[a]] (values: fp32 or fp64 array, entry s at (s / k) * stride + offset + s % k) into acc, or
+  // 0 where slot[a] < 0.
   virtual int gather_slots(int32_t dtype, int64_t count, int32_t k, const int32_t* slot, const void* values,
                            int32_t values_dtype, int64_t stride, int64_t offset, void* out) = 0;
   // values[(s / k) * stride + offset + s % k] = pos[s] >= 0 ? src[pos[s]] : 0 for s < m * k (fp32 or fp64 values).

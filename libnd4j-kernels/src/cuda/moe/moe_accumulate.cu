@@ -1,5 +1,5 @@
 // moe_accumulate.cu — adds the bf16 products of a grouped GEMM into their fp32 outputs (the expert weight gradients):
-// one launch for every group, blockIdx.y = group.
+// one launch for every group, blockIdx.y = group; 8 elements per thread and step where every group allows it.
 #include "cuda/moe/moe_kernels.h"
 #include "cuda/moe/moe_types.cuh"
 
@@ -8,30 +8,55 @@ namespace cuda {
 namespace moe {
 namespace {
 
+template <int V>
 __global__ void accumulate_kernel(const AccumulateGroup* groups, float alpha, float beta) {
   const AccumulateGroup g = groups[blockIdx.y];
-  const int64_t total = g.m * g.n;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / g.n, j = i % g.n;
-    float* c = g.c + r * g.ldc + j;
-    const float p = alpha * __bfloat162float(g.product[i]);
-    *c = beta == 0.0f ? p : beta * *c + p;
+  const uint32_t per_row = uint32_t(g.n / V), total = uint32_t(g.m) * per_row;  // < 2^31 (checked at launch)
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const uint32_t r = i / per_row, j = (i - r * per_row) * V;
+    __nv_bfloat16 p[V];
+    load_chunk<V>(g.product + int64_t(i) * V, p);
+    float* c = g.c + int64_t(r) * g.ldc + j;
+    float out[V];
+    if (beta == 0.0f) {
+      for (int e = 0; e < V; ++e) out[e] = alpha * __bfloat162float(p[e]);
+    } else {
+      if constexpr (V % 4 == 0) {
+        for (int q = 0; q < V / 4; ++q) *reinterpret_cast<float4*>(out + 4 * q) = reinterpret_cast<const float4*>(c)[q];
+      } else {
+        for (int e = 0; e < V; ++e) out[e] = c[e];
+      }
+      for (int e = 0; e < V; ++e) out[e] = beta * out[e] + alpha * __bfloat162float(p[e]);
+    }
+    if constexpr (V % 4 == 0) {
+      for (int q = 0; q < V / 4; ++q) reinterpret_cast<float4*>(c)[q] = *reinterpret_cast<const float4*>(out + 4 * q);
+    } else {
+      for (int e = 0; e < V; ++e) c[e] = out[e];
+    }
   }
 }
 
 }  // namespace
 
-cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t count, float alpha, float beta,
+cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t count, bool wide, float alpha, float beta,
                                      cudaStream_t s) {
   if (count == 0) return cudaSuccess;
-  accumulate_kernel<<<dim3(64, unsigned(count)), 256, 0, s>>>(groups, alpha, beta);
+  const dim3 grid(wide ? 32 : 64, unsigned(count));
+  if (wide)
+    accumulate_kernel<8><<<grid, 256, 0, s>>>(groups, alpha, beta);
+  else
+    accumulate_kernel<1><<<grid, 256, 0, s>>>(groups, alpha, beta);
   return cudaGetLastError();
 }
 
-// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
+bool accumulate_can_widen(const AccumulateGroup& g) {
+  return g.n % 8 == 0 && g.ldc % 4 == 0 && reinterpret_cast<uintptr_t>(g.c) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(g.product) % 16 == 0;
+}
+
+// Loads this file's kernels now: see preload_moe_kernels.
 cudaError_t preload_accumulate_kernels() {
-  cudaFuncAttributes a;
-  return cudaFuncGetAttributes(&a, accumulate_kernel);
+  return preload({(const void*)accumulate_kernel<1>, (const void*)accumulate_kernel<8>});
 }
 
 }  // namespace moe

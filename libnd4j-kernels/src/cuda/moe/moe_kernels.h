@@ -33,13 +33,15 @@ cudaError_t launch_scatter_slots(int32_t dtype, int64_t m, int32_t k, const int3
                                  void* values, int32_t values_dtype, int64_t stride, int64_t offset, cudaStream_t s);
 cudaError_t launch_columns(bool pack, int32_t dtype, int64_t rows, int32_t k, const void* in, int32_t other_dtype,
                            int64_t stride, int64_t offset, void* out, cudaStream_t s);
-// moe_accumulate.cu: c[r * ldc + j] = beta * c + alpha * product[r * n + j] for each group (fp32 C, bf16 products).
+// moe_accumulate.cu: c[r * ldc + j] = beta * c + alpha * product[r * n + j] for each group (fp32 C, bf16 products;
+// m * n < 2^31). wide: every group passes accumulate_can_widen (8 elements per access).
 struct AccumulateGroup {
   float* c;
   const __nv_bfloat16* product;
   int64_t m, n, ldc;
 };
-cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t count, float alpha, float beta,
+bool accumulate_can_widen(const AccumulateGroup& g);
+cudaError_t launch_accumulate_groups(const AccumulateGroup* groups, int32_t count, bool wide, float alpha, float beta,
                                      cudaStream_t s);
 // moe_swiglu.cu
 cudaError_t launch_swiglu_forward(int32_t dtype, int64_t count, const void* a, const void* b, void* h, cudaStream_t s);

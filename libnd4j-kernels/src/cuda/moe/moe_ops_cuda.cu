@@ -37,6 +37,7 @@ class CudaMoeOps final : public MoeOps {
  public:
   ~CudaMoeOps() override {
     use_device();
+    if (scratch_) cudaFreeAsync(scratch_, stream_);
     if (stream_) cudaStreamSynchronize(stream_);
     for (auto& s : slabs_) {
       if (s.event) cudaEventDestroy(s.event);
@@ -46,7 +47,7 @@ class CudaMoeOps final : public MoeOps {
     for (void* p : retired_host_) cudaFreeHost(p);
     if (handle_) api_->Destroy(handle_);
     if (workspace_) cudaFree(workspace_);
-    if (scratch_) cudaFree(scratch_);
+    if (pool_) cudaMemPoolDestroy(pool_);  // released once the block's last stream-ordered free has run
     if (warm_) cudaFree(warm_);
     if (own_stream_) cudaStreamDestroy(own_stream_);
   }
@@ -64,6 +65,7 @@ class CudaMoeOps final : public MoeOps {
     api_->GetVersion(handle_, &version_);
     DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
     stream_ = own_stream_;
+    if (int st = create_pool()) return st;
     DEEPEP4J_CUDA_TRY(cudaMalloc(&workspace_, kCublasWorkspace));
     if (api_->SetWorkspace(handle_, workspace_, kCublasWorkspace) != 0)
       return set_error(DEEPEP4J_ERR_INTERNAL, "%s (version %d): cublasSetWorkspace failed", api_->library, version_);
@@ -81,6 +83,14 @@ class CudaMoeOps final : public MoeOps {
   }
 
   bool on_device() const override { return true; }
+  // Steps of 8 rows up to 256, then 16 sizes per doubling (at most 1/16, on average ~1/32, more rows): ~16 sizes per
+  // doubling of the largest expert for warm_gemms to run.
+  int64_t padded_rows(int64_t rows) const override {
+    if (rows <= 0) return 0;
+    int64_t step = 8;
+    while (step * 32 < rows) step *= 2;
+    return (rows + step - 1) / step * step;
+  }
   // NULL is the block's own stream, never the legacy default stream: two ranks sharing one GPU must not be
   // serialised behind each other's spinning kernels, and the backend puts NULL-stream work on a stream of its own.
   void set_stream(void* s) override {
@@ -89,11 +99,11 @@ class CudaMoeOps final : public MoeOps {
   }
   void* stream() const override { return stream_; }
 
-  // Stream-ordered: cudaFree would wait for the whole device, and with two ranks on one GPU the other rank's kernels
-  // may be waiting for this one.
+  // Stream-ordered, from the block's own pool: cudaFree would wait for the whole device, and with two ranks on one GPU
+  // the other rank's kernels may be waiting for this one.
   int alloc(size_t bytes, void** out) override {
     if (int st = use_device()) return st;
-    DEEPEP4J_CUDA_TRY(cudaMallocAsync(out, bytes, stream_));
+    DEEPEP4J_CUDA_TRY(cudaMallocFromPoolAsync(out, bytes, pool_, stream_));
     DEEPEP4J_CUDA_TRY(cudaMemsetAsync(*out, 0, bytes, stream_));
     return DEEPEP4J_OK;
   }
@@ -231,6 +241,21 @@ class CudaMoeOps final : public MoeOps {
 
   int use_device() const { return cuda_status(cudaSetDevice(device_), "cudaSetDevice"); }
 
+  // The block's device memory comes from a pool of its own that keeps what it has mapped (release threshold: all):
+  // the device's default pool is shared with the backend and other libraries, and by default gives memory back to
+  // the driver at every synchronisation, so a later step would map it again; mapping and unmapping while a peer's
+  // kernel spins on the same GPU is what the block must not risk inside a step (like copy_engine.cu's staging pool).
+  int create_pool() {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device_;
+    DEEPEP4J_CUDA_TRY(cudaMemPoolCreate(&pool_, &props));
+    uint64_t keep_all = UINT64_MAX;
+    DEEPEP4J_CUDA_TRY(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    return DEEPEP4J_OK;
+  }
+
   // cuBLAS sets up its handle and loads kernels at first use: one small product of every kind the block runs (each
   // dtype, fp32 C from bf16, loop and grouped, each transpose the backward uses), run now and waited for.
   int warm_cublas() {
@@ -331,12 +356,17 @@ class CudaMoeOps final : public MoeOps {
   // products are rounded to bf16 once, as a bf16 framework's weight gradients are.
   int gemm_grouped_mixed(const GemmDesc& d, const std::vector<const GemmGroup*>& live) {
     size_t total = 0;
-    for (auto* g : live) total += size_t(g->m * g->n);
+    for (auto* g : live) {
+      if (g->m * g->n >= (int64_t(1) << 31))
+        return set_error(DEEPEP4J_ERR_INTERNAL, "MoE block: a grouped product of %" PRId64 " x %" PRId64
+                         " elements exceeds 2^31", g->m, g->n);
+      total += (size_t(g->m * g->n) + 7) / 8 * 8;
+    }
     if (scratch_bytes_ < total * 2) {
       if (scratch_) cudaFreeAsync(scratch_, stream_);
       scratch_ = nullptr;
       scratch_bytes_ = 0;
-      DEEPEP4J_CUDA_TRY(cudaMallocAsync(&scratch_, total * 2, stream_));
+      DEEPEP4J_CUDA_TRY(cudaMallocFromPoolAsync(&scratch_, total * 2, pool_, stream_));
       scratch_bytes_ = total * 2;
     }
     std::vector<GemmGroup> into(live.size());
@@ -347,7 +377,7 @@ class CudaMoeOps final : public MoeOps {
       into[i].c = static_cast<uint8_t*>(scratch_) + at * 2;
       table[i] = AccumulateGroup{static_cast<float*>(live[i]->c), static_cast<const __nv_bfloat16*>(into[i].c),
                                  live[i]->m, live[i]->n, d.ldc};
-      at += size_t(live[i]->m * live[i]->n);
+      at += (size_t(live[i]->m * live[i]->n) + 7) / 8 * 8;  // each product 16-byte aligned
     }
     GemmDesc bf = d;
     bf.c_dtype = d.ab_dtype;
@@ -361,7 +391,9 @@ class CudaMoeOps final : public MoeOps {
     if (int st = gemm_grouped(bf, ptrs)) return st;
     void* dev = nullptr;
     if (int st = to_device(table.data(), table.size() * sizeof(AccumulateGroup), &dev)) return st;
-    return launched(launch_accumulate_groups(static_cast<const AccumulateGroup*>(dev), int32_t(table.size()),
+    bool wide = true;
+    for (const AccumulateGroup& g : table) wide = wide && accumulate_can_widen(g);
+    return launched(launch_accumulate_groups(static_cast<const AccumulateGroup*>(dev), int32_t(table.size()), wide,
                                              float(d.alpha), float(d.beta), stream_),
                     "accumulate grouped products");
   }
@@ -373,6 +405,7 @@ class CudaMoeOps final : public MoeOps {
   int32_t device_ = 0;
   cudaStream_t stream_ = nullptr;
   cudaStream_t own_stream_ = nullptr;
+  cudaMemPool_t pool_ = nullptr;
   void* workspace_ = nullptr;
   std::vector<Slab> slabs_;
   std::vector<void*> retired_host_;

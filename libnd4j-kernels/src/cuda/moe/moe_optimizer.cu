@@ -58,14 +58,8 @@ cudaError_t launch_optimizer_step(int32_t dtype, int64_t n, const deepep4j_optim
 
 // Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
 cudaError_t preload_optimizer_kernels() {
-  cudaError_t e = cudaSuccess;
-  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
-    if (e == cudaSuccess)
-      e = with_types(dtype, [](auto t, auto acc) {
-        cudaFuncAttributes a;
-        return cudaFuncGetAttributes(&a, optimizer_kernel<decltype(t), decltype(acc)>);
-      });
-  return e;
+  return for_each_dtype(
+      [](auto t, auto acc) { return preload({(const void*)optimizer_kernel<decltype(t), decltype(acc)>}); });
 }
 
 }  // namespace moe

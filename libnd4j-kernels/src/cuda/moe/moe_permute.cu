@@ -43,16 +43,16 @@ __global__ void __launch_bounds__(kThreads) permutation_kernel(Permutation p, co
 cudaError_t launch_permutation(const Permutation& p, const int64_t* offsets_dev, cudaStream_t s) {
   if (p.m * p.k == 0) return cudaSuccess;
   cudaError_t e = cudaMemsetAsync(p.pos, 0xff, size_t(p.m * p.k) * sizeof(int32_t), s);  // -1: no local expert
+  const size_t padded = size_t(p.offsets[p.num_local]) * sizeof(int32_t);  // -1: padding (the kernel fills the rest)
+  if (e == cudaSuccess) e = cudaMemsetAsync(p.assign_row, 0xff, padded, s);
+  if (e == cudaSuccess) e = cudaMemsetAsync(p.assign_slot, 0xff, padded, s);
   if (e != cudaSuccess) return e;
   permutation_kernel<<<unsigned(p.num_local), kThreads, 0, s>>>(p, offsets_dev);
   return cudaGetLastError();
 }
 
 // Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
-cudaError_t preload_permute_kernels() {
-  cudaFuncAttributes a;
-  return cudaFuncGetAttributes(&a, permutation_kernel);
-}
+cudaError_t preload_permute_kernels() { return preload({(const void*)permutation_kernel}); }
 
 }  // namespace moe
 }  // namespace cuda

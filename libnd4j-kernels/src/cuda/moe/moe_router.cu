@@ -208,17 +208,11 @@ cudaError_t launch_router_backward(int32_t dtype, const RouterBackward& r, cudaS
 
 // Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
 cudaError_t preload_router_kernels() {
-  cudaFuncAttributes a;
-  for (const void* f : {(const void*)router_forward_kernel<double>, (const void*)router_forward_kernel<float>,
-                        (const void*)prob_sum_kernel<double>, (const void*)prob_sum_kernel<float>})
-    if (cudaError_t e = cudaFuncGetAttributes(&a, f)) return e;
-  cudaError_t e = cudaSuccess;
-  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
-    if (e == cudaSuccess)
-      e = with_types(dtype, [&](auto t, auto acc) {
-        return cudaFuncGetAttributes(&a, router_backward_kernel<decltype(t), decltype(acc)>);
-      });
-  return e;
+  if (cudaError_t e = preload({(const void*)router_forward_kernel<double>, (const void*)router_forward_kernel<float>,
+                               (const void*)prob_sum_kernel<double>, (const void*)prob_sum_kernel<float>}))
+    return e;
+  return for_each_dtype(
+      [](auto t, auto acc) { return preload({(const void*)router_backward_kernel<decltype(t), decltype(acc)>}); });
 }
 
 }  // namespace moe

@@ -1,6 +1,8 @@
 // moe_rows.cu — moving rows between the receive order and expert order: gather (with a per-row scale), the weighted
 // sum of a row's slots back into receive order (slots in order: deterministic), per-assignment dot products (the
 // routing-weight gradients), and the per-slot values between [M, K] arrays (or fp64 row tails) and expert order.
+#include <algorithm>
+
 #include "cuda/moe/moe_kernels.h"
 #include "cuda/moe/moe_types.cuh"
 
@@ -9,20 +11,27 @@ namespace cuda {
 namespace moe {
 namespace {
 
-template <class T, class A>
+// Row kernels: one block per row, each thread V consecutive elements at a time (see load_chunk).
+template <class T, class A, int V>
 __global__ void gather_rows_kernel(int64_t h, const T* src, int64_t stride, const int32_t* row, const A* scale, T* dst) {
   const int64_t a = blockIdx.x;
-  const T* in = src + int64_t(row[a]) * stride;
+  const int32_t r = row[a];  // < 0: padding, a zero row
+  const T* in = src + int64_t(r) * stride;
   T* out = dst + a * h;
-  if (scale == nullptr) {
-    for (int64_t i = threadIdx.x; i < h; i += blockDim.x) out[i] = in[i];
-    return;
+  const A sc = scale && r >= 0 ? scale[a] : A(1);
+  for (int64_t i = int64_t(threadIdx.x) * V; i < h; i += int64_t(blockDim.x) * V) {
+    T v[V];
+    if (r >= 0)
+      load_chunk<V>(in + i, v);
+    else
+      for (int j = 0; j < V; ++j) v[j] = from_acc<T, A>(A(0));
+    if (scale)
+      for (int j = 0; j < V; ++j) v[j] = from_acc<T, A>(sc * to_acc(v[j]));
+    store_chunk<V>(out + i, v);
   }
-  const A sc = scale[a];
-  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) out[i] = from_acc<T, A>(sc * to_acc(in[i]));
 }
 
-template <class T, class A>
+template <class T, class A, int V>
 __global__ void scatter_rows_kernel(int32_t k, int64_t h, const int32_t* pos, const T* src, const A* scale, T* out,
                                     int64_t out_stride) {
   const int64_t m = blockIdx.x;
@@ -32,22 +41,34 @@ __global__ void scatter_rows_kernel(int32_t k, int64_t h, const int32_t* pos, co
     p[j] = pos[m * k + j];
     sc[j] = p[j] >= 0 && scale ? scale[p[j]] : A(1);
   }
-  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
-    A acc = 0;
-    for (int j = 0; j < k; ++j)
-      if (p[j] >= 0) acc += sc[j] * to_acc(src[int64_t(p[j]) * h + i]);
-    out[m * out_stride + i] = from_acc<T, A>(acc);
+  for (int64_t i = int64_t(threadIdx.x) * V; i < h; i += int64_t(blockDim.x) * V) {
+    A acc[V];
+    for (int e = 0; e < V; ++e) acc[e] = 0;
+    for (int j = 0; j < k; ++j) {
+      if (p[j] < 0) continue;
+      T v[V];
+      load_chunk<V>(src + int64_t(p[j]) * h + i, v);
+      for (int e = 0; e < V; ++e) acc[e] += sc[j] * to_acc(v[e]);
+    }
+    T o[V];
+    for (int e = 0; e < V; ++e) o[e] = from_acc<T, A>(acc[e]);
+    store_chunk<V>(out + m * out_stride + i, o);
   }
 }
 
-template <class T, class A>
+template <class T, class A, int V>
 __global__ void row_dots_kernel(int64_t h, const T* rows, int64_t stride, const int32_t* row, const T* src, A* out) {
   __shared__ A part[32];
   const int64_t a = blockIdx.x;
   const T* g = rows + int64_t(row[a]) * stride;
   const T* y = src + a * h;
   A d = 0;
-  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) d += to_acc(g[i]) * to_acc(y[i]);
+  for (int64_t i = int64_t(threadIdx.x) * V; i < h && row[a] >= 0; i += int64_t(blockDim.x) * V) {
+    T gv[V], yv[V];
+    load_chunk<V>(g + i, gv);
+    load_chunk<V>(y + i, yv);
+    for (int e = 0; e < V; ++e) d += to_acc(gv[e]) * to_acc(yv[e]);
+  }
   for (int o = 16; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = d;
   __syncthreads();
@@ -63,7 +84,7 @@ __global__ void gather_slots_kernel(int64_t count, int32_t k, const int32_t* slo
                                     int64_t stride, int64_t offset, A* out) {
   for (int64_t a = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; a < count; a += int64_t(gridDim.x) * blockDim.x) {
     const int64_t s = slot[a];
-    out[a] = load_value<A>(values, vdt, (s / k) * stride + offset + s % k);
+    out[a] = s < 0 ? A(0) : load_value<A>(values, vdt, (s / k) * stride + offset + s % k);
   }
 }
 
@@ -86,7 +107,11 @@ __global__ void columns_kernel(bool pack, int64_t total, int32_t k, const void* 
   }
 }
 
-int threads_for(int64_t h) { return h >= 512 ? 256 : 128; }
+// Threads for a row of h elements taken `v` at a time: one chunk each, in whole warps, 32 to 256.
+int threads_for(int64_t h, int v) {
+  const int64_t chunks = (h + v - 1) / v;
+  return int(std::min<int64_t>(256, std::max<int64_t>(32, (chunks + 31) / 32 * 32)));
+}
 
 }  // namespace
 
@@ -96,9 +121,12 @@ cudaError_t launch_gather_rows(int32_t dtype, int64_t count, int64_t h, const vo
   return with_types(dtype, [&](auto t, auto acc) {
     using T = decltype(t);
     using A = decltype(acc);
-    gather_rows_kernel<T, A><<<unsigned(count), threads_for(h), 0, s>>>(
-        h, static_cast<const T*>(src), src_stride, row, static_cast<const A*>(scale), static_cast<T*>(dst));
-    return cudaGetLastError();
+    return with_width<T>({h, src_stride}, {src, dst}, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      gather_rows_kernel<T, A, V><<<unsigned(count), threads_for(h, V), 0, s>>>(
+          h, static_cast<const T*>(src), src_stride, row, static_cast<const A*>(scale), static_cast<T*>(dst));
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -108,9 +136,12 @@ cudaError_t launch_scatter_rows(int32_t dtype, int64_t m, int32_t k, int64_t h, 
   return with_types(dtype, [&](auto t, auto acc) {
     using T = decltype(t);
     using A = decltype(acc);
-    scatter_rows_kernel<T, A><<<unsigned(m), threads_for(h), 0, s>>>(
-        k, h, pos, static_cast<const T*>(src), static_cast<const A*>(scale), static_cast<T*>(out), out_stride);
-    return cudaGetLastError();
+    return with_width<T>({h, out_stride}, {src, out}, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      scatter_rows_kernel<T, A, V><<<unsigned(m), threads_for(h, V), 0, s>>>(
+          k, h, pos, static_cast<const T*>(src), static_cast<const A*>(scale), static_cast<T*>(out), out_stride);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -120,9 +151,12 @@ cudaError_t launch_row_dots(int32_t dtype, int64_t count, int64_t h, const void*
   return with_types(dtype, [&](auto t, auto acc) {
     using T = decltype(t);
     using A = decltype(acc);
-    row_dots_kernel<T, A><<<unsigned(count), threads_for(h), 0, s>>>(
-        h, static_cast<const T*>(rows), stride, row, static_cast<const T*>(src), static_cast<A*>(out));
-    return cudaGetLastError();
+    return with_width<T>({h, stride}, {rows, src}, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      row_dots_kernel<T, A, V><<<unsigned(count), threads_for(h, V), 0, s>>>(
+          h, static_cast<const T*>(rows), stride, row, static_cast<const T*>(src), static_cast<A*>(out));
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -160,22 +194,18 @@ cudaError_t launch_columns(bool pack, int32_t dtype, int64_t rows, int32_t k, co
   });
 }
 
-// Loads this file's kernels now (cudaFuncGetAttributes), for every dtype: see preload_moe_kernels.
+// Loads this file's kernels now, for every dtype and width: see preload_moe_kernels.
 cudaError_t preload_rows_kernels() {
-  cudaError_t e = cudaSuccess;
-  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
-    if (e == cudaSuccess)
-      e = with_types(dtype, [](auto t, auto acc) {
-        using T = decltype(t);
-        using A = decltype(acc);
-        cudaFuncAttributes a;
-        for (const void* f : {(const void*)gather_rows_kernel<T, A>, (const void*)scatter_rows_kernel<T, A>,
-                              (const void*)row_dots_kernel<T, A>, (const void*)gather_slots_kernel<A>,
-                              (const void*)scatter_slots_kernel<A>, (const void*)columns_kernel<A>})
-          if (cudaError_t e2 = cudaFuncGetAttributes(&a, f)) return e2;
-        return cudaSuccess;
-      });
-  return e;
+  return for_each_dtype([](auto t, auto acc) {
+    using T = decltype(t);
+    using A = decltype(acc);
+    constexpr int V = kWide<T>;
+    return preload({(const void*)gather_rows_kernel<T, A, 1>, (const void*)gather_rows_kernel<T, A, V>,
+                    (const void*)scatter_rows_kernel<T, A, 1>, (const void*)scatter_rows_kernel<T, A, V>,
+                    (const void*)row_dots_kernel<T, A, 1>, (const void*)row_dots_kernel<T, A, V>,
+                    (const void*)gather_slots_kernel<A>, (const void*)scatter_slots_kernel<A>,
+                    (const void*)columns_kernel<A>});
+  });
 }
 
 }  // namespace moe

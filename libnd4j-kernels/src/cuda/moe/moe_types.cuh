@@ -1,9 +1,13 @@
 // moe_types.cuh — element and accumulation types of the MoE block's kernels: bf16 and fp32 accumulate in fp32, fp64
-// in fp64; with_types runs a functor with the pair of a block dtype.
+// in fp64; with_types runs a functor with the pair of a block dtype; 16-byte chunks for the memory-bound kernels.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "deepep4j.h"
 
@@ -34,6 +38,60 @@ cudaError_t with_types(int32_t dtype, F&& f) {
   if (dtype == DEEPEP4J_FLOAT64) return f(double{}, double{});
   if (dtype == DEEPEP4J_BFLOAT16) return f(__nv_bfloat16{}, float{});
   return f(float{}, float{});
+}
+
+// Runs f(T{}, A{}) for each block dtype's pair, stopping at the first error (the preload_*_kernels functions).
+template <class F>
+cudaError_t for_each_dtype(F&& f) {
+  for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT64})
+    if (cudaError_t e = with_types(dtype, f)) return e;
+  return cudaSuccess;
+}
+
+// Loads the given kernels now (cudaFuncGetAttributes loads a kernel's module): see preload_moe_kernels.
+inline cudaError_t preload(std::initializer_list<const void*> kernels) {
+  cudaFuncAttributes a;
+  for (const void* f : kernels)
+    if (cudaError_t e = cudaFuncGetAttributes(&a, f)) return e;
+  return cudaSuccess;
+}
+
+// V consecutive elements moved as one 16-byte access where V * sizeof(T) == 16 (the row and elementwise kernels are
+// bound by memory traffic; 2-byte bf16 accesses leave most of the bandwidth unused), else one by one.
+template <int V, class T>
+__device__ __forceinline__ void load_chunk(const T* p, T (&out)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(p);
+  } else {
+    for (int i = 0; i < V; ++i) out[i] = p[i];
+  }
+}
+template <int V, class T>
+__device__ __forceinline__ void store_chunk(T* p, const T (&in)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(in);
+  } else {
+    for (int i = 0; i < V; ++i) p[i] = in[i];
+  }
+}
+
+// The chunk width for T: 16 bytes when every count is a multiple of it and every pointer 16-byte aligned, else 1.
+template <class T>
+constexpr int kWide = int(16 / sizeof(T));
+template <class T>
+inline bool can_widen(std::initializer_list<int64_t> counts, std::initializer_list<const void*> ptrs) {
+  for (int64_t c : counts)
+    if (c % kWide<T> != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// Runs f(std::integral_constant<int, V>) with V = kWide<T> when can_widen<T>(counts, ptrs), else V = 1.
+template <class T, class F>
+cudaError_t with_width(std::initializer_list<int64_t> counts, std::initializer_list<const void*> ptrs, F&& f) {
+  if (can_widen<T>(counts, ptrs)) return f(std::integral_constant<int, kWide<T>>{});
+  return f(std::integral_constant<int, 1>{});
 }
 
 inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535 * 8) {

@@ -3,10 +3,14 @@ package org.deepep4j.moe;
 import org.deepep4j.moe.train.Checkpoint;
 import org.deepep4j.moe.train.ExpertParallelTrainer;
 import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
+import org.deeplearning4j.nn.api.Model;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
+import org.deeplearning4j.nn.graph.ComputationGraph;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
+import org.junit.jupiter.params.ParameterizedTest;
+import org.junit.jupiter.params.provider.EnumSource;
 import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.dataset.DataSet;
@@ -25,7 +29,8 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 /**
  * Checkpoint and resume of expert-parallel training: a run resumed from a checkpoint ends with exactly the parameters
- * of the uninterrupted run (2 ranks, Adam, 64 examples in batches of 8: 4 rounds per epoch, 2 epochs = 8 iterations).
+ * of the uninterrupted run (2 ranks, Adam, 64 examples in batches of 8: 4 rounds per epoch, 2 epochs = 8 iterations),
+ * for the model as a MultiLayerNetwork and as a ComputationGraph.
  */
 class CheckpointResumeTest {
 
@@ -39,37 +44,65 @@ class CheckpointResumeTest {
         return Nets.ff(DataType.FLOAT, new Adam(1e-2), Nets.moe().sharedExpertFfnSize(4), HIDDEN);
     }
 
+    /** The same small MoE model in each network kind the trainer takes. */
+    enum Kind {
+        MULTI_LAYER, GRAPH;
+
+        ExpertParallelTrainer.Builder network(ExpertParallelTrainer.Builder b) {
+            return this == GRAPH
+                    ? b.network(Nets.graph(DataType.FLOAT, new Adam(1e-2), Nets.moe().sharedExpertFfnSize(4), HIDDEN))
+                    : b.network(conf());
+        }
+
+        ExpertParallelTrainer.Builder network(ExpertParallelTrainer.Builder b, Model existing) {
+            return this == GRAPH ? b.network((ComputationGraph) existing) : b.network((MultiLayerNetwork) existing);
+        }
+
+        Model whole(ExpertParallelTrainer t) {
+            return this == GRAPH ? t.wholeGraph() : t.wholeNetwork();
+        }
+
+        int iterations(ExpertParallelTrainer t, int rank) {
+            return this == GRAPH ? t.replicaGraph(rank).getIterationCount() : t.replica(rank).getIterationCount();
+        }
+
+        int epochs(ExpertParallelTrainer t, int rank) {
+            return this == GRAPH ? t.replicaGraph(rank).getEpochCount() : t.replica(rank).getEpochCount();
+        }
+    }
+
     private static ExpertParallelTrainer.Builder builder(int epochs) {
         return ExpertParallelTrainer.builder().ranks(2).iterator(new ListDataSetIterator<>(data(), 8)).epochs(epochs);
     }
 
-    @Test
-    void resumedRunEqualsUninterruptedRunExactly(@TempDir Path dir) {
-        ExpertParallelTrainer full = builder(2).network(conf()).build();
+    @ParameterizedTest
+    @EnumSource(Kind.class)
+    void resumedRunEqualsUninterruptedRunExactly(Kind kind, @TempDir Path dir) {
+        ExpertParallelTrainer full = kind.network(builder(2)).build();
         full.fit();
-        INDArray expected = full.wholeNetwork().params().dup();
+        INDArray expected = kind.whole(full).params().dup();
 
         // checkpoints after iterations 3 and 6 (epoch 1, round 2 of 4): the file holds the later one
         Path mid = dir.resolve("mid.ckpt");
-        ExpertParallelTrainer withCheckpoints = builder(2).network(conf()).checkpoint(mid, 3).build();
+        ExpertParallelTrainer withCheckpoints = kind.network(builder(2)).checkpoint(mid, 3).build();
         withCheckpoints.fit();
-        assertEquals(expected, withCheckpoints.wholeNetwork().params(), "checkpointing changed the run");
+        assertEquals(expected, kind.whole(withCheckpoints).params(), "checkpointing changed the run");
         Checkpoint c = Checkpoint.read(mid);
         assertEquals(1, c.epoch());
         assertEquals(2, c.round());
         ExpertParallelTrainer resumedMid = builder(2).resumeFrom(mid).build();
         resumedMid.fit();
-        assertEquals(expected, resumedMid.wholeNetwork().params(), "resumed mid-epoch");
+        assertEquals(expected, kind.whole(resumedMid).params(), "resumed mid-epoch");
 
         // N iterations, save, resume for N more
         Path half = dir.resolve("half.ckpt");
-        builder(1).network(conf()).checkpoint(half, 4).build().fit();
+        kind.network(builder(1)).checkpoint(half, 4).build().fit();
         ExpertParallelTrainer resumed = builder(2).resumeFrom(half).build();
-        assertNotEquals(expected, resumed.wholeNetwork().params(), "the checkpoint holds the half-way parameters");
+        assertNotEquals(expected, kind.whole(resumed).params(), "the checkpoint holds the half-way parameters");
         resumed.fit();
-        assertEquals(expected, resumed.wholeNetwork().params(), "resumed at an epoch boundary");
-        assertEquals(8, resumed.replica(1).getIterationCount());
-        assertEquals(2, resumed.replica(0).getEpochCount());
+        assertEquals(expected, kind.whole(resumed).params(), "resumed at an epoch boundary");
+        assertEquals(8, kind.iterations(resumed, 1));
+        assertEquals(2, kind.epochs(resumed, 0));
     }
 
     @Test
@@ -94,17 +127,18 @@ class CheckpointResumeTest {
         assertEquals(4, c.round());
     }
 
-    @Test
-    void startsFromAnExistingNetwork() {
-        ExpertParallelTrainer first = builder(1).network(conf()).build();
+    @ParameterizedTest
+    @EnumSource(Kind.class)
+    void startsFromAnExistingNetwork(Kind kind) {
+        ExpertParallelTrainer first = kind.network(builder(1)).build();
         first.fit();
-        MultiLayerNetwork trained = first.wholeNetwork();
+        Model trained = kind.whole(first);
         INDArray start = trained.params().dup();
-        ExpertParallelTrainer next = builder(1).network(trained).build();
-        assertEquals(start, next.wholeNetwork().params(), "every rank starts from the existing network");
+        ExpertParallelTrainer next = kind.network(builder(1), trained).build();
+        assertEquals(start, kind.whole(next).params(), "every rank starts from the existing network");
         next.fit();
         assertEquals(start, trained.params(), "the existing network is copied, not changed");
-        assertNotEquals(start, next.wholeNetwork().params(), "training went on");
+        assertNotEquals(start, kind.whole(next).params(), "training went on");
     }
 
     @Test

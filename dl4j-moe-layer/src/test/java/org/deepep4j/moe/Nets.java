@@ -2,8 +2,11 @@ package org.deepep4j.moe;
 
 import org.deepep4j.moe.conf.MoELayer;
 import org.deepep4j.moe.conf.ScoreFunction;
+import org.deeplearning4j.nn.conf.ComputationGraphConfiguration;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
 import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
+import org.deeplearning4j.nn.conf.graph.ElementWiseVertex;
+import org.deeplearning4j.nn.conf.graph.MergeVertex;
 import org.deeplearning4j.nn.conf.inputs.InputType;
 import org.deeplearning4j.nn.conf.layers.DenseLayer;
 import org.deeplearning4j.nn.conf.layers.OutputLayer;
@@ -42,6 +45,37 @@ final class Nets {
                 .layer(new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
                         .activation(Activation.SOFTMAX).build())
                 .setInputType(InputType.feedForward(nIn)).build();
+    }
+
+    /**
+     * The {@link #ff} layers as a ComputationGraph whose MoE layer vertex has a residual edge around it:
+     * in -> dense(tanh) -> moe -> add(dense, moe) -> softmax output. The vertices are declared output first: DL4J
+     * flattens a graph's parameters in topological order, not in the order of declaration or of getLayers().
+     */
+    static ComputationGraphConfiguration graph(DataType type, IUpdater updater, MoELayer.Builder moe, int nIn) {
+        return new NeuralNetConfiguration.Builder().seed(42).dataType(type).updater(updater)
+                .weightInit(WeightInit.XAVIER).graphBuilder()
+                .addInputs("in")
+                .addLayer("out", new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
+                        .activation(Activation.SOFTMAX).build(), "residual")
+                .addVertex("residual", new ElementWiseVertex(ElementWiseVertex.Op.Add), "dense", "moe")
+                .addLayer("moe", moe.build(), "dense")
+                .addLayer("dense", new DenseLayer.Builder().nOut(nIn).activation(Activation.TANH).build(), "in")
+                .setOutputs("out")
+                .setInputTypes(InputType.feedForward(nIn)).build();
+    }
+
+    /** Two inputs "a" and "b" of nIn / 2 features each, merged -> MoE -> softmax output "out". */
+    static ComputationGraphConfiguration twoInputGraph(DataType type, IUpdater updater, MoELayer.Builder moe, int nIn) {
+        return new NeuralNetConfiguration.Builder().seed(42).dataType(type).updater(updater)
+                .weightInit(WeightInit.XAVIER).graphBuilder()
+                .addInputs("a", "b")
+                .addVertex("ab", new MergeVertex(), "a", "b")
+                .addLayer("moe", moe.build(), "ab")
+                .addLayer("out", new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
+                        .activation(Activation.SOFTMAX).build(), "moe")
+                .setOutputs("out")
+                .setInputTypes(InputType.feedForward(nIn / 2), InputType.feedForward(nIn / 2)).build();
     }
 
     /** MoE directly on recurrent input [mb, 6, T] -> RNN softmax output. */

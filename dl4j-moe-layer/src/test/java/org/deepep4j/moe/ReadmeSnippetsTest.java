@@ -58,7 +58,7 @@ class ReadmeSnippetsTest {
         while (m.find()) {
             sources.add(asClass("ReadmeSnippet" + sources.size(), m.group(1)));
         }
-        assertEquals(2, sources.size(), "the README's Java snippets (ops + SameDiff, DL4J)");
+        assertEquals(3, sources.size(), "the README's Java snippets (ops + SameDiff, DL4J, DL4J graph)");
         JavaCompiler javac = ToolProvider.getSystemJavaCompiler();
         StringWriter errors = new StringWriter();
         try (StandardJavaFileManager files = javac.getStandardFileManager(null, null, StandardCharsets.UTF_8)) {

@@ -97,7 +97,7 @@ public final class EngineStepUpdater implements IUpdater {
     @Override
     public GradientUpdater instantiate(Map<String, INDArray> updaterState, boolean initializeStateArrays) {
         throw new UnsupportedOperationException("EngineStepUpdater: state maps (SameDiff training) are not supported;"
-                + " the MoE engine block trains inside a DL4J MultiLayerNetwork");
+                + " the MoE engine block trains inside a DL4J MultiLayerNetwork or ComputationGraph");
     }
 
     @Override

@@ -1,7 +1,5 @@
 package org.deepep4j.moe.train;
 
-import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
-import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.util.ModelSerializer;
 
 import java.io.ByteArrayInputStream;
@@ -22,27 +20,36 @@ import java.util.zip.ZipInputStream;
 import java.util.zip.ZipOutputStream;
 
 /**
- * The state of an expert-parallel run at a step boundary, in one zip file: the whole model's configuration, every
- * rank's replica as written by DL4J's {@link ModelSerializer} (parameters incl. that rank's experts, updater state,
- * iteration and epoch counts) and the data position (epoch, rounds of that epoch done). Written to a temporary file
- * in the same folder and renamed over the previous checkpoint, so a crash while writing leaves that one intact.
+ * The state of an expert-parallel run at a step boundary, in one zip file: the whole model's configuration and kind
+ * (MultiLayerNetwork or ComputationGraph), every rank's replica as written by DL4J's {@link ModelSerializer}
+ * (parameters incl. that rank's experts, updater state, iteration and epoch counts) and the data position (epoch,
+ * rounds of that epoch done). Written to a temporary file in the same folder and renamed over the previous
+ * checkpoint, so a crash while writing leaves that one intact.
  */
 public final class Checkpoint {
 
     private static final String CONF = "whole-configuration.json";
     private static final String POSITION = "position.properties";
 
-    final MultiLayerConfiguration conf;
-    final MultiLayerNetwork[] replicas;
+    /** The whole model's kind and configuration JSON (MoE layers with epSize 1). */
+    private final String kind;
+    private final String wholeConfiguration;
+    final NetworkAdapter[] replicas;
     /** The epoch to continue and how many rounds (R batches each) of it are done. */
     final int epoch;
     final int round;
 
-    private Checkpoint(MultiLayerConfiguration conf, MultiLayerNetwork[] replicas, int epoch, int round) {
-        this.conf = conf;
+    private Checkpoint(String kind, String wholeConfiguration, NetworkAdapter[] replicas, int epoch, int round) {
+        this.kind = kind;
+        this.wholeConfiguration = wholeConfiguration;
         this.replicas = replicas;
         this.epoch = epoch;
         this.round = round;
+    }
+
+    /** A new, initialised whole model of the checkpoint's configuration (its parameters come from the replicas). */
+    NetworkAdapter newWhole() {
+        return NetworkAdapter.fromJson(kind, wholeConfiguration);
     }
 
     public int ranks() {
@@ -57,15 +64,16 @@ public final class Checkpoint {
         return round;
     }
 
-    static void write(Path file, MultiLayerConfiguration conf, MultiLayerNetwork[] replicas, int epoch, int round) {
+    static void write(Path file, NetworkAdapter whole, NetworkAdapter[] replicas, int epoch, int round) {
         Path dir = file.toAbsolutePath().getParent();
         Path tmp = null;
         try {
             Files.createDirectories(dir);
             tmp = Files.createTempFile(dir, file.getFileName().toString(), ".partial");
             try (OutputStream out = Files.newOutputStream(tmp); ZipOutputStream zip = new ZipOutputStream(out)) {
-                put(zip, CONF, conf.toJson().getBytes(StandardCharsets.UTF_8));
+                put(zip, CONF, whole.configurationJson().getBytes(StandardCharsets.UTF_8));
                 Properties p = new Properties();
+                p.setProperty("network", whole.kind());
                 p.setProperty("ranks", Integer.toString(replicas.length));
                 p.setProperty("epoch", Integer.toString(epoch));
                 p.setProperty("round", Integer.toString(round));
@@ -74,7 +82,7 @@ public final class Checkpoint {
                 put(zip, POSITION, props.toByteArray());
                 for (int r = 0; r < replicas.length; r++) {
                     ByteArrayOutputStream model = new ByteArrayOutputStream();
-                    ModelSerializer.writeModel(replicas[r], model, true);
+                    ModelSerializer.writeModel(replicas[r].model(), model, true);
                     put(zip, rankEntry(r), model.toByteArray());
                 }
             }
@@ -111,16 +119,17 @@ public final class Checkpoint {
         try {
             p.load(new ByteArrayInputStream(entries.get(POSITION)));
             int ranks = Integer.parseInt(p.getProperty("ranks"));
-            MultiLayerNetwork[] replicas = new MultiLayerNetwork[ranks];
+            String kind = p.getProperty("network", NetworkAdapter.MULTI_LAYER);  // checkpoints before graphs: MLN
+            NetworkAdapter[] replicas = new NetworkAdapter[ranks];
             for (int r = 0; r < ranks; r++) {
                 byte[] b = entries.get(rankEntry(r));
                 if (b == null) {
                     throw new IllegalArgumentException("checkpoint " + file + ": " + rankEntry(r) + " missing for ranks=" + ranks);
                 }
-                replicas[r] = ModelSerializer.restoreMultiLayerNetwork(new ByteArrayInputStream(b), true);
+                replicas[r] = NetworkAdapter.restore(kind, new ByteArrayInputStream(b));
             }
-            MultiLayerConfiguration conf = MultiLayerConfiguration.fromJson(new String(entries.get(CONF), StandardCharsets.UTF_8));
-            return new Checkpoint(conf, replicas, Integer.parseInt(p.getProperty("epoch")), Integer.parseInt(p.getProperty("round")));
+            return new Checkpoint(kind, new String(entries.get(CONF), StandardCharsets.UTF_8), replicas,
+                    Integer.parseInt(p.getProperty("epoch")), Integer.parseInt(p.getProperty("round")));
         } catch (IOException e) {
             throw new UncheckedIOException("checkpoint " + file + ": cannot be read: " + e, e);
         }

@@ -9,11 +9,14 @@ import org.deepep4j.EpTimeoutException;
 import org.deepep4j.moe.exchange.EpBufferExchange;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deeplearning4j.nn.api.Layer;
+import org.deeplearning4j.nn.api.Model;
+import org.deeplearning4j.nn.conf.ComputationGraphConfiguration;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
+import org.deeplearning4j.nn.graph.ComputationGraph;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.optimize.api.TrainingListener;
-import org.nd4j.linalg.dataset.api.DataSet;
 import org.nd4j.linalg.dataset.api.iterator.DataSetIterator;
+import org.nd4j.linalg.dataset.api.iterator.MultiDataSetIterator;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -30,9 +33,11 @@ import java.util.concurrent.Future;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
 import java.util.function.IntFunction;
+import java.util.function.Supplier;
 
 /**
- * Trains a {@link MultiLayerNetwork} with MoE layers expert-parallel on R ranks that are threads of this JVM.
+ * Trains a {@link MultiLayerNetwork} or a {@link ComputationGraph} with MoE layers expert-parallel on R ranks that are
+ * threads of this JVM (or processes of a multi-process group), fed by a DataSetIterator or a MultiDataSetIterator.
  * The whole model is built once from the configuration (so its weights do not depend on R); rank r gets a replica with
  * every replicated parameter and experts [r*E/R, (r+1)*E/R). Each step every rank fits its own minibatch from the
  * shared iterator (batches are dealt round-robin; a last round with fewer than R batches is dropped), MoE layers move
@@ -41,7 +46,7 @@ import java.util.function.IntFunction;
  * ExpertParallelTrainer t = ExpertParallelTrainer.builder().group(EpGroup.inProcess(2), EpConfig.defaults())
  *         .network(conf).iterator(it).epochs(3).build();
  * t.fit();
- * MultiLayerNetwork trained = t.wholeNetwork();
+ * MultiLayerNetwork trained = t.wholeNetwork();   // for a ComputationGraphConfiguration: t.wholeGraph()
  * </pre>
  */
 public final class ExpertParallelTrainer {
@@ -49,16 +54,17 @@ public final class ExpertParallelTrainer {
     private static final Logger log = LoggerFactory.getLogger(ExpertParallelTrainer.class);
 
     private final int ranks;
-    private final MultiLayerConfiguration conf;
+    /** Exactly one of these feeds the run. */
     private final DataSetIterator iterator;
+    private final MultiDataSetIterator multiIterator;
     private final int epochs;
     private final List<TrainingListener> listeners;
     private final IntFunction<List<TrainingListener>> rankListeners;
     private final IntFunction<ExpertExchange> exchanges;
     private final Duration timeout;
     private final boolean phaseTiming;
-    private final MultiLayerNetwork[] replicas;
-    private final MultiLayerNetwork whole;
+    private final NetworkAdapter[] replicas;
+    private final NetworkAdapter whole;
     /** Set when the ranks are processes: this process runs rank {@code processGroup.processRank()} only. */
     private final EpGroup processGroup;
     /** The group whose buffers carry the tokens; null when the exchanges come from {@link Builder#exchanges}. */
@@ -80,36 +86,32 @@ public final class ExpertParallelTrainer {
         this.checkpointFile = b.checkpointFile;
         this.checkpointEvery = b.checkpointEvery;
         Checkpoint resume = b.resume;
-        this.conf = resume != null ? resume.conf : b.existing != null ? b.existing.getLayerWiseConfigurations() : b.conf;
         this.startEpoch = resume != null ? resume.epoch : 0;
         this.startRound = resume != null ? resume.round : 0;
         this.iterator = b.iterator;
+        this.multiIterator = b.multiIterator;
         this.epochs = b.epochs;
         this.listeners = b.listeners;
         this.rankListeners = b.rankListeners;
         this.timeout = b.timeout;
         this.phaseTiming = b.phaseTiming;
         this.exchanges = b.exchanges;
-        if (b.existing != null) {
-            whole = b.existing.clone();
-        } else {
-            whole = new MultiLayerNetwork(conf.clone());
-            whole.init();
+        whole = b.model.get();
+        if (iterator != null) {
+            whole.requireFedByDataSets();
         }
         if (resume != null) {
             // every rank's replica as saved: parameters, updater state, iteration and epoch counts
             replicas = resume.replicas;
             return;
         }
-        MultiLayerConfiguration sharded = ExpertSharding.withEpSize(conf, ranks);
-        replicas = new MultiLayerNetwork[ranks];
+        replicas = new NetworkAdapter[ranks];
         for (int r = 0; r < ranks; r++) {
             if (processGroup != null && r != processGroup.processRank()) {
                 continue; // another process holds that replica
             }
-            replicas[r] = new MultiLayerNetwork(sharded.clone());
-            replicas[r].init();
-            ExpertSharding.scatter(whole, replicas[r], r);
+            replicas[r] = whole.withEpSize(ranks);
+            ExpertSharding.scatter(whole.model(), replicas[r].model(), r);
         }
     }
 
@@ -130,16 +132,16 @@ public final class ExpertParallelTrainer {
         if (processGroup != null) {
             int rank = processGroup.processRank();
             try {
-                runRank(rank, new GradientAverager(processGroup, timeout), new RoundRobinBatches(iterator, ranks, startEpoch, startRound));
+                runRank(rank, new GradientAverager(processGroup, timeout), batches());
             } catch (RuntimeException | Error e) {
                 throw rankFailure(new Throwable[]{e}, rank);
             }
             return;
         }
         GradientAverager averager = new GradientAverager(ranks, timeout);
-        RoundRobinBatches batches = new RoundRobinBatches(iterator, ranks, startEpoch, startRound);
+        RoundRobinBatches<?> batches = batches();
         checkpointBarrier = new CyclicBarrier(ranks,
-                () -> Checkpoint.write(checkpointFile, conf, replicas, checkpointEpoch, checkpointRound));
+                () -> Checkpoint.write(checkpointFile, whole, replicas, checkpointEpoch, checkpointRound));
         ExecutorService pool = Executors.newFixedThreadPool(ranks, r -> {
             Thread t = new Thread(r, "ep-rank");
             t.setDaemon(true);
@@ -207,12 +209,18 @@ public final class ExpertParallelTrainer {
         return e;
     }
 
-    private void runRank(int rank, GradientAverager averager, RoundRobinBatches batches) {
-        MultiLayerNetwork net = replicas[rank];
+    /** The batches of the run's iterator, from where it starts (a resume skips the rounds done). */
+    private RoundRobinBatches<?> batches() {
+        return iterator != null ? RoundRobinBatches.of(iterator, ranks, startEpoch, startRound)
+                : RoundRobinBatches.of(multiIterator, ranks, startEpoch, startRound);
+    }
+
+    private void runRank(int rank, GradientAverager averager, RoundRobinBatches<?> batches) {
+        NetworkAdapter net = replicas[rank];
         ExpertExchange ex = null;
         try {
             ex = exchanges.apply(rank);
-            for (Layer l : net.getLayers()) {
+            for (Layer l : net.layersInParamOrder()) {
                 if (l instanceof MoELayerImpl) {
                     ((MoELayerImpl) l).setExchange(ex);
                 }
@@ -228,7 +236,7 @@ public final class ExpertParallelTrainer {
             if (rank == 0) {
                 ls.addAll(listeners);
             }
-            net.setListeners(ls);
+            net.model().setListeners(ls);
             fitRank(net, ls, batches, rank);
             ex.finish();
         } catch (RuntimeException | Error e) {
@@ -242,27 +250,25 @@ public final class ExpertParallelTrainer {
             }
             throw e;
         } finally {
-            net.clear();
+            net.model().clear();
             if (ex != null) {
                 ex.close();
             }
         }
     }
 
-    private void fitRank(MultiLayerNetwork net, List<TrainingListener> ls, RoundRobinBatches batches, int rank) {
+    private void fitRank(NetworkAdapter net, List<TrainingListener> ls, RoundRobinBatches<?> batches, int rank) {
         for (int epoch = startEpoch; epoch < epochs; epoch++) {
             for (int step = epoch == startEpoch ? startRound : 0; ; step++) {
-                DataSet d = batches.take(epoch, step, rank);
-                if (d == null) {
+                if (!batches.fitNext(net, epoch, step, rank)) {
                     break;
                 }
-                net.fit(d);
-                if (checkpointEvery > 0 && net.getIterationCount() % checkpointEvery == 0) {
+                if (checkpointEvery > 0 && net.iterationCount() % checkpointEvery == 0) {
                     checkpoint(rank, epoch, step + 1);
                 }
             }
             for (TrainingListener l : ls) {
-                l.onEpochEnd(net);
+                l.onEpochEnd(net.model());
             }
             net.incrementEpochCount();
         }
@@ -291,8 +297,23 @@ public final class ExpertParallelTrainer {
         }
     }
 
-    /** Rank {@code r}'s replica (its experts only); in a multi-process group only this process's rank. */
+    /**
+     * Rank {@code r}'s replica (its experts only) of a MultiLayerNetwork; in a multi-process group only this process's
+     * rank.
+     */
     public MultiLayerNetwork replica(int r) {
+        return as(MultiLayerNetwork.class, replicaOf(r), "replica(" + r + ")", "replicaGraph(" + r + ")");
+    }
+
+    /** Rank {@code r}'s replica (its experts only) of a ComputationGraph; see {@link #replica}. */
+    public ComputationGraph replicaGraph(int r) {
+        return as(ComputationGraph.class, replicaOf(r), "replicaGraph(" + r + ")", "replica(" + r + ")");
+    }
+
+    private NetworkAdapter replicaOf(int r) {
+        if (r < 0 || r >= ranks) {
+            throw new IllegalArgumentException("rank=" + r + ": must be in [0, " + ranks + ")");
+        }
         if (replicas[r] == null) {
             throw new IllegalArgumentException("rank=" + r + ": its replica lives in another process (this process is rank "
                     + processGroup.processRank() + ")");
@@ -300,20 +321,38 @@ public final class ExpertParallelTrainer {
         return replicas[r];
     }
 
+    /** {@code net}'s network as {@code type}, or a message naming the accessor that fits the trained kind. */
+    private static <T extends Model> T as(Class<T> type, NetworkAdapter net, String call, String instead) {
+        if (!type.isInstance(net.model())) {
+            throw new IllegalStateException(call + ": the trained network is a " + net.kind() + "; use " + instead);
+        }
+        return type.cast(net.model());
+    }
+
     public int ranks() {
         return ranks;
     }
 
-    /** The whole model (epSize 1, every expert) with the current parameters of all ranks. */
+    /** The whole MultiLayerNetwork (epSize 1, every expert) with the current parameters of all ranks. */
     public MultiLayerNetwork wholeNetwork() {
+        return as(MultiLayerNetwork.class, gathered("wholeNetwork"), "wholeNetwork()", "wholeGraph()");
+    }
+
+    /** The whole ComputationGraph (epSize 1, every expert) with the current parameters of all ranks. */
+    public ComputationGraph wholeGraph() {
+        return as(ComputationGraph.class, gathered("wholeGraph"), "wholeGraph()", "wholeNetwork()");
+    }
+
+    private NetworkAdapter gathered(String call) {
         if (processGroup != null) {
-            throw new IllegalStateException("wholeNetwork: in a multi-process group each process holds only its experts;"
-                    + " use replica(rank)");
+            throw new IllegalStateException(call + ": in a multi-process group each process holds only its experts;"
+                    + " use replica(rank) or replicaGraph(rank)");
         }
         for (int r = 0; r < ranks; r++) {
-            ExpertSharding.gather(replicas[r], whole, r);  // replicas' engine blocks bring their views up to date first
+            // replicas' engine blocks bring their views up to date first
+            ExpertSharding.gather(replicas[r].model(), whole.model(), r);
         }
-        org.deepep4j.moe.layers.EngineBlocks.reload(whole);  // the whole model's own engine blocks, if any, take them
+        org.deepep4j.moe.layers.EngineBlocks.reload(whole.model());  // the whole model's own engine blocks take them
         return whole;
     }
 
@@ -326,8 +365,10 @@ public final class ExpertParallelTrainer {
         private int ranks;
         /** Which setting chose the ranks, for the message when another one tries to. */
         private String ranksSetBy;
-        private MultiLayerConfiguration conf;
+        /** Makes the whole model at build(): from a configuration, a copy of an existing network or a checkpoint. */
+        private Supplier<NetworkAdapter> model;
         private DataSetIterator iterator;
+        private MultiDataSetIterator multiIterator;
         private int epochs = 1;
         private List<TrainingListener> listeners = new ArrayList<>();
         private IntFunction<List<TrainingListener>> rankListeners;
@@ -336,20 +377,20 @@ public final class ExpertParallelTrainer {
         private boolean phaseTiming = PhaseTimingListener.enabledByEnvironment();
         private EpGroup processGroup;
         private EpGroup group;
-        private MultiLayerNetwork existing;
         private Checkpoint resume;
         private Path checkpointFile;
         private int checkpointEvery;
         /** Which setting chose the starting model, for the message when another one tries to. */
         private String modelSetBy;
 
-        private void setModel(String setting) {
+        private void setModel(String setting, Supplier<NetworkAdapter> model) {
             if (modelSetBy != null) {
                 throw new IllegalStateException(setting + ": the model was already set by " + modelSetBy
                         + "; network(configuration), network(existing network) and resumeFrom(checkpoint) are"
                         + " alternatives, set one of them once");
             }
             modelSetBy = setting;
+            this.model = model;
         }
 
         private void setRanks(String setting, int ranks) {
@@ -416,8 +457,19 @@ public final class ExpertParallelTrainer {
 
         /** The whole model's configuration (MoE layers with epSize 1). */
         public Builder network(MultiLayerConfiguration conf) {
-            setModel("network(configuration)");
-            this.conf = conf;
+            requireNonNull(conf, "conf", "a MultiLayerConfiguration");
+            setModel("network(configuration)", () -> NetworkAdapter.build(conf));
+            return this;
+        }
+
+        /**
+         * The whole model as a graph (MoE layer vertices with epSize 1). A DataSetIterator feeds only a graph with
+         * one input and one output (others are refused at {@link #build}); give a graph with several a
+         * MultiDataSetIterator.
+         */
+        public Builder network(ComputationGraphConfiguration conf) {
+            requireNonNull(conf, "conf", "a ComputationGraphConfiguration");
+            setModel("network(configuration)", () -> NetworkAdapter.build(conf));
             return this;
         }
 
@@ -427,12 +479,22 @@ public final class ExpertParallelTrainer {
          * (the updaters start fresh); to continue a run exactly, use {@link #resumeFrom}.
          */
         public Builder network(MultiLayerNetwork existing) {
-            if (existing == null) {
-                throw new IllegalArgumentException("existing=null: pass an initialised MultiLayerNetwork");
-            }
-            setModel("network(existing network)");
-            this.existing = existing;
+            requireNonNull(existing, "existing", "an initialised MultiLayerNetwork");
+            setModel("network(existing network)", () -> NetworkAdapter.of(existing).copy());
             return this;
+        }
+
+        /** Starts from the parameters of the graph {@code existing}; as {@link #network(MultiLayerNetwork)}. */
+        public Builder network(ComputationGraph existing) {
+            requireNonNull(existing, "existing", "an initialised ComputationGraph");
+            setModel("network(existing network)", () -> NetworkAdapter.of(existing).copy());
+            return this;
+        }
+
+        private static void requireNonNull(Object value, String name, String what) {
+            if (value == null) {
+                throw new IllegalArgumentException(name + "=null: pass " + what);
+            }
         }
 
         /**
@@ -445,7 +507,7 @@ public final class ExpertParallelTrainer {
             if (checkpoint == null) {
                 throw new IllegalArgumentException("checkpoint=null: pass the file written by checkpoint(file, every)");
             }
-            setModel("resumeFrom(" + checkpoint + ")");
+            setModel("resumeFrom(" + checkpoint + ")", () -> resume.newWhole());
             this.resume = Checkpoint.read(checkpoint);
             return this;
         }
@@ -466,7 +528,26 @@ public final class ExpertParallelTrainer {
             return this;
         }
 
-        public Builder iterator(DataSetIterator iterator) { this.iterator = iterator; return this; }
+        /** The batches, dealt round-robin to the ranks (each round one per rank). */
+        public Builder iterator(DataSetIterator iterator) {
+            if (multiIterator != null) {
+                throw new IllegalStateException("iterator(DataSetIterator): a MultiDataSetIterator was already set;"
+                        + " give one iterator");
+            }
+            this.iterator = iterator;
+            return this;
+        }
+
+        /** The batches as MultiDataSets, for a ComputationGraph with several inputs or outputs. */
+        public Builder iterator(MultiDataSetIterator iterator) {
+            if (this.iterator != null) {
+                throw new IllegalStateException("iterator(MultiDataSetIterator): a DataSetIterator was already set;"
+                        + " give one iterator");
+            }
+            this.multiIterator = iterator;
+            return this;
+        }
+
         public Builder epochs(int epochs) { this.epochs = epochs; return this; }
         /** Listeners of rank 0's replica. */
         public Builder listeners(TrainingListener... l) { this.listeners = new ArrayList<>(Arrays.asList(l)); return this; }
@@ -492,8 +573,8 @@ public final class ExpertParallelTrainer {
                         + " in-process ranks with EpConfig defaults)");
             }
             if (modelSetBy == null) {
-                throw new IllegalArgumentException("network=null: a MultiLayerConfiguration (or an existing network,"
-                        + " or resumeFrom(checkpoint)) is required");
+                throw new IllegalArgumentException("network=null: a MultiLayerConfiguration or"
+                        + " ComputationGraphConfiguration (or an existing network, or resumeFrom(checkpoint)) is required");
             }
             if (resume != null && resume.ranks() != ranks) {
                 throw new IllegalArgumentException("ranks=" + ranks + ": the checkpoint was written by "
@@ -503,8 +584,9 @@ public final class ExpertParallelTrainer {
                 throw new IllegalArgumentException("checkpoint/resumeFrom with a multi-process group: not supported"
                         + " (each process holds only its experts); use in-process ranks");
             }
-            if (iterator == null) {
-                throw new IllegalArgumentException("iterator=null: a DataSetIterator is required");
+            if (iterator == null && multiIterator == null) {
+                throw new IllegalArgumentException("iterator=null: a DataSetIterator (or a MultiDataSetIterator) is"
+                        + " required");
             }
             if (epochs < 1) {
                 throw new IllegalArgumentException("epochs=" + epochs + ": must be >= 1");

@@ -4,7 +4,6 @@ import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deepep4j.moe.params.MoEParamInitializer;
 import org.deeplearning4j.nn.api.Layer;
 import org.deeplearning4j.nn.api.Model;
-import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.optimize.api.BaseTrainingListener;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.factory.Nd4j;
@@ -79,12 +78,12 @@ final class GradientAverager {
     }
 
     /** The listener for rank {@code rank}'s replica. */
-    BaseTrainingListener listener(int rank, MultiLayerNetwork net) {
+    BaseTrainingListener listener(int rank, NetworkAdapter net) {
         INDArray replicated = replicatedMask(net);
         return new BaseTrainingListener() {
             @Override
             public void onGradientCalculation(Model model) {
-                INDArray g = net.getFlattenedGradients();
+                INDArray g = net.gradients();
                 INDArray sum = sumOverRanks(rank, g);
                 // replicated: sum / R; expert: own / R
                 INDArray local = g.mul(replicated.rsub(1.0));
@@ -94,11 +93,11 @@ final class GradientAverager {
     }
 
     /** 1 where the flattened parameter is replicated on every rank, 0 for routed-expert parameters. */
-    static INDArray replicatedMask(MultiLayerNetwork net) {
+    static INDArray replicatedMask(NetworkAdapter net) {
         INDArray mask = Nd4j.ones(net.params().dataType(), net.params().shape());
         INDArray flat = mask.reshape(mask.length());
         long offset = 0;
-        for (Layer layer : net.getLayers()) {
+        for (Layer layer : net.layersInParamOrder()) {
             for (Map.Entry<String, INDArray> p : layer.paramTable().entrySet()) {
                 long n = p.getValue().length();
                 if (layer instanceof MoELayerImpl && MoEParamInitializer.isExpertParam(p.getKey())) {

@@ -1,6 +1,6 @@
 package org.deepep4j.moe.train;
 
-import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
+import org.deeplearning4j.nn.api.Model;
 import org.nd4j.linalg.api.ndarray.INDArray;
 
 /** Test access to package-private trainer parts. */
@@ -8,7 +8,7 @@ public final class ExpertParallelTestAccess {
     private ExpertParallelTestAccess() {
     }
 
-    public static INDArray replicatedMask(MultiLayerNetwork net) {
-        return GradientAverager.replicatedMask(net);
+    public static INDArray replicatedMask(Model net) {
+        return GradientAverager.replicatedMask(NetworkAdapter.of(net));
     }
 }

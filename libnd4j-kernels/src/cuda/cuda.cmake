@@ -90,3 +90,8 @@ set_target_properties(bench_moe PROPERTIES CUDA_RUNTIME_LIBRARY Static CUDA_ARCH
 target_include_directories(bench_moe PRIVATE ${CMAKE_CURRENT_LIST_DIR}/..)
 target_compile_options(bench_moe PRIVATE ${DEEPEP4J_CUDA_WARNINGS})
 target_link_libraries(bench_moe PRIVATE deepep4j_static CUDA::cudart_static Threads::Threads)
+
+# bench_queue: where host arrays on a GPU spend their time (host memcpy, staged queue copies, the transfer ceiling).
+add_executable(bench_queue ${CMAKE_CURRENT_LIST_DIR}/../../bench/bench_queue.cpp)
+target_compile_options(bench_queue PRIVATE ${DEEPEP4J_WARNINGS})
+target_link_libraries(bench_queue PRIVATE deepep4j_static CUDA::cudart_static Threads::Threads)

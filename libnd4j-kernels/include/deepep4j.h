@@ -333,6 +333,43 @@ DEEPEP4J_API int deepep4j_handle_recv_counts_per_rank(const deepep4j_handle* h, 
 DEEPEP4J_API int deepep4j_handle_destroy(deepep4j_handle* h);
 
 
+/* ---------------------------------------------------------------- queues: device arrays and host staging */
+/* A queue is one rank's ordered work on its buffer's device: a non-blocking CUDA stream of config.device_id and the
+   pinned host memory through which host arrays are staged (async copies on that stream). Callers without a CUDA API
+   of their own (Java) allocate device arrays here, move host arrays in and out, and pass deepep4j_queue_stream() as
+   the `stream` of layout / notify / dispatch / combine, so every step of a rank is ordered on one stream that no
+   other rank shares. On CPU the same calls work on host memory: allocations are host memory, copies are done before
+   the call returns, the stream is NULL; so code written against queues runs (and is tested) without a GPU.
+   A queue belongs to its buffer (which must outlive it) and, like the buffer, is driven by one thread at a time. */
+typedef struct deepep4j_queue deepep4j_queue;
+
+/* Creates a queue on buf's device. UNAVAILABLE when the buffer's device cannot run here. */
+DEEPEP4J_API int deepep4j_queue_create(deepep4j_buffer* buf, deepep4j_queue** out);
+/* Waits for the queue's work (at most the buffer's timeout_ms), then frees its stream and staging. Safe on NULL. */
+DEEPEP4J_API int deepep4j_queue_destroy(deepep4j_queue* q);
+/* The cudaStream_t of the queue (NULL on CPU, and for a NULL queue). */
+DEEPEP4J_API void* deepep4j_queue_stream(const deepep4j_queue* q);
+
+/* bytes >= 0 of memory of the queue's device (host memory on CPU), 256-byte aligned, contents undefined; *out = NULL
+   for 0 bytes. On CUDA allocated in stream order (cudaMallocAsync on the queue's stream: no device-wide wait, which
+   on a GPU shared by ranks could wait for a peer's spinning kernel). OUT_OF_MEMORY names the size. */
+DEEPEP4J_API int deepep4j_device_alloc(deepep4j_queue* q, int64_t bytes, void** out);
+/* Frees memory of deepep4j_device_alloc in stream order: it is reused only after the work queued before. NULL is a
+   no-op. */
+DEEPEP4J_API int deepep4j_device_free(deepep4j_queue* q, void* device);
+
+/* Queues a copy of `bytes` from host memory (pageable or not) to device memory: the bytes go through the queue's pinned
+   staging in chunks (the host copy of one chunk overlaps the transfer of the previous), so `host` may be reused as soon
+   as the call returns. */
+DEEPEP4J_API int deepep4j_copy_to_device(deepep4j_queue* q, void* device, const void* host, int64_t bytes);
+/* Queues a copy of `bytes` from device memory to host memory through pinned staging. `host` holds the bytes once
+   deepep4j_queue_synchronize has returned OK (not before); it must stay valid until then. */
+DEEPEP4J_API int deepep4j_copy_to_host(deepep4j_queue* q, void* host, const void* device, int64_t bytes);
+/* Waits for the queue's work, at most the buffer's timeout_ms (TIMEOUT names the queue's rank and device), and
+   completes the copies to host queued since the last call. A failed kernel or copy is INTERNAL with the CUDA error;
+   then the host arrays of the pending copies are untouched. */
+DEEPEP4J_API int deepep4j_queue_synchronize(deepep4j_queue* q);
+
 /* ---------------------------------------------------------------- MoE block */
 /* The whole MoE block of one rank on its buffer's device: router (weights replicated on every rank) -> dispatch ->
    the rank's local SwiGLU experts as grouped GEMMs -> weighted combine; its backward (cached dispatch / combine) and the

@@ -4,7 +4,7 @@
 find_package(Threads REQUIRED)
 
 set(DEEPEP4J_CPU_TESTS api_basics layout roundtrip cached chunked cross_process bad_input peer_mismatch peer_failure
-    fail_step step_recovery moe_block)
+    fail_step step_recovery moe_block queue)
 foreach(name IN LISTS DEEPEP4J_CPU_TESTS)
   add_executable(test_${name} ${CMAKE_CURRENT_LIST_DIR}/test_${name}.cpp)
   target_include_directories(test_${name} PRIVATE ${CMAKE_CURRENT_LIST_DIR} ${CMAKE_CURRENT_LIST_DIR}/../include)

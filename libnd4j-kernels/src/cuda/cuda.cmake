@@ -26,6 +26,7 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/stack_limit.cpp
   ${DEEPEP4J_CUDA_DIR}/nccl_api.cpp
+  ${DEEPEP4J_CUDA_DIR}/device_queue.cu
   ${DEEPEP4J_CUDA_DIR}/moe/cublas_api.cpp
   ${DEEPEP4J_CUDA_DIR}/moe/moe_ops_cuda.cu
   ${DEEPEP4J_CUDA_DIR}/moe/moe_router.cu
@@ -58,7 +59,7 @@ endforeach()
 
 # GPU tests: one program per file in tests/gpu; 77 = no GPU here (skipped, not passed).
 set(DEEPEP4J_GPU_TEST_DIR ${CMAKE_CURRENT_LIST_DIR}/../../tests/gpu)
-set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block stream_ordered stack_limit)
+set(DEEPEP4J_GPU_TESTS roundtrip cross_process peer_dies step_recovery moe_block stream_ordered stack_limit queue)
 foreach(name IN LISTS DEEPEP4J_GPU_TESTS)
   add_executable(gpu_test_${name} ${DEEPEP4J_GPU_TEST_DIR}/test_gpu_${name}.cpp)
   target_include_directories(gpu_test_${name} PRIVATE ${DEEPEP4J_GPU_TEST_DIR} ${DEEPEP4J_GPU_TEST_DIR}/..
@@ -103,3 +104,8 @@ set_target_properties(bench_moe PROPERTIES CUDA_RUNTIME_LIBRARY Static CUDA_ARCH
 target_include_directories(bench_moe PRIVATE ${CMAKE_CURRENT_LIST_DIR}/..)
 target_compile_options(bench_moe PRIVATE ${DEEPEP4J_CUDA_WARNINGS})
 target_link_libraries(bench_moe PRIVATE deepep4j_static CUDA::cudart_static Threads::Threads)
+
+# bench_queue: where host arrays on a GPU spend their time (host memcpy, staged queue copies, the transfer ceiling).
+add_executable(bench_queue ${CMAKE_CURRENT_LIST_DIR}/../../bench/bench_queue.cpp)
+target_compile_options(bench_queue PRIVATE ${DEEPEP4J_WARNINGS})
+target_link_libraries(bench_queue PRIVATE deepep4j_static CUDA::cudart_static Threads::Threads)

@@ -15,8 +15,11 @@ import org.nd4j.linalg.api.ndarray.INDArray;
 /**
  * One rank's endpoint: dispatch sends each token's row to the ranks owning its top-k experts, combine brings the
  * expert outputs back and sums them per token in fp32. Every method except {@link #layout} is collective: all ranks
- * of the group make the same call (in process: each from its own thread). INDArrays on ND4J's CPU backend reach the
- * engine without copies when they are dense C-order; others are copied once. Outputs follow the input's dtype.
+ * of the group make the same call (in process: each from its own thread). On the CPU device INDArrays of ND4J's CPU
+ * backend reach the engine without copies when they are dense C-order (others are copied once). On a CUDA buffer the
+ * same methods take the same host INDArrays: inputs are staged to the GPU and outputs back through pinned host memory
+ * with async copies on the rank's own stream ({@link HostStaging}); callers who chain engine calls without leaving
+ * the GPU use the overloads taking {@link EpDeviceArray}s instead. Outputs follow the input's dtype.
  */
 public final class EpBuffer implements AutoCloseable {
   private final EpGroup group;
@@ -33,16 +36,23 @@ public final class EpBuffer implements AutoCloseable {
   private final int id = NEXT_ID.getAndIncrement();
   private final java.util.Set<EpHandle> liveHandles = java.util.concurrent.ConcurrentHashMap.newKeySet();
   private final java.util.Set<EpMoeBlock> liveBlocks = java.util.concurrent.ConcurrentHashMap.newKeySet();
+  private final java.util.Set<EpDeviceArray> liveArrays = java.util.concurrent.ConcurrentHashMap.newKeySet();
   private final int deviceId;
+  /** The rank's queue: its own stream on a GPU (no other rank shares it) and the pinned staging of host arrays. */
+  private DeepEp4jNative.Queue queue;
+  private long stream;
   /** Whether this rank's last collective call ended in an error: then every rank has seen that step fail. */
   private boolean lastStepFailed;
 
-  private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer, int deviceId) {
+  private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer, int deviceId,
+                   DeepEp4jNative.Queue queue) {
     this.group = group;
     this.rank = rank;
     this.config = config;
     this.buffer = buffer;
     this.deviceId = deviceId;
+    this.queue = queue;
+    this.stream = queue == null ? 0L : DeepEp4jNative.deepep4j_queue_stream(queue);
     OPEN.put(id, this);
   }
 
@@ -62,6 +72,7 @@ public final class EpBuffer implements AutoCloseable {
   /** Creates the native buffer, exchanges handle blobs through the group and connects. Every rank fails alike. */
   static EpBuffer create(EpGroup group, int rank, EpConfig config) {
     DeepEp4jNative.Buffer buf = null;
+    DeepEp4jNative.Queue queue = null;
     byte[] mine;
     boolean cuda = config.device() == EpDevice.CUDA;
     int deviceId = cuda ? cudaDeviceFor(group, rank) : 0;
@@ -74,7 +85,11 @@ public final class EpBuffer implements AutoCloseable {
         mine = blob(FAILED, local.getBytes(StandardCharsets.UTF_8));
       } else if (st == DeepEp4jNative.DEEPEP4J_OK) {
         buf = new DeepEp4jNative.Buffer(out.get(0));
-        mine = exportBlob(buf);
+        // A GPU rank's queue is made here, where a failure still reaches every rank through the blob exchange.
+        int qs = cuda ? DeepEp4jNative.deepep4j_queue_create(buf, out) : DeepEp4jNative.DEEPEP4J_OK;
+        if (cuda && qs == DeepEp4jNative.DEEPEP4J_OK) queue = new DeepEp4jNative.Queue(out.get(0));
+        mine = qs == DeepEp4jNative.DEEPEP4J_OK ? exportBlob(buf)
+            : blob(FAILED, describeCreateFailure(qs, config).getBytes(StandardCharsets.UTF_8));
       } else {
         mine = blob(st == DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT ? BAD_ARGUMENT : FAILED,
             describeCreateFailure(st, config).getBytes(StandardCharsets.UTF_8));
@@ -84,6 +99,7 @@ public final class EpBuffer implements AutoCloseable {
     byte[][] all = group.allGather(rank, mine, config.timeout());
     for (int r = 0; r < all.length; ++r) {
       if (all[r][0] != CREATED) {
+        if (queue != null) DeepEp4jNative.deepep4j_queue_destroy(queue);
         if (buf != null) DeepEp4jNative.deepep4j_buffer_destroy(buf);
         String why = new String(all[r], 1, all[r].length - 1, StandardCharsets.UTF_8);
         String msg = r == rank ? why : "rank " + r + " could not create its EP buffer: " + why;
@@ -91,8 +107,13 @@ public final class EpBuffer implements AutoCloseable {
         throw new IllegalStateException(msg);
       }
     }
-    connect(buf, all);
-    return new EpBuffer(group, rank, config, buf, deviceId);
+    try {
+      connect(buf, all);
+    } catch (RuntimeException e) {
+      if (queue != null) DeepEp4jNative.deepep4j_queue_destroy(queue);
+      throw e;
+    }
+    return new EpBuffer(group, rank, config, buf, deviceId, queue);
   }
 
   /**
@@ -185,6 +206,29 @@ public final class EpBuffer implements AutoCloseable {
     return buffer;
   }
 
+  boolean isClosed() { return buffer == null; }
+
+  /** The rank's queue (made with the buffer on a GPU; on the CPU device on first use, where it cannot fail). */
+  synchronized DeepEp4jNative.Queue queue() {
+    DeepEp4jNative.Buffer b = nativeBuffer();
+    if (queue == null) {
+      try (PointerPointer<Pointer> out = new PointerPointer<>(1)) {
+        Status.check(DeepEp4jNative.deepep4j_queue_create(b, out), describe());
+        queue = new DeepEp4jNative.Queue(out.get(0));
+        stream = DeepEp4jNative.deepep4j_queue_stream(queue);
+      }
+    }
+    return queue;
+  }
+
+  /** The stream of this rank's engine calls: its queue's own on a GPU, none (0) on the CPU. */
+  private long stream() { return stream; }
+
+  /** Which rank and device, for messages. */
+  String describe() {
+    return "rank " + rank + " on " + (config.device() == EpDevice.CUDA ? "GPU " + deviceId : "the CPU");
+  }
+
   /** Throws on every rank: this rank joins the peers' step with its local failure. */
   IllegalArgumentException failStep(String message) {
     lastStepFailed = true;
@@ -192,10 +236,29 @@ public final class EpBuffer implements AutoCloseable {
     return new IllegalArgumentException(message);
   }
 
+  /**
+   * A local failure while preparing a collective call (staging memory, say) joins the peers' step with its message,
+   * so they fail with {@link EpPeerException} instead of waiting; returns {@code e} to throw.
+   */
+  private RuntimeException joinStepWith(RuntimeException e) {
+    lastStepFailed = true;
+    DeepEp4jNative.deepep4j_fail_step(nativeBuffer(), e instanceof IllegalArgumentException
+        ? DeepEp4jNative.DEEPEP4J_ERR_INVALID_ARGUMENT : DeepEp4jNative.DEEPEP4J_ERR_INTERNAL, String.valueOf(e.getMessage()));
+    return e;
+  }
+
   /** Status of a collective call: remembered (see {@link #joinStepWithFailure}), then thrown as an exception. */
   private void collective(int status) {
+    collective(status, null);
+  }
+
+  /**
+   * As {@link #collective(int)} for the other collective calls on this buffer (the MoE block's): a rank whose step
+   * already failed everywhere must not join a further step with its failure, which no peer would come to.
+   */
+  void collective(int status, String context) {
     lastStepFailed = status != DeepEp4jNative.DEEPEP4J_OK;
-    Status.check(status);
+    Status.check(status, context);
   }
 
   /**
@@ -218,7 +281,7 @@ public final class EpBuffer implements AutoCloseable {
   public synchronized void barrier() {
     // an empty notify is the lightest collective step the engine has
     collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), 0L, 0, 1, group.size(), 4,
-        DeepEp4jNative.DEEPEP4J_FLOAT32, handleOut, numRecvOut, perExpert, 0L));
+        DeepEp4jNative.DEEPEP4J_FLOAT32, handleOut, numRecvOut, perExpert, stream()));
     DeepEp4jNative.deepep4j_handle_destroy(new DeepEp4jNative.Handle(handleOut.get(0)));
   }
 
@@ -233,9 +296,14 @@ public final class EpBuffer implements AutoCloseable {
     int k = (int) idx.size(1);
     int r = group.size();
     try (IntPointer perRank = new IntPointer(r); IntPointer perExpert = new IntPointer(Math.max(1, numExperts));
-         BytePointer inRank = new BytePointer(Math.max(1L, (long) n * r))) {
-      Status.check(DeepEp4jNative.deepep4j_get_dispatch_layout(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts,
-          perRank.address(), perExpert.address(), inRank.address(), 0L));
+         BytePointer inRank = new BytePointer(Math.max(1L, (long) n * r)); HostStaging io = new HostStaging(this)) {
+      long idxAt = io.in(idx);
+      long perRankAt = io.out(perRank.address(), 4L * r);
+      long perExpertAt = io.out(perExpert.address(), 4L * Math.max(0, numExperts));
+      long inRankAt = io.out(inRank.address(), (long) n * r);
+      Status.check(DeepEp4jNative.deepep4j_get_dispatch_layout(nativeBuffer(), idxAt, n, k, numExperts, perRankAt,
+          perExpertAt, inRankAt, stream()));
+      io.finish();
       int[] pr = new int[r];
       perRank.get(pr);
       int[] pe = new int[numExperts];
@@ -265,21 +333,29 @@ public final class EpBuffer implements AutoCloseable {
    * outputs with it). Finish with {@link #dispatchPrepared}.
    */
   public synchronized EpHandle prepareDispatch(INDArray x, INDArray topkIdx, INDArray topkWeights, int numExperts) {
-    String bad = hostArraysOnCuda("dispatch");
-    if (bad == null) bad = checkDispatch(x, topkIdx, topkWeights);
+    String bad = checkDispatch(ArrayMeta.of(x), ArrayMeta.of(topkIdx), ArrayMeta.of(topkWeights), false);
     if (bad != null) throw failStep(bad);
     INDArray idx = NativeArrays.dense(topkIdx, DataType.LONG);
-    long n = x.size(0);
-    long h = x.size(1);
-    int k = (int) idx.size(1);
-    int dtype = Dtypes.toNative(x.dataType(), "x");
+    try (HostStaging io = new HostStaging(this)) {
+      long idxAt;
+      try {
+        idxAt = io.in(idx);
+      } catch (RuntimeException e) {
+        throw joinStepWith(e);
+      }
+      return notify(idxAt, x.size(0), (int) idx.size(1), numExperts, x.size(1), Dtypes.toNative(x.dataType(), "x"));
+    }
+  }
+
+  /** The collective count exchange of a dispatch: the handle of the step. */
+  private EpHandle notify(long topkIdx, long n, int k, int numExperts, long h, int dtype) {
     int localExperts = Math.max(1, numExperts / group.size());
     if (perExpert.capacity() < localExperts) {
       perExpert.close();
       perExpert = new IntPointer(localExperts);
     }
-    collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), NativeArrays.address(idx), n, k, numExperts, h,
-        dtype, handleOut, numRecvOut, perExpert, 0L));
+    collective(DeepEp4jNative.deepep4j_notify_dispatch(nativeBuffer(), topkIdx, n, k, numExperts, h, dtype, handleOut,
+        numRecvOut, perExpert, stream()));
     int[] counts = new int[localExperts];
     perExpert.get(counts);
     EpHandle handle = new EpHandle(this, new DeepEp4jNative.Handle(handleOut.get(0)), n, numRecvOut.get(), k, numExperts, h, counts);
@@ -302,17 +378,35 @@ public final class EpBuffer implements AutoCloseable {
     recvX = NativeArrays.outputOrNew(recvX, xs.dataType(), m, handle.hidden());
     recvIdx = NativeArrays.outputOrNew(recvIdx, DataType.LONG, m, k);
     recvW = w == null ? null : NativeArrays.outputOrNew(recvW, DataType.FLOAT, m, k);
-    dispatchArgs.x(NativeArrays.address(xs)).x_scales(0).topk_weights(NativeArrays.address(w))
-        .recv_x(NativeArrays.address(recvX)).recv_x_scales(0).recv_topk_idx(NativeArrays.address(recvIdx))
-        .recv_topk_weights(NativeArrays.address(recvW)).recv_src_token(0).recv_src_rank(0);
-    try {
-      collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), handle.nativeHandle(), dtype, dispatchArgs, 0L));
-    } catch (RuntimeException e) {
-      handle.close();
-      throw e;
+    try (HostStaging io = new HostStaging(this)) {
+      long xAt, wAt, recvXAt, recvIdxAt, recvWAt;
+      try {
+        xAt = io.in(xs);
+        wAt = io.in(w);
+        recvXAt = io.out(recvX);
+        recvIdxAt = io.out(recvIdx);
+        recvWAt = io.out(recvW);
+      } catch (RuntimeException e) {
+        handle.close();
+        throw joinStepWith(e);
+      }
+      try {
+        moveRows(handle, dtype, xAt, wAt, recvXAt, recvIdxAt, recvWAt);
+        io.finish();
+      } catch (RuntimeException e) {
+        handle.close();
+        throw e;
+      }
     }
     handle.recvTopkIdx = recvIdx;
     return new EpDispatchResult(recvX, recvIdx, recvW, handle);
+  }
+
+  /** The collective dispatch call on engine addresses (device memory on a GPU). */
+  private void moveRows(EpHandle handle, int dtype, long x, long topkWeights, long recvX, long recvIdx, long recvW) {
+    dispatchArgs.x(x).x_scales(0).topk_weights(topkWeights).recv_x(recvX).recv_x_scales(0).recv_topk_idx(recvIdx)
+        .recv_topk_weights(recvW).recv_src_token(0).recv_src_rank(0);
+    collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), handle.nativeHandle(), dtype, dispatchArgs, stream()));
   }
 
   /**
@@ -320,15 +414,21 @@ public final class EpBuffer implements AutoCloseable {
    * combine). Returns [M, H] in the dtype of x.
    */
   public synchronized INDArray dispatch(INDArray x, EpHandle cached) {
-    String bad = hostArraysOnCuda("dispatch");
-    if (bad == null) bad = checkRows("x", x, cached, cached == null ? 0 : cached.numTokens());
+    String bad = checkRows("x", ArrayMeta.of(x), cached, cached == null ? 0 : cached.numTokens());
     if (bad != null) throw failStep(bad);
     INDArray xs = NativeArrays.dense(x, x.dataType());
-    int dtype = Dtypes.toNative(xs.dataType(), "x");
     INDArray recvX = NativeArrays.create(xs.dataType(), cached.numRecvTokens(), cached.hidden());
-    dispatchArgs.x(NativeArrays.address(xs)).x_scales(0).topk_weights(0).recv_x(NativeArrays.address(recvX))
-        .recv_x_scales(0).recv_topk_idx(0).recv_topk_weights(0).recv_src_token(0).recv_src_rank(0);
-    collective(DeepEp4jNative.deepep4j_dispatch(nativeBuffer(), cached.nativeHandle(), dtype, dispatchArgs, 0L));
+    try (HostStaging io = new HostStaging(this)) {
+      long xAt, recvXAt;
+      try {
+        xAt = io.in(xs);
+        recvXAt = io.out(recvX);
+      } catch (RuntimeException e) {
+        throw joinStepWith(e);
+      }
+      moveRows(cached, Dtypes.toNative(xs.dataType(), "x"), xAt, 0, recvXAt, 0, 0);
+      io.finish();
+    }
     return recvX;
   }
 
@@ -352,10 +452,9 @@ public final class EpBuffer implements AutoCloseable {
    * not local) summed back to [N, K] — the gradient path of dispatched top-k weights.
    */
   public synchronized EpCombineResult combine(INDArray y, EpHandle handle, INDArray recvTopkWeights, INDArray yTopkWeights) {
-    String bad = hostArraysOnCuda("combine");
-    if (bad == null) bad = checkRows("y", y, handle, handle == null ? 0 : handle.numRecvTokens());
-    if (bad == null) bad = checkTopk("recvTopkWeights", recvTopkWeights, handle);
-    if (bad == null) bad = checkTopk("yTopkWeights", yTopkWeights, handle);
+    String bad = checkRows("y", ArrayMeta.of(y), handle, handle == null ? 0 : handle.numRecvTokens());
+    if (bad == null) bad = checkTopk("recvTopkWeights", ArrayMeta.of(recvTopkWeights), handle);
+    if (bad == null) bad = checkTopk("yTopkWeights", ArrayMeta.of(yTopkWeights), handle);
     if (bad != null) throw failStep(bad);
     INDArray ys = NativeArrays.dense(y, y.dataType());
     INDArray rw = NativeArrays.dense(recvTopkWeights, DataType.FLOAT);
@@ -363,53 +462,187 @@ public final class EpBuffer implements AutoCloseable {
     int dtype = Dtypes.toNative(ys.dataType(), "y");
     INDArray out = NativeArrays.create(ys.dataType(), handle.numTokens(), handle.hidden());
     INDArray outW = yw == null ? null : NativeArrays.create(DataType.FLOAT, handle.numTokens(), handle.numTopk());
-    combineArgs.y(NativeArrays.address(ys)).recv_topk_weights(NativeArrays.address(rw))
-        .y_topk_weights(NativeArrays.address(yw)).out(NativeArrays.address(out)).out_topk_weights(NativeArrays.address(outW));
-    collective(DeepEp4jNative.deepep4j_combine(nativeBuffer(), handle.nativeHandle(), dtype, combineArgs, 0L));
+    try (HostStaging io = new HostStaging(this)) {
+      long yAt, rwAt, ywAt, outAt, outWAt;
+      try {
+        yAt = io.in(ys);
+        rwAt = io.in(rw);
+        ywAt = io.in(yw);
+        outAt = io.out(out);
+        outWAt = io.out(outW);
+      } catch (RuntimeException e) {
+        throw joinStepWith(e);
+      }
+      reduceRows(handle, dtype, yAt, rwAt, ywAt, outAt, outWAt);
+      io.finish();
+    }
     return new EpCombineResult(out, outW);
+  }
+
+  /** The collective combine call on engine addresses (device memory on a GPU). */
+  private void reduceRows(EpHandle handle, int dtype, long y, long recvW, long yW, long out, long outW) {
+    combineArgs.y(y).recv_topk_weights(recvW).y_topk_weights(yW).out(out).out_topk_weights(outW);
+    collective(DeepEp4jNative.deepep4j_combine(nativeBuffer(), handle.nativeHandle(), dtype, combineArgs, stream()));
+  }
+
+  // ------------------------------------------------------------------------------------------------ device arrays
+
+  /** Uninitialised memory of {@code type} and {@code shape} on this buffer's device (host memory on the CPU). Local. */
+  public synchronized EpDeviceArray allocate(DataType type, long... shape) {
+    return EpDeviceArray.allocate(this, type, shape);
+  }
+
+  /** A device copy of {@code host} (same type and shape). Local; done on return. */
+  public synchronized EpDeviceArray toDevice(INDArray host) {
+    if (host == null) throw new IllegalArgumentException("host = null: toDevice needs an INDArray");
+    EpDeviceArray a = allocate(host.dataType(), host.shape());
+    try {
+      a.copyFrom(host);
+    } catch (RuntimeException e) {
+      a.close();
+      throw e;
+    }
+    return a;
+  }
+
+  /**
+   * Collective: {@link #dispatch(INDArray, INDArray, INDArray, int)} on device arrays of this buffer ({@code topkIdx}
+   * LONG, {@code topkWeights} FLOAT or null). The work is queued on the rank's stream; the received arrays are new
+   * device arrays (the caller closes them). The handle's {@link EpHandle#recvTopkIdx()} is null: the ids are in the
+   * result.
+   */
+  public synchronized EpDeviceDispatchResult dispatch(EpDeviceArray x, EpDeviceArray topkIdx, EpDeviceArray topkWeights,
+                                                      int numExperts) {
+    String bad = checkOwn("x", x);
+    if (bad == null) bad = checkOwn("topkIdx", topkIdx);
+    if (bad == null && topkWeights != null) bad = checkOwn("topkWeights", topkWeights);
+    if (bad == null) bad = checkDispatch(ArrayMeta.of(x), ArrayMeta.of(topkIdx), ArrayMeta.of(topkWeights), true);
+    if (bad != null) throw failStep(bad);
+    long n = x.size(0), h = x.size(1);
+    int k = (int) topkIdx.size(1);
+    EpHandle handle = notify(topkIdx.address(), n, k, numExperts, h, Dtypes.toNative(x.dataType(), "x"));
+    long m = handle.numRecvTokens();
+    EpDeviceArray recvX = null, recvIdx = null, recvW = null;
+    try {
+      recvX = allocate(x.dataType(), m, h);
+      recvIdx = allocate(DataType.LONG, m, k);
+      if (topkWeights != null) recvW = allocate(DataType.FLOAT, m, k);
+    } catch (RuntimeException e) {
+      closeAll(recvX, recvIdx, recvW);
+      handle.close();
+      throw joinStepWith(e);
+    }
+    try {
+      moveRows(handle, Dtypes.toNative(x.dataType(), "x"), x.address(), addressOf(topkWeights), recvX.address(),
+          recvIdx.address(), addressOf(recvW));
+    } catch (RuntimeException e) {
+      closeAll(recvX, recvIdx, recvW);
+      handle.close();
+      throw e;
+    }
+    return new EpDeviceDispatchResult(recvX, recvIdx, recvW, handle);
+  }
+
+  /** Collective, cached mode on device arrays: {@code x} [N, H] along {@code cached}'s routing; a new [M, H] array. */
+  public synchronized EpDeviceArray dispatch(EpDeviceArray x, EpHandle cached) {
+    String bad = checkOwn("x", x);
+    if (bad == null) bad = checkRows("x", ArrayMeta.of(x), cached, cached == null ? 0 : cached.numTokens());
+    if (bad != null) throw failStep(bad);
+    EpDeviceArray recvX = allocateInStep(x.dataType(), cached.numRecvTokens(), cached.hidden());
+    try {
+      moveRows(cached, Dtypes.toNative(x.dataType(), "x"), x.address(), 0, recvX.address(), 0, 0);
+    } catch (RuntimeException e) {
+      recvX.close();
+      throw e;
+    }
+    return recvX;
+  }
+
+  /**
+   * Collective: {@link #combine(INDArray, EpHandle, INDArray)} on device arrays of this buffer ({@code recvTopkWeights}
+   * FLOAT [M, K] or null). Queued on the rank's stream; returns a new [N, H] device array of y's type.
+   */
+  public synchronized EpDeviceArray combine(EpDeviceArray y, EpHandle handle, EpDeviceArray recvTopkWeights) {
+    String bad = checkOwn("y", y);
+    if (bad == null && recvTopkWeights != null) bad = checkOwn("recvTopkWeights", recvTopkWeights);
+    if (bad == null) bad = checkRows("y", ArrayMeta.of(y), handle, handle == null ? 0 : handle.numRecvTokens());
+    if (bad == null) bad = checkTopk("recvTopkWeights", ArrayMeta.of(recvTopkWeights), handle);
+    if (bad == null && recvTopkWeights != null && recvTopkWeights.dataType() != DataType.FLOAT)
+      bad = "recvTopkWeights dtype = " + recvTopkWeights.dataType() + ": a device array must be FLOAT";
+    if (bad != null) throw failStep(bad);
+    EpDeviceArray out = allocateInStep(y.dataType(), handle.numTokens(), handle.hidden());
+    try {
+      reduceRows(handle, Dtypes.toNative(y.dataType(), "y"), y.address(), addressOf(recvTopkWeights), 0, out.address(), 0);
+    } catch (RuntimeException e) {
+      out.close();
+      throw e;
+    }
+    return out;
+  }
+
+  /** An output of a collective call: a failure to allocate it joins the peers' step, so they do not wait for us. */
+  private EpDeviceArray allocateInStep(DataType type, long... shape) {
+    try {
+      return allocate(type, shape);
+    } catch (RuntimeException e) {
+      throw joinStepWith(e);
+    }
+  }
+
+  private static long addressOf(EpDeviceArray a) { return a == null ? 0L : a.address(); }
+
+  private static void closeAll(EpDeviceArray... arrays) {
+    for (EpDeviceArray a : arrays) if (a != null) a.close();
   }
 
   // ------------------------------------------------------------------------------------------------ checks
 
-  /** The C dispatch/combine take device pointers on CUDA; ND4J CPU arrays reach a GPU only through EpMoeBlock. */
-  private String hostArraysOnCuda(String call) {
-    if (config.device() != EpDevice.CUDA) return null;
-    return call + " on a CUDA buffer (rank " + rank + ", GPU " + deviceId + "): ND4J CPU arrays cannot be staged to "
-        + "the GPU by dispatch/combine in this build (the C calls take device memory); run the whole MoE block on the "
-        + "GPU with EpMoeBlock (MoELayer.Builder.engineBlock(true)), or use EpDevice.CPU";
+  private String checkOwn(String name, EpDeviceArray a) {
+    if (a == null) return name + " = null: a device array of this buffer is required";
+    if (a.buffer() != this)
+      return name + ": a device array of rank " + a.buffer().rank() + "'s buffer, not of rank " + rank + "'s";
+    if (a.isClosed()) return name + ": device array already closed";
+    return null;
   }
 
-  private String checkDispatch(INDArray x, INDArray topkIdx, INDArray topkWeights) {
-    if (x == null || x.rank() != 2) return "x shape = " + shapeOf(x) + ": must be [numTokens, hidden]";
-    if (topkIdx == null || topkIdx.rank() != 2) return "topkIdx shape = " + shapeOf(topkIdx) + ": must be [numTokens, topK]";
+  /** Device arrays are not cast: their types must be exact (ND4J arrays are converted on the host). */
+  private String checkDispatch(ArrayMeta x, ArrayMeta topkIdx, ArrayMeta topkWeights, boolean exactTypes) {
+    if (x == null || x.rank() != 2) return "x shape = " + ArrayMeta.shapeOf(x) + ": must be [numTokens, hidden]";
+    if (topkIdx == null || topkIdx.rank() != 2)
+      return "topkIdx shape = " + ArrayMeta.shapeOf(topkIdx) + ": must be [numTokens, topK]";
     if (topkIdx.size(0) != x.size(0))
-      return "topkIdx shape = " + shapeOf(topkIdx) + ": must have x's " + x.size(0) + " rows (x shape = " + shapeOf(x) + ")";
-    if (!topkIdx.dataType().isIntType()) return "topkIdx dtype = " + topkIdx.dataType() + ": must be an integer type (LONG)";
+      return "topkIdx shape = " + ArrayMeta.shapeOf(topkIdx) + ": must have x's " + x.size(0) + " rows (x shape = "
+          + ArrayMeta.shapeOf(x) + ")";
+    if (!topkIdx.type().isIntType()) return "topkIdx dtype = " + topkIdx.type() + ": must be an integer type (LONG)";
+    if (exactTypes && topkIdx.type() != DataType.LONG)
+      return "topkIdx dtype = " + topkIdx.type() + ": a device array must be LONG";
     if (topkWeights != null && !Arrays.equals(topkWeights.shape(), topkIdx.shape()))
-      return "topkWeights shape = " + shapeOf(topkWeights) + ": must equal topkIdx shape " + shapeOf(topkIdx);
-    if (topkWeights != null && !topkWeights.dataType().isFPType())
-      return "topkWeights dtype = " + topkWeights.dataType() + ": must be floating point";
+      return "topkWeights shape = " + ArrayMeta.shapeOf(topkWeights) + ": must equal topkIdx shape " + ArrayMeta.shapeOf(topkIdx);
+    if (topkWeights != null && !topkWeights.type().isFPType())
+      return "topkWeights dtype = " + topkWeights.type() + ": must be floating point";
+    if (exactTypes && topkWeights != null && topkWeights.type() != DataType.FLOAT)
+      return "topkWeights dtype = " + topkWeights.type() + ": a device array must be FLOAT";
     return checkDtype("x", x);
   }
 
-  private String checkRows(String name, INDArray a, EpHandle h, long rows) {
+  private String checkRows(String name, ArrayMeta a, EpHandle h, long rows) {
     if (h == null) return "handle = null: pass the EpHandle of a dispatch on this buffer";
     if (h.buffer() != this) return "handle: belongs to rank " + h.buffer().rank() + "'s buffer, not rank " + rank + "'s";
     if (h.isClosed()) return "handle: already closed";
     if (a == null || a.rank() != 2 || a.size(0) != rows || a.size(1) != h.hidden())
-      return name + " shape = " + shapeOf(a) + ": must be [" + rows + ", " + h.hidden() + "] for this handle";
+      return name + " shape = " + ArrayMeta.shapeOf(a) + ": must be [" + rows + ", " + h.hidden() + "] for this handle";
     return checkDtype(name, a);
   }
 
-  private static String checkTopk(String name, INDArray a, EpHandle h) {
+  private static String checkTopk(String name, ArrayMeta a, EpHandle h) {
     if (a == null) return null;
     if (a.rank() != 2 || a.size(0) != h.numRecvTokens() || a.size(1) != h.numTopk())
-      return name + " shape = " + shapeOf(a) + ": must be [" + h.numRecvTokens() + ", " + h.numTopk() + "]";
+      return name + " shape = " + ArrayMeta.shapeOf(a) + ": must be [" + h.numRecvTokens() + ", " + h.numTopk() + "]";
     return null;
   }
 
-  private static String checkDtype(String name, INDArray a) {
-    DataType t = a.dataType();
+  private static String checkDtype(String name, ArrayMeta a) {
+    DataType t = a.type();
     if (t != DataType.FLOAT && t != DataType.BFLOAT16 && t != DataType.HALF)
       return name + " dtype = " + t + ": must be FLOAT, BFLOAT16 or HALF";
     return null;
@@ -431,12 +664,26 @@ public final class EpBuffer implements AutoCloseable {
     liveBlocks.remove(b);
   }
 
+  void track(EpDeviceArray a) {
+    liveArrays.add(a);
+  }
+
+  void untrack(EpDeviceArray a) {
+    liveArrays.remove(a);
+  }
+
   /** Frees the handles still open, then the native buffer. */
   @Override
   public synchronized void close() {
     OPEN.remove(id);
     for (EpMoeBlock b : liveBlocks.toArray(new EpMoeBlock[0])) b.close();  // blocks first: they live on this buffer
     for (EpHandle h : liveHandles.toArray(new EpHandle[0])) h.close();
+    for (EpDeviceArray a : liveArrays.toArray(new EpDeviceArray[0])) a.close();
+    if (queue != null) {  // waits for the rank's queued work, then frees its stream and staging
+      DeepEp4jNative.deepep4j_queue_destroy(queue);
+      queue = null;
+      stream = 0;
+    }
     if (buffer != null) {
       DeepEp4jNative.deepep4j_buffer_destroy(buffer);
       buffer = null;

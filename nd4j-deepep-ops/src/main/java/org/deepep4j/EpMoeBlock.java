@@ -63,7 +63,7 @@ public final class EpMoeBlock implements AutoCloseable {
       throw buffer.failStep("numExperts = " + config.numExperts() + ": must be divisible by the buffer's "
           + buffer.numRanks() + " ranks");
     try (DeepEp4jNative.MoeConfig c = config.toNative(); PointerPointer<Pointer> out = new PointerPointer<>(1)) {
-      Status.check(DeepEp4jNative.deepep4j_moe_create(buffer.nativeBuffer(), c, out), describe(buffer));
+      buffer.collective(DeepEp4jNative.deepep4j_moe_create(buffer.nativeBuffer(), c, out), describe(buffer));
       EpMoeBlock block = new EpMoeBlock(buffer, config, new DeepEp4jNative.Moe(out.get(0)));
       buffer.track(block);
       return block;
@@ -184,7 +184,7 @@ public final class EpMoeBlock implements AutoCloseable {
         .topk_idx(NativeArrays.address(p.topkIdx)).topk_weights(NativeArrays.address(p.topkWeights))
         .async_combine(async ? 1 : 0).expert_load(expertLoad.address()).recv_per_local_expert(recvPerLocal.address())
         .aux_loss(auxLoss.address());
-    Status.check(DeepEp4jNative.deepep4j_moe_forward(moe(), n, forwardArgs, 0L));
+    buffer.collective(DeepEp4jNative.deepep4j_moe_forward(moe(), n, forwardArgs, 0L), null);
     lastTokens = n;
     p.async = async;
     pending = p;
@@ -231,7 +231,7 @@ public final class EpMoeBlock implements AutoCloseable {
         if (failure != null) throw failure;
         if (done) return result;
         try {
-          if (async) Status.check(DeepEp4jNative.deepep4j_moe_wait(moe()));
+          if (async) buffer.collective(DeepEp4jNative.deepep4j_moe_wait(moe()), null);
         } catch (RuntimeException ex) {
           failure = ex;
           done = true;
@@ -272,7 +272,7 @@ public final class EpMoeBlock implements AutoCloseable {
     backwardArgs.memory(DeepEp4jNative.DEEPEP4J_MEMORY_HOST).grad_y(NativeArrays.address(gy))
         .grad_x(NativeArrays.address(gx)).grad_router_weight(NativeArrays.address(gwr)).aux_loss_scale(auxLossScale)
         .accumulate(accumulate ? 1 : 0);
-    Status.check(DeepEp4jNative.deepep4j_moe_backward(moe(), backwardArgs, 0L));
+    buffer.collective(DeepEp4jNative.deepep4j_moe_backward(moe(), backwardArgs, 0L), null);
     return new EpMoeBackward(gx, gwr);
   }
 

@@ -80,12 +80,17 @@ final class Nets {
 
     /** MoE directly on recurrent input [mb, 6, T] -> RNN softmax output. */
     static MultiLayerConfiguration rnn(DataType type, IUpdater updater, MoELayer.Builder moe, int t) {
+        return rnn(type, updater, moe, t, N_IN);
+    }
+
+    /** As {@link #rnn(DataType, IUpdater, MoELayer.Builder, int)} with nIn features per step. */
+    static MultiLayerConfiguration rnn(DataType type, IUpdater updater, MoELayer.Builder moe, int t, int nIn) {
         return new NeuralNetConfiguration.Builder().seed(7).dataType(type).updater(updater)
                 .weightInit(WeightInit.XAVIER).list()
                 .layer(moe.build())
                 .layer(new RnnOutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(N_CLASSES)
                         .activation(Activation.SOFTMAX).build())
-                .setInputType(InputType.recurrent(N_IN, t)).build();
+                .setInputType(InputType.recurrent(nIn, t)).build();
     }
 
     static INDArray input(DataType type, long seed, long... shape) {

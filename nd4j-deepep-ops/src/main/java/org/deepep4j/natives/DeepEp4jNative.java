@@ -169,6 +169,24 @@ public final class DeepEp4jNative {
   public static native int deepep4j_handle_recv_counts_per_rank(Handle h, @Cast("int32_t*") IntPointer out);
   public static native int deepep4j_handle_destroy(Handle h);
 
+  // ------------------------------------------------------------------------------------------- queues
+  @Opaque @Name("deepep4j_queue")
+  public static class Queue extends Pointer {
+    public Queue() { super((Pointer) null); }
+    public Queue(Pointer p) { super(p); }
+  }
+
+  public static native int deepep4j_queue_create(Buffer buf, @Cast("deepep4j_queue**") PointerPointer out);
+  public static native int deepep4j_queue_destroy(Queue q);
+  public static native @Cast("intptr_t") long deepep4j_queue_stream(Queue q);
+  public static native int deepep4j_device_alloc(Queue q, long bytes, @Cast("void**") LongPointer out);
+  public static native int deepep4j_device_free(Queue q, @Cast("void*") long device);
+  public static native int deepep4j_copy_to_device(Queue q, @Cast("void*") long device, @Cast("const void*") long host,
+                                                   long bytes);
+  public static native int deepep4j_copy_to_host(Queue q, @Cast("void*") long host, @Cast("const void*") long device,
+                                                 long bytes);
+  public static native int deepep4j_queue_synchronize(Queue q);
+
   // ------------------------------------------------------------------------------------------- MoE block
   public static final int DEEPEP4J_FLOAT64 = 4;
   public static final int DEEPEP4J_SCORE_SOFTMAX = 0;

@@ -341,6 +341,8 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
         INDArray wr = params.get(MoEParamInitializer.ROUTER_WEIGHT);
         INDArray br = params.get(MoEParamInitializer.ROUTER_BIAS);
+        // before the engine's collective step, as on the Java path: a NaN row is named here, not routed anywhere
+        Router.checkFiniteInput(x, wr, describe(getExchange()), f.inputShape.length == 3 ? f.inputShape[2] : 0);
         org.deepep4j.EpMoeForward out;
         INDArray shared;
         if (c.isAsyncCombine()) {

@@ -78,9 +78,43 @@ final class Router {
                 bad = i / e;
             }
         }
-        if (bad < 0) {
+        if (bad >= 0) {
+            throw nonFinite(x, bad, wr, where, timeSteps, true);
+        }
+    }
+
+    /**
+     * The same rule where the router runs in the engine (which would route a NaN row anywhere): one reduction over x
+     * and Wr when they are finite (the usual case), a search for the first bad row only when the sum is not.
+     */
+    static void checkFiniteInput(INDArray x, INDArray wr, String where, long timeSteps) {
+        if (Double.isFinite(x.sumNumber().doubleValue()) && Double.isFinite(wr.sumNumber().doubleValue())) {
             return;
         }
+        if (x.size(0) == 0) {
+            return;
+        }
+        double[] rowSums = x.sum(1).castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
+        for (int r = 0; r < rowSums.length; r++) {
+            if (!Double.isFinite(rowSums[r])) {
+                IllegalArgumentException e = nonFinite(x, r, wr, where, timeSteps, false);
+                if (e != null) {
+                    throw e;
+                }
+            }
+        }
+        if (wr.isNaN().any() || wr.isInfinite().any()) {
+            throw nonFinite(x, 0, wr, where, timeSteps, true);
+        }
+    }
+
+    /**
+     * The error for row {@code bad}: its first NaN / infinite column, else (when {@code orWeights}) the router
+     * weights or an overflow; null when the row is finite and {@code orWeights} is false (a sum that overflowed).
+     */
+    private static IllegalArgumentException nonFinite(INDArray x, int bad, INDArray wr, String where, long timeSteps,
+                                                      boolean orWeights) {
+        long n = x.size(0);
         String row = timeSteps > 0 ? "input token " + bad + " (example " + bad / timeSteps + ", time step "
                 + bad % timeSteps + ")" : "input row " + bad;
         double[] v = x.getRow(bad).castTo(org.nd4j.linalg.api.buffer.DataType.DOUBLE).dup('c').data().asDouble();
@@ -92,12 +126,15 @@ final class Router {
                 why = row + " of " + n + " has " + v[c] + " at column " + c;
             }
         }
+        if (why == null && !orWeights) {
+            return null;
+        }
         if (why == null) {
             why = wr.isNaN().any() || wr.isInfinite().any()
                     ? "the router weights Wr contain NaN or infinity (first affected: " + row + ")"
                     : "the router logits of " + row + " overflow";
         }
-        throw new IllegalArgumentException(where + ": " + why + "; the router needs finite values to choose experts"
+        return new IllegalArgumentException(where + ": " + why + "; the router needs finite values to choose experts"
                 + " (NaN usually means diverged training, e.g. a learning rate too high, or bad data)");
     }
 

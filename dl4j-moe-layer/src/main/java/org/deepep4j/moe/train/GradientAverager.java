@@ -7,6 +7,7 @@ import org.deeplearning4j.nn.api.Model;
 import org.deeplearning4j.optimize.api.BaseTrainingListener;
 import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.factory.Nd4j;
+import org.nd4j.linalg.indexing.NDArrayIndex;
 
 import java.time.Duration;
 import java.util.Map;
@@ -77,37 +78,70 @@ final class GradientAverager {
         return sum;
     }
 
-    /** The listener for rank {@code rank}'s replica. */
+    /**
+     * The listener for rank {@code rank}'s replica. Only the replicated parameters cross ranks (gathered into one
+     * vector, summed, written back as sum / R); the routed experts, usually most of the parameters, are divided by R in
+     * place: no pass or allocation of the whole gradient per step.
+     */
     BaseTrainingListener listener(int rank, NetworkAdapter net) {
-        INDArray replicated = replicatedMask(net);
+        java.util.List<long[]> replicated = new java.util.ArrayList<>();
+        java.util.List<long[]> experts = new java.util.ArrayList<>();
+        paramRanges(net, replicated, experts);
         return new BaseTrainingListener() {
             @Override
             public void onGradientCalculation(Model model) {
                 INDArray g = net.gradients();
-                INDArray sum = sumOverRanks(rank, g);
-                // replicated: sum / R; expert: own / R
-                INDArray local = g.mul(replicated.rsub(1.0));
-                g.assign(sum.muli(replicated).addi(local).divi(size));
+                INDArray flat = g.reshape(g.length());
+                if (flat.data().address() + flat.offset() * flat.data().getElementSize()
+                        != g.data().address() + g.offset() * g.data().getElementSize()) {  // a copy, not a view
+                    throw new IllegalStateException("the flattened gradient is not one contiguous array");
+                }
+                for (long[] r : experts) {  // own / R
+                    flat.get(NDArrayIndex.interval(r[0], r[0] + r[1])).divi(size);
+                }
+                if (replicated.isEmpty()) {
+                    return;
+                }
+                INDArray[] parts = new INDArray[replicated.size()];
+                for (int i = 0; i < parts.length; i++) {
+                    long[] r = replicated.get(i);
+                    parts[i] = flat.get(NDArrayIndex.interval(r[0], r[0] + r[1]));
+                }
+                INDArray sum = sumOverRanks(rank, parts.length == 1 ? parts[0].dup() : Nd4j.concat(0, parts)).divi(size);
+                long at = 0;
+                for (INDArray part : parts) {  // sum / R
+                    part.assign(sum.get(NDArrayIndex.interval(at, at + part.length())));
+                    at += part.length();
+                }
             }
         };
+    }
+
+    /** [offset, length] in the flattened parameters of each replicated parameter, and of each routed-expert one. */
+    static void paramRanges(NetworkAdapter net, java.util.List<long[]> replicated, java.util.List<long[]> experts) {
+        long offset = 0;
+        for (Layer layer : net.layersInParamOrder()) {
+            for (Map.Entry<String, INDArray> p : layer.paramTable().entrySet()) {
+                long n = p.getValue().length();
+                boolean expert = layer instanceof MoELayerImpl && MoEParamInitializer.isExpertParam(p.getKey());
+                (expert ? experts : replicated).add(new long[]{offset, n});
+                offset += n;
+            }
+        }
+        if (offset != net.params().length()) {
+            throw new IllegalStateException("parameter table covers " + offset + " of " + net.params().length()
+                    + " parameters");
+        }
     }
 
     /** 1 where the flattened parameter is replicated on every rank, 0 for routed-expert parameters. */
     static INDArray replicatedMask(NetworkAdapter net) {
         INDArray mask = Nd4j.ones(net.params().dataType(), net.params().shape());
         INDArray flat = mask.reshape(mask.length());
-        long offset = 0;
-        for (Layer layer : net.layersInParamOrder()) {
-            for (Map.Entry<String, INDArray> p : layer.paramTable().entrySet()) {
-                long n = p.getValue().length();
-                if (layer instanceof MoELayerImpl && MoEParamInitializer.isExpertParam(p.getKey())) {
-                    flat.get(org.nd4j.linalg.indexing.NDArrayIndex.interval(offset, offset + n)).assign(0.0);
-                }
-                offset += n;
-            }
-        }
-        if (offset != flat.length()) {
-            throw new IllegalStateException("parameter table covers " + offset + " of " + flat.length() + " parameters");
+        java.util.List<long[]> experts = new java.util.ArrayList<>();
+        paramRanges(net, new java.util.ArrayList<>(), experts);
+        for (long[] r : experts) {
+            flat.get(NDArrayIndex.interval(r[0], r[0] + r[1])).assign(0.0);
         }
         return mask;
     }

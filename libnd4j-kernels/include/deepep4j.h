@@ -293,7 +293,8 @@ DEEPEP4J_API int deepep4j_buffer_sync(deepep4j_buffer* buf, void* stream);
    stream. y and the other inputs must stay unchanged, and out must not be read, until deepep4j_comm_wait(buf, s) has
    ordered a stream s after it (or deepep4j_buffer_sync has returned). The next step of this buffer, on any stream,
    is ordered after it. On CUDA it needs stream_ordered = 1 (else DEEPEP4J_ERR_STATE on every rank); with stream =
-   NULL, and on CPU, it completes on return. */
+   NULL, and on CPU, it completes on return. Known fault: two ranks on one GPU whose peer comes late to this call time
+   out at their next step (README, "Stream-ordered steps"). */
 DEEPEP4J_API int deepep4j_combine_async(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
                                         const deepep4j_combine_args* args, void* stream);
 

@@ -49,8 +49,10 @@ target_compile_options(deepep4j_objects PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${DEE
 # any-R specialisations (template argument DEEPEP4J_MAX_RANKS = 64, mangled "ILi64E"), whose buffers raise the limit.
 option(DEEPEP4J_CHECK_STACK_FRAMES "Fail the build when an engine kernel's stack frame exceeds the default stack" ON)
 if(DEEPEP4J_CHECK_STACK_FRAMES)
-  set_target_properties(deepep4j_objects PROPERTIES CUDA_COMPILER_LAUNCHER
-                        "${CMAKE_COMMAND};-DLIMIT=1024;-DALLOWED=ILi64E;-P;${DEEPEP4J_CUDA_DIR}/stack_frames.cmake;--")
+  # A launcher the user set (ccache, say) still runs: it follows "--" as the start of the command to check.
+  set(stack_check "${CMAKE_COMMAND};-DLIMIT=1024;-DALLOWED=ILi64E;-P;${DEEPEP4J_CUDA_DIR}/stack_frames.cmake;--")
+  list(APPEND stack_check ${CMAKE_CUDA_COMPILER_LAUNCHER})
+  set_target_properties(deepep4j_objects PROPERTIES CUDA_COMPILER_LAUNCHER "${stack_check}")
 endif()
 target_link_libraries(deepep4j_objects PUBLIC CUDA::cudart_static)
 foreach(target deepep4j deepep4j_static)

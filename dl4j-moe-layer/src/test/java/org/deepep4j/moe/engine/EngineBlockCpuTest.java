@@ -4,7 +4,6 @@ import org.deepep4j.EpDevice;
 import org.deepep4j.moe.conf.ExpertResidency;
 import org.deepep4j.moe.layers.EngineBlocks;
 import org.deepep4j.moe.layers.MoELayerImpl;
-import org.deeplearning4j.gradientcheck.GradientCheckUtil;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.util.ModelSerializer;
@@ -16,7 +15,6 @@ import org.nd4j.linalg.dataset.DataSet;
 import org.nd4j.linalg.factory.Nd4j;
 import org.nd4j.linalg.learning.config.AdaGrad;
 import org.nd4j.linalg.learning.config.Adam;
-import org.nd4j.linalg.learning.config.NoOp;
 import org.nd4j.linalg.learning.config.Sgd;
 import org.nd4j.linalg.learning.regularization.WeightDecay;
 
@@ -80,17 +78,8 @@ class EngineBlockCpuTest {
 
     @Test
     void gradientCheckDoublePrecisionHostResidency() {
-        Nd4j.setDefaultDataTypes(DataType.DOUBLE, DataType.DOUBLE);
-        try {
-            MultiLayerNetwork net = new MultiLayerNetwork(net(DataType.DOUBLE, new NoOp(), moe().auxLossCoefficient(0.05)
-                    .sharedExpertFfnSize(3).asyncCombine(true).engineBlock(true).expertResidency(ExpertResidency.HOST)));
-            net.init();
-            DataSet d = DataSet.merge(data(DataType.DOUBLE, 10, 8));
-            assertTrue(GradientCheckUtil.checkGradients(new GradientCheckUtil.MLNConfig().net(net).input(d.getFeatures())
-                    .labels(d.getLabels()).epsilon(1e-6).maxRelError(1e-4).minAbsoluteError(1e-9)));
-        } finally {
-            Nd4j.setDefaultDataTypes(DataType.FLOAT, DataType.FLOAT);
-        }
+        assertTrue(gradientsCheckInDouble(moe().auxLossCoefficient(0.05).sharedExpertFfnSize(3).asyncCombine(true)
+                .engineBlock(true).expertResidency(ExpertResidency.HOST), 8));
     }
 
     @Test

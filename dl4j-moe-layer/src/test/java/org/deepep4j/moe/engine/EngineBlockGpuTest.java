@@ -3,7 +3,6 @@ package org.deepep4j.moe.engine;
 import org.deepep4j.EpDevice;
 import org.deepep4j.moe.conf.ExpertResidency;
 import org.deepep4j.natives.DeepEp4jNative;
-import org.deeplearning4j.gradientcheck.GradientCheckUtil;
 import org.deeplearning4j.nn.multilayer.MultiLayerNetwork;
 import org.deeplearning4j.util.ModelSerializer;
 import org.junit.jupiter.api.Assumptions;
@@ -13,9 +12,7 @@ import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
 import org.nd4j.linalg.api.buffer.DataType;
 import org.nd4j.linalg.dataset.DataSet;
-import org.nd4j.linalg.factory.Nd4j;
 import org.nd4j.linalg.learning.config.Adam;
-import org.nd4j.linalg.learning.config.NoOp;
 
 import java.io.File;
 import java.util.List;
@@ -64,17 +61,8 @@ class EngineBlockGpuTest {
 
     @Test
     void gradientCheckDoublePrecisionOnGpu() {
-        Nd4j.setDefaultDataTypes(DataType.DOUBLE, DataType.DOUBLE);
-        try {
-            MultiLayerNetwork net = new MultiLayerNetwork(net(DataType.DOUBLE, new NoOp(), moe().sharedExpertFfnSize(3)
-                    .engineBlock(true).device(EpDevice.CUDA).expertResidency(ExpertResidency.HOST)));
-            net.init();
-            DataSet d = DataSet.merge(data(DataType.DOUBLE, 10, 23));
-            assertTrue(GradientCheckUtil.checkGradients(new GradientCheckUtil.MLNConfig().net(net).input(d.getFeatures())
-                    .labels(d.getLabels()).epsilon(1e-6).maxRelError(1e-4).minAbsoluteError(1e-9)));
-        } finally {
-            Nd4j.setDefaultDataTypes(DataType.FLOAT, DataType.FLOAT);
-        }
+        assertTrue(gradientsCheckInDouble(moe().sharedExpertFfnSize(3).engineBlock(true).device(EpDevice.CUDA)
+                .expertResidency(ExpertResidency.HOST), 23));
     }
 
     @Test

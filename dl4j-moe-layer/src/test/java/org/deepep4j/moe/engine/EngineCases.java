@@ -6,6 +6,7 @@ import org.deepep4j.EpGroup;
 import org.deepep4j.moe.conf.MoELayer;
 import org.deepep4j.moe.layers.MoELayerImpl;
 import org.deepep4j.moe.train.ExpertParallelTrainer;
+import org.deeplearning4j.gradientcheck.GradientCheckUtil;
 import org.deeplearning4j.datasets.iterator.utilty.ListDataSetIterator;
 import org.deeplearning4j.nn.conf.MultiLayerConfiguration;
 import org.deeplearning4j.nn.conf.NeuralNetConfiguration;
@@ -22,6 +23,7 @@ import org.nd4j.linalg.api.ndarray.INDArray;
 import org.nd4j.linalg.dataset.DataSet;
 import org.nd4j.linalg.factory.Nd4j;
 import org.nd4j.linalg.learning.config.IUpdater;
+import org.nd4j.linalg.learning.config.NoOp;
 import org.nd4j.linalg.lossfunctions.LossFunctions;
 
 import java.util.ArrayList;
@@ -57,6 +59,23 @@ public final class EngineCases {
                 .layer(new OutputLayer.Builder(LossFunctions.LossFunction.MCXENT).nOut(CLASSES)
                         .activation(Activation.SOFTMAX).build())
                 .setInputType(InputType.feedForward(H)).build();
+    }
+
+    /**
+     * DL4J's gradient check of {@link #net} with {@code moe}, in double precision, on 10 examples of {@code seed}
+     * (the default data types are double meanwhile and float again after).
+     */
+    public static boolean gradientsCheckInDouble(MoELayer.Builder moe, long seed) {
+        Nd4j.setDefaultDataTypes(DataType.DOUBLE, DataType.DOUBLE);
+        try {
+            MultiLayerNetwork net = new MultiLayerNetwork(net(DataType.DOUBLE, new NoOp(), moe));
+            net.init();
+            DataSet d = DataSet.merge(data(DataType.DOUBLE, 10, seed));
+            return GradientCheckUtil.checkGradients(new GradientCheckUtil.MLNConfig().net(net).input(d.getFeatures())
+                    .labels(d.getLabels()).epsilon(1e-6).maxRelError(1e-4).minAbsoluteError(1e-9));
+        } finally {
+            Nd4j.setDefaultDataTypes(DataType.FLOAT, DataType.FLOAT);
+        }
     }
 
     public static List<DataSet> data(DataType type, int examples, long seed) {

@@ -362,6 +362,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         engine.pushIfStale();
         long t1 = System.nanoTime();
         INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
+        long[] staged0 = block.stagingStats();
         INDArray wr = params.get(MoEParamInitializer.ROUTER_WEIGHT);
         INDArray br = params.get(MoEParamInitializer.ROUTER_BIAS);
         // before the engine's collective step, as on the Java path: a NaN row is named here, not routed anywhere
@@ -378,6 +379,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         }
         times.syncNs += t1 - t0;
         times.engineNs += System.nanoTime() - t1 - times.sharedNs;
+        addStaging(staged0, block.stagingStats());
         f.tokens = x.size(0);
         f.load = out.expertLoad();
         lastAuxLoss = out.auxLoss();
@@ -393,7 +395,10 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     private INDArray engineBackward(INDArray g, Forward f, INDArray into) {
         MoELayer c = layerConf();
         long t0 = System.nanoTime();
-        org.deepep4j.EpMoeBackward b = engine.block(getExchange(), dataType).backward(g, input.size(0), false, into);
+        org.deepep4j.EpMoeBlock block = engine.block(getExchange(), dataType);
+        long[] staged0 = block.stagingStats();
+        org.deepep4j.EpMoeBackward b = block.backward(g, input.size(0), false, into);
+        addStaging(staged0, block.stagingStats());
         stepInProgress = layerConf().expertsUpdatedByEngine();  // until the engine's step (or the next forward)
         long t1 = System.nanoTime();
         times.engineNs += t1 - t0;
@@ -411,6 +416,11 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         INDArray gShared = sharedBackward(g, f);
         INDArray gx = b.gradX().dataType() == g.dataType() ? b.gradX() : b.gradX().castTo(g.dataType());
         return gShared == null ? gx : into != null ? gx.addi(gShared) : gx.add(gShared);
+    }
+
+    private void addStaging(long[] before, long[] after) {
+        times.stagingBytes += after[0] - before[0] + after[1] - before[1];
+        times.stagingNs += after[2] - before[2];
     }
 
     /** Aux-loss-free balancing step of the selection bias (as {@link Router#biasStep}), from the engine's load. */

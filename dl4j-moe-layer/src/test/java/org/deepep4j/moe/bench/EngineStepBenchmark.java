@@ -57,8 +57,10 @@ public final class EngineStepBenchmark {
                 + " | engine host staging copies ms (share of step) |");
         System.out.println("|---|---|---|---|---|---|---|---|");
         double base = Double.NaN;
+        java.util.Map<String, Double> stepMs = new java.util.LinkedHashMap<>();
         for (String p : paths) {
             Result r = run(p.trim(), h, f, e, k, ranks, tokens, steps);
+            stepMs.put(p.trim(), r.stepMs);
             if (p.trim().equals("java-cpu")) {
                 base = r.stepMs;
             }
@@ -70,6 +72,13 @@ public final class EngineStepBenchmark {
             if (p.trim().equals("engine-cuda")) {
                 staging(r.stagingBytes, ranks, r.stepMs);
             }
+        }
+        if (!Double.isNaN(base)) {  // whatever the order of the paths
+            StringBuilder b = new StringBuilder("  speed-up vs java-cpu (same run):");
+            for (java.util.Map.Entry<String, Double> m : stepMs.entrySet()) {
+                b.append(String.format(Locale.ROOT, " %s %.1fx", m.getKey(), base / m.getValue()));
+            }
+            System.out.println(b);
         }
     }
 

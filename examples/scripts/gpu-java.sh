@@ -11,7 +11,8 @@
 #   there, run 1:  bash DIR/part1/gpu-java.sh unpack1 DIR/part1
 #   there, run 2 (issued right after run 1 returns):  bash DIR/part2/gpu-java.sh run DIR/part2 "$OUT"
 #         -> checks that part 1 is still unpacked (says so plainly and stops if not: start again from run 1),
-#            unpacks part 2, runs the tests, the benchmarks and the main job; logs in $OUT.
+#            unpacks part 2, runs the tests, the step benchmark at the 2048-wide shape, the queue copies, the main job,
+#            the step benchmark at the example's shape and the staging benchmark, in that order; logs in $OUT.
 set -euo pipefail
 ROOT=/tmp/deepep4j-java
 MODULES="java.base,java.logging,java.management,java.naming,java.sql,java.xml,java.desktop,jdk.unsupported,java.scripting,jdk.management,java.instrument,jdk.zipfs"
@@ -79,30 +80,37 @@ run() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" || true
   local java="$ROOT/jre/bin/java -Xmx48g -Dorg.bytedeco.javacpp.maxbytes=0 -Dorg.bytedeco.javacpp.maxphysicalbytes=0"
   local cp="$ROOT/lib/*"
-  # EAGER: ranks sharing one GPU must not load a kernel lazily inside a step (README, "Two ranks on one GPU")
-  export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 CUDA_MODULE_LOADING=EAGER LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  # EAGER: ranks sharing one GPU must not load a kernel lazily inside a step (README, "Two ranks on one GPU");
+  # 32 connections: stream-ordered ranks sharing one GPU each need hardware queues of their own
+  export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 CUDA_MODULE_LOADING=EAGER CUDA_DEVICE_MAX_CONNECTIONS=32 \
+      LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   local rc=0
   echo "== GPU-tagged JUnit tests"
-  # EpBufferGpuTest: host arrays, device arrays and SameDiff ops on CUDA vs the CPU (1 rank, 2 ranks on one GPU);
-  # EngineBlockGpuTest: the MoELayer engine block on CUDA vs the Java CPU path (EP1, EP2 sharing the GPU)
-  timeout 170 $java -Dopexec=org.deepep4j.samediff.DeepEpExecutioner -jar "$ROOT/tests/junit-platform-console-standalone-1.10.2.jar" \
+  # EpBufferGpuTest: host arrays, device arrays, stream-ordered steps, reused outputs and SameDiff ops on CUDA vs the
+  # CPU (1 rank, 2 ranks on one GPU); EngineBlockGpuTest: the MoELayer engine block on CUDA vs the Java CPU path (EP1,
+  # EP2 sharing the GPU)
+  timeout 180 $java -Dopexec=org.deepep4j.samediff.DeepEpExecutioner -jar "$ROOT/tests/junit-platform-console-standalone-1.10.2.jar" \
       execute --class-path "$ROOT/tests/nd4j-deepep-ops-tests.jar:$ROOT/tests/dl4j-moe-layer-tests.jar:$(ls "$ROOT"/lib/*.jar | tr '\n' ':')" \
       --select-class org.deepep4j.EpBufferGpuTest --select-class org.deepep4j.moe.engine.EngineBlockGpuTest \
       --details=tree --disable-banner 2>&1 | tee "$out/gpu-tests.log" || rc=1
-  echo "== EpBuffer on CUDA: host arrays (staged) vs device arrays"
+  echo "== MoELayer training step, Java CPU path vs engine block on the GPU: the 2048-wide shape, 2 ranks sharing the GPU"
+  bench() {
+    timeout 150 $java -cp "$cp:$ROOT/tests/dl4j-moe-layer-tests.jar" org.deepep4j.moe.bench.EngineStepBenchmark "$@" 2>&1 \
+        | grep -v ' INFO ' | tee -a "$out/bench.log"
+  }
+  bench 2048 768 64 8 2 4096 3 engine-cuda,java-cpu || rc=1
+  echo "== a rank's queue copies by copy threads (CUDA, 32 MB)"
+  timeout 25 $java -cp "$cp:$ROOT/tests/nd4j-deepep-ops-tests.jar" org.deepep4j.StagingBenchmark copy 32 1,2,4,8 \
+      2>&1 | grep -v ' INFO ' | tee -a "$out/staging.log" || rc=1
+  echo "== main job, --device cuda"
+  (cd "$ROOT" && timeout 60 $java -jar deepep4j-examples.jar --device cuda --out "$ROOT/out") 2>&1 | tee "$out/main-cuda.log" || rc=1
+  echo "== MoELayer training step at the example's shape"
+  bench 64 128 8 2 2 512 10 java-cpu,engine-cpu,engine-cuda || rc=1
+  echo "== EpBuffer on CUDA: host arrays (staged; fresh / reused outputs) vs device arrays"
   for ranks in 1 2; do
-    timeout 45 $java -cp "$cp:$ROOT/tests/nd4j-deepep-ops-tests.jar" org.deepep4j.StagingBenchmark 2048 4096 64 8 $ranks 5 \
+    timeout 40 $java -cp "$cp:$ROOT/tests/nd4j-deepep-ops-tests.jar" org.deepep4j.StagingBenchmark 2048 4096 64 8 $ranks 5 \
         2>&1 | grep -v ' INFO ' | tee -a "$out/staging.log" || rc=1
   done
-  echo "== MoELayer training step, Java CPU path vs engine block on the GPU"
-  # the example's shape; the 2048-wide shape on 1 rank, then on 2 ranks sharing the GPU beside the Java CPU path
-  for shape in "64 128 8 2 2 512 10 java-cpu,engine-cpu,engine-cuda" "2048 768 64 8 1 4096 3 engine-cuda" \
-               "2048 768 64 8 2 4096 3 engine-cuda,java-cpu"; do
-    timeout 150 $java -cp "$cp:$ROOT/tests/dl4j-moe-layer-tests.jar" org.deepep4j.moe.bench.EngineStepBenchmark $shape 2>&1 \
-        | grep -v ' INFO ' | tee -a "$out/bench.log" || rc=1
-  done
-  echo "== main job, --device cuda"
-  (cd "$ROOT" && timeout 90 $java -jar deepep4j-examples.jar --device cuda --out "$ROOT/out") 2>&1 | tee "$out/main-cuda.log" || rc=1
   return $rc
 }
 

@@ -125,6 +125,8 @@ typedef struct deepep4j_config {
                                         queued on it and return without waiting for the GPU (see "Stream-ordered
                                         mode" below); 0 = every call completes before it returns. All ranks must
                                         agree. The CPU backend accepts both and always completes on return. */
+  int32_t host_copy_threads;         /* threads a rank uses to copy host arrays to and from staging (queues, the MoE
+                                        block's HOST memory), in [0, 64]; 0 = automatic: cores / ranks, at most 8 */
 } deepep4j_config;
 
 typedef enum deepep4j_cuda_transfer {
@@ -135,8 +137,9 @@ typedef enum deepep4j_cuda_transfer {
 } deepep4j_cuda_transfer;
 
 /* Fills defaults: 256 MiB buffer, 20 SMs, chunk 16 tokens, ring 128 tokens, 60 s timeout, CPU device 0, deepep, auto
-   threads, max_hidden_bytes 0, cuda_transfer AUTO, ce_chunks 4, cuda_trace 0, cpu_direct 1, stream_ordered 0. The
-   environment gives other defaults for the last five (and only here; the library reads no environment elsewhere):
+   threads, max_hidden_bytes 0, cuda_transfer AUTO, ce_chunks 4, cuda_trace 0, cpu_direct 1, stream_ordered 0,
+   host_copy_threads 0 (automatic). The environment gives other defaults for cuda_transfer .. stream_ordered (and
+   only here; the library reads no environment elsewhere):
    DEEPEP4J_CUDA_TRANSFER = auto | sm | copy_engine, DEEPEP4J_CE_CHUNKS = n, DEEPEP4J_CUDA_TRACE = 1,
    DEEPEP4J_CPU_DIRECT = 0, DEEPEP4J_STREAM_ORDERED = 1. A value that is none of these makes the field invalid (-1), which buffer_create rejects
    naming the field. */
@@ -465,7 +468,7 @@ typedef struct deepep4j_moe_forward_args {
 } deepep4j_moe_forward_args;
 
 /* Collective. 0 <= N <= max_tokens. The routing and activations, and copies of x and router_weight, are kept for the
-   next backward. memory = DEVICE: outputs are ordered on `stream` either way. memory = HOST: async_combine = 0 returns
+   next backward. Outputs must not overlap any input of the call (also in backward). memory = DEVICE: outputs are ordered on `stream` either way. memory = HOST: async_combine = 0 returns
    with y / topk_* filled; 1 returns once the work is queued and deepep4j_moe_wait fills them. A bad argument on one rank
    is INVALID_ARGUMENT there and PEER_ERROR on the others; outputs stay untouched. */
 DEEPEP4J_API int deepep4j_moe_forward(deepep4j_moe* moe, int64_t num_tokens, const deepep4j_moe_forward_args* args,
@@ -485,6 +488,19 @@ typedef struct deepep4j_moe_backward_args {
 
 /* Collective. Backward of the last forward, with its routing (cached dispatch / combine). */
 DEEPEP4J_API int deepep4j_moe_backward(deepep4j_moe* moe, const deepep4j_moe_backward_args* args, void* stream);
+
+/* What host-array staging (memory = HOST on a GPU) cost the block since create: bytes copied from the caller's
+   arrays to the device and back, and the host time of those copies (caller's array <-> pinned memory, by
+   config.host_copy_threads threads, including queueing the transfers of the inputs; not the wait for the device).
+   All zero on the CPU device, where HOST arrays are used in place. */
+typedef struct deepep4j_moe_staging {
+  int64_t bytes_in;
+  int64_t bytes_out;
+  int64_t host_copy_ns;
+} deepep4j_moe_staging;
+
+/* Local. Fills *out with the block's staging totals. */
+DEEPEP4J_API int deepep4j_moe_staging_stats(const deepep4j_moe* moe, deepep4j_moe_staging* out);
 
 typedef enum deepep4j_optimizer_kind {
   DEEPEP4J_OPT_SGD = 0,

@@ -65,6 +65,7 @@ void deepep4j_config_init(deepep4j_config* c) {
   c->backend = DEEPEP4J_BACKEND_DEEPEP;
   c->num_threads = 0;
   c->max_hidden_bytes = 0;
+  c->host_copy_threads = 0;
   // Defaults from the environment (the only place the library reads it); a bad value is kept invalid for
   // buffer_create to name.
   const char* v = getenv("DEEPEP4J_CUDA_TRANSFER");

@@ -13,7 +13,7 @@ int make_cuda_backend(int32_t, int32_t, const deepep4j_config&, std::unique_ptr<
 
 int cuda_device_count() { return 0; }
 
-int make_cuda_queue(int32_t, int32_t, int32_t, std::unique_ptr<Queue>*) {
+int make_cuda_queue(int32_t, int32_t, int32_t, int, std::unique_ptr<Queue>*) {
   return set_error(DEEPEP4J_ERR_UNAVAILABLE,
                    "deepep4j_queue on DEEPEP4J_DEVICE_CUDA: this build of deepep4j has no CUDA backend (built without nvcc)");
 }

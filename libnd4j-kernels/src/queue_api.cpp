@@ -4,6 +4,7 @@
 
 #include "common/backend.h"
 #include "common/guarded.h"
+#include "common/host_copy.h"
 #include "common/queue.h"
 #include "deepep4j.h"
 
@@ -37,8 +38,9 @@ int deepep4j_queue_create(deepep4j_buffer* buf, deepep4j_queue** out) {
     auto q = std::make_unique<deepep4j_queue>();
     q->owner = buf;
     const deepep4j_config& c = buf->config;
-    int st = c.device == DEEPEP4J_DEVICE_CUDA ? make_cuda_queue(buf->rank, c.device_id, c.timeout_ms, &q->impl)
-                                              : make_cpu_queue(buf->rank, &q->impl);
+    const int threads = HostCopier::resolve(c.host_copy_threads, buf->num_ranks);
+    int st = c.device == DEEPEP4J_DEVICE_CUDA ? make_cuda_queue(buf->rank, c.device_id, c.timeout_ms, threads, &q->impl)
+                                              : make_cpu_queue(buf->rank, threads, &q->impl);
     if (st != DEEPEP4J_OK) return st;
     *out = q.release();
     return ok();

@@ -7,10 +7,11 @@
 
 namespace {
 
-deepep4j_buffer* cpu_buffer() {
+deepep4j_buffer* cpu_buffer(int32_t host_copy_threads = 0) {
   deepep4j_config c;
   deepep4j_config_init(&c);
   c.buffer_bytes = 1 << 20;
+  c.host_copy_threads = host_copy_threads;
   deepep4j_buffer* b = nullptr;
   if (deepep4j_buffer_create(0, 1, &c, &b) != DEEPEP4J_OK) return nullptr;
   return b;
@@ -49,6 +50,34 @@ TEST(round_trip_through_device_memory) {
   REQUIRE_OK(deepep4j_queue_destroy(q));
   REQUIRE_OK(deepep4j_queue_destroy(nullptr));
   deepep4j_buffer_destroy(b);
+}
+
+// Copies split over 3 threads (slices not multiples of the chunk or of each other) land every byte in place.
+TEST(copies_split_over_threads_land_every_byte) {
+  deepep4j_buffer* b = cpu_buffer(3);
+  REQUIRE(b != nullptr);
+  deepep4j_queue* q = nullptr;
+  REQUIRE_OK(deepep4j_queue_create(b, &q));
+  for (int64_t bytes : {int64_t(3) << 20, (int64_t(5) << 20) + 68, int64_t(1) << 19, int64_t(100)}) {
+    std::vector<uint8_t> in(static_cast<size_t>(bytes)), out(static_cast<size_t>(bytes), 0);
+    for (int64_t i = 0; i < bytes; ++i) in[size_t(i)] = uint8_t((i * 131 + bytes) % 251);
+    void* d = nullptr;
+    REQUIRE_OK(deepep4j_device_alloc(q, bytes, &d));
+    REQUIRE_OK(deepep4j_copy_to_device(q, d, in.data(), bytes));
+    REQUIRE_OK(deepep4j_copy_to_host(q, out.data(), d, bytes));
+    REQUIRE_OK(deepep4j_queue_synchronize(q));
+    CHECK_MSG(in == out, "%lld bytes: the copy back differs", (long long)bytes);
+    REQUIRE_OK(deepep4j_device_free(q, d));
+  }
+  REQUIRE_OK(deepep4j_queue_destroy(q));
+  deepep4j_buffer_destroy(b);
+  deepep4j_config c;
+  deepep4j_config_init(&c);
+  CHECK(c.host_copy_threads == 0);
+  c.host_copy_threads = 65;
+  deepep4j_buffer* bad = nullptr;
+  CHECK_ERR(deepep4j_buffer_create(0, 1, &c, &bad), DEEPEP4J_ERR_INVALID_ARGUMENT, "host_copy_threads = 65",
+            "[0, 64]");
 }
 
 TEST(bad_arguments_are_named) {

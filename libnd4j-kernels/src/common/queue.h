@@ -21,9 +21,9 @@ class Queue {
   virtual int synchronize() = 0;
 };
 
-// rank and timeout_ms name the queue in errors and bound its waits.
-int make_cpu_queue(int32_t rank, std::unique_ptr<Queue>* out);
-int make_cuda_queue(int32_t rank, int32_t device_id, int32_t timeout_ms, std::unique_ptr<Queue>* out);
+// rank and timeout_ms name the queue in errors and bound its waits; copy_threads copy host arrays (HostCopier).
+int make_cpu_queue(int32_t rank, int copy_threads, std::unique_ptr<Queue>* out);
+int make_cuda_queue(int32_t rank, int32_t device_id, int32_t timeout_ms, int copy_threads, std::unique_ptr<Queue>* out);
 
 }  // namespace deepep4j
 

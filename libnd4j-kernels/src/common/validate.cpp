@@ -43,6 +43,8 @@ Check check_config(int32_t rank, int32_t num_ranks, const deepep4j_config& c) {
                        c.backend);
   if (c.num_threads < 0 || c.num_threads > 64)
     return Check::fail(E_ARG, "num_threads = %d: must be in [0, 64] (0 = automatic)", c.num_threads);
+  if (c.host_copy_threads < 0 || c.host_copy_threads > 64)
+    return Check::fail(E_ARG, "host_copy_threads = %d: must be in [0, 64] (0 = automatic)", c.host_copy_threads);
   if (c.max_hidden_bytes < 0)
     return Check::fail(E_ARG, "max_hidden_bytes = %d: must be >= 0 (0 = checked at dispatch)", c.max_hidden_bytes);
   if (c.cuda_transfer != DEEPEP4J_CUDA_TRANSFER_AUTO && c.cuda_transfer != DEEPEP4J_CUDA_TRANSFER_SM &&

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common/backend.h"
+#include "common/host_copy.h"
 #include "common/queue.h"
 
 namespace deepep4j {
@@ -12,7 +13,7 @@ namespace {
 
 class HostQueue final : public Queue {
  public:
-  explicit HostQueue(int32_t rank) : rank_(rank) {}
+  HostQueue(int32_t rank, int copy_threads) : rank_(rank), copier_(copy_threads) {}
   void* stream() const override { return nullptr; }
 
   int alloc(int64_t bytes, void** out) override {
@@ -28,24 +29,28 @@ class HostQueue final : public Queue {
     std::free(device);
     return ok();
   }
-  int to_device(void* device, const void* host, int64_t bytes) override {
-    std::memmove(device, host, size_t(bytes));
-    return ok();
-  }
-  int to_host(void* host, const void* device, int64_t bytes) override {
-    std::memmove(host, device, size_t(bytes));
-    return ok();
-  }
+  int to_device(void* device, const void* host, int64_t bytes) override { return copy(device, host, bytes); }
+  int to_host(void* host, const void* device, int64_t bytes) override { return copy(host, device, bytes); }
   int synchronize() override { return ok(); }
 
  private:
+  // Overlapping arrays (a caller's choice on the CPU device, where both sides are host memory) keep memmove's rule.
+  int copy(void* dst, const void* src, int64_t bytes) {
+    const auto* d = static_cast<const uint8_t*>(dst);
+    const auto* s = static_cast<const uint8_t*>(src);
+    if (d < s + bytes && s < d + bytes) std::memmove(dst, src, size_t(bytes));
+    else copier_.copy(dst, src, size_t(bytes));
+    return ok();
+  }
+
   int32_t rank_;
+  HostCopier copier_;
 };
 
 }  // namespace
 
-int make_cpu_queue(int32_t rank, std::unique_ptr<Queue>* out) {
-  out->reset(new HostQueue(rank));
+int make_cpu_queue(int32_t rank, int copy_threads, std::unique_ptr<Queue>* out) {
+  out->reset(new HostQueue(rank, copy_threads));
   return ok();
 }
 

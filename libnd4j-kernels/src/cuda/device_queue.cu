@@ -1,6 +1,6 @@
 // device_queue.cu — deepep4j_queue on a GPU: a non-blocking stream, device arrays from a pool of its own (stream
 // ordered, kept cached between steps), and host arrays staged through pinned memory in chunks so the host copy of a
-// chunk overlaps the transfer of the one before. Nothing here waits for the whole device: on a GPU shared by ranks a
+// chunk (by the queue's copy threads, HostCopier) overlaps the transfer of the one before. Nothing here waits for the whole device: on a GPU shared by ranks a
 // device-wide wait (cudaFree, cudaDeviceSynchronize) could wait for a peer's kernel that spins until this rank comes.
 #include <algorithm>
 #include <chrono>
@@ -9,13 +9,17 @@
 #include <thread>
 #include <vector>
 
+#include "common/host_copy.h"
 #include "common/queue.h"
 #include "cuda_util.h"
 
 namespace deepep4j {
 namespace {
 
-constexpr size_t kChunk = size_t(4) << 20;      // staging chunk: small enough to overlap, large enough for full PCIe rate
+// staging chunk: small enough to overlap, large enough for full PCIe rate; times the copy threads, so each thread's
+// share of a chunk stays >= 1 MiB
+constexpr size_t kChunkPerThread = size_t(1) << 20;
+constexpr size_t kMinChunk = size_t(4) << 20;
 constexpr size_t kFirstBlock = size_t(16) << 20;
 
 int64_t now_ms() {
@@ -25,7 +29,9 @@ int64_t now_ms() {
 
 class DeviceQueue final : public Queue {
  public:
-  DeviceQueue(int32_t rank, int32_t device, int32_t timeout_ms) : rank_(rank), device_(device), timeout_ms_(timeout_ms) {}
+  DeviceQueue(int32_t rank, int32_t device, int32_t timeout_ms, int copy_threads)
+      : rank_(rank), device_(device), timeout_ms_(timeout_ms), copier_(copy_threads),
+        chunk_(std::max(kMinChunk, size_t(copier_.threads()) * kChunkPerThread)) {}
 
   ~DeviceQueue() override {
     cudaSetDevice(device_);
@@ -67,11 +73,11 @@ class DeviceQueue final : public Queue {
 
   int to_device(void* device, const void* host, int64_t bytes) override {
     DEEPEP4J_CUDA_TRY(cudaSetDevice(device_));
-    for (size_t off = 0; off < size_t(bytes); off += kChunk) {
-      const size_t n = std::min(kChunk, size_t(bytes) - off);
+    for (size_t off = 0; off < size_t(bytes); off += chunk_) {
+      const size_t n = std::min(chunk_, size_t(bytes) - off);
       uint8_t* stage = nullptr;
       if (int st = take(n, &stage)) return st;
-      std::memcpy(stage, static_cast<const uint8_t*>(host) + off, n);
+      copier_.copy(stage, static_cast<const uint8_t*>(host) + off, n);
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(static_cast<uint8_t*>(device) + off, stage, n, cudaMemcpyHostToDevice, stream_));
     }
     return ok();
@@ -79,8 +85,8 @@ class DeviceQueue final : public Queue {
 
   int to_host(void* host, const void* device, int64_t bytes) override {
     DEEPEP4J_CUDA_TRY(cudaSetDevice(device_));
-    for (size_t off = 0; off < size_t(bytes); off += kChunk) {
-      const size_t n = std::min(kChunk, size_t(bytes) - off);
+    for (size_t off = 0; off < size_t(bytes); off += chunk_) {
+      const size_t n = std::min(chunk_, size_t(bytes) - off);
       uint8_t* stage = nullptr;
       if (int st = take(n, &stage)) return st;
       DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(stage, static_cast<const uint8_t*>(device) + off, n, cudaMemcpyDeviceToHost,
@@ -100,7 +106,7 @@ class DeviceQueue final : public Queue {
     for (const Pending& p : pending_) {
       st = wait_for([&] { return cudaEventQuery(p.done); }, "deepep4j_queue_synchronize");
       if (st != DEEPEP4J_OK) break;
-      std::memcpy(p.host, p.stage, p.bytes);
+      copier_.copy(p.host, p.stage, p.bytes);
     }
     if (st == DEEPEP4J_OK) st = wait_for([&] { return cudaStreamQuery(stream_); }, "deepep4j_queue_synchronize");
     pending_.clear();
@@ -164,6 +170,8 @@ class DeviceQueue final : public Queue {
   }
 
   int32_t rank_, device_, timeout_ms_;
+  HostCopier copier_;
+  size_t chunk_;
   cudaStream_t stream_ = nullptr;
   cudaMemPool_t pool_ = nullptr;
   std::vector<std::pair<uint8_t*, size_t>> blocks_;
@@ -175,8 +183,9 @@ class DeviceQueue final : public Queue {
 
 }  // namespace
 
-int make_cuda_queue(int32_t rank, int32_t device_id, int32_t timeout_ms, std::unique_ptr<Queue>* out) {
-  auto q = std::make_unique<DeviceQueue>(rank, device_id, timeout_ms);
+int make_cuda_queue(int32_t rank, int32_t device_id, int32_t timeout_ms, int copy_threads,
+                    std::unique_ptr<Queue>* out) {
+  auto q = std::make_unique<DeviceQueue>(rank, device_id, timeout_ms, copy_threads);
   if (int st = q->init()) return st;
   *out = std::move(q);
   return ok();

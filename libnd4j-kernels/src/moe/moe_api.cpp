@@ -200,6 +200,7 @@ int deepep4j_moe_create(deepep4j_buffer* buf, const deepep4j_moe_config* config,
     st = buf->config.device == DEEPEP4J_DEVICE_CUDA ? make_cuda_moe_ops(buf->config.device_id, &m->ops)
                                                     : make_cpu_moe_ops(&m->ops);
     if (st) return fail_collective(buf, st);
+    m->copier = std::make_unique<HostCopier>(HostCopier::resolve(buf->config.host_copy_threads, buf->num_ranks));
     st = block_create(m.get());
     if (st) return st;
     *out = m.release();
@@ -275,6 +276,13 @@ int deepep4j_moe_backward(deepep4j_moe* moe, const deepep4j_moe_backward_args* a
     if (!st && stream == nullptr) st = moe->ops->synchronize();
     return st ? st : ok();
   });
+}
+
+int deepep4j_moe_staging_stats(const deepep4j_moe* moe, deepep4j_moe_staging* out) {
+  if (int st = need_moe(moe, "deepep4j_moe_staging_stats")) return st;
+  if (out == nullptr) return set_error(E_ARG, "out = NULL: nowhere to write the staging totals");
+  *out = moe->staging;
+  return ok();
 }
 
 void deepep4j_optimizer_init(deepep4j_optimizer* o, int32_t kind) {

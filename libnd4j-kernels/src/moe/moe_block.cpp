@@ -18,6 +18,7 @@
 #include "moe_block.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cinttypes>
 #include <cstring>
 #include <mutex>
@@ -60,6 +61,27 @@ void free_workspace(deepep4j_moe* b, Workspace& w) {
 
 bool staged(const deepep4j_moe* b, int32_t memory) { return memory == DEEPEP4J_MEMORY_HOST && b->ops->on_device(); }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A host input into the device array of `w` through its pinned twin, chunk by chunk: the copy threads fill chunk i+1
+// while chunk i travels (the transfers are queued on the block's stream).
+int copy_in_chunks(deepep4j_moe* b, Workspace& w, const void* user, size_t bytes) {
+  const size_t chunk = std::max(size_t(4) << 20, size_t(b->copier->threads()) << 20);
+  const int64_t t0 = now_ns();
+  for (size_t off = 0; off < bytes; off += chunk) {
+    const size_t n = std::min(chunk, bytes - off);
+    uint8_t* host = static_cast<uint8_t*>(w.host) + off;
+    b->copier->copy(host, static_cast<const uint8_t*>(user) + off, n);
+    if (int st = b->ops->copy(static_cast<uint8_t*>(w.ptr) + off, host, n, Copy::kHostToDevice)) return st;
+  }
+  b->staging.bytes_in += int64_t(bytes);
+  b->staging.host_copy_ns += now_ns() - t0;
+  return DEEPEP4J_OK;
+}
+
 // A device copy of a host-memory input (through pinned staging on a GPU); device memory is used as is.
 int stage_in(deepep4j_moe* b, int32_t memory, const void* user, size_t bytes, Workspace& w, const void** out) {
   if (user == nullptr || !staged(b, memory)) {
@@ -68,8 +90,7 @@ int stage_in(deepep4j_moe* b, int32_t memory, const void* user, size_t bytes, Wo
   }
   if (int st = ensure(b, w, bytes)) return st;
   if (int st = ensure_host(b, w, bytes)) return st;
-  std::memcpy(w.host, user, bytes);
-  if (int st = b->ops->copy(w.ptr, w.host, bytes, Copy::kHostToDevice)) return st;
+  if (int st = copy_in_chunks(b, w, user, bytes)) return st;
   *out = w.ptr;
   return DEEPEP4J_OK;
 }
@@ -82,8 +103,7 @@ int keep_in(deepep4j_moe* b, int32_t memory, const void* user, size_t bytes, Wor
   if (bytes == 0) return DEEPEP4J_OK;
   if (!staged(b, memory)) return b->ops->copy(w.ptr, user, bytes, Copy::kDeviceToDevice);
   if (int st = ensure_host(b, w, bytes)) return st;
-  std::memcpy(w.host, user, bytes);
-  return b->ops->copy(w.ptr, w.host, bytes, Copy::kHostToDevice);
+  return copy_in_chunks(b, w, user, bytes);
 }
 
 // Queues a device-to-host copy of a block array into the pinned staging of `w`, finished at finish_outputs.
@@ -117,8 +137,14 @@ int queue_out(deepep4j_moe* b, int32_t memory, void* user, size_t bytes, Workspa
 int finish_outputs(deepep4j_moe* b) {
   if (b->pending_copies.empty()) return DEEPEP4J_OK;
   int st = b->ops->synchronize();
-  if (st == DEEPEP4J_OK)
-    for (auto& c : b->pending_copies) std::memcpy(c.first, c.second.first, c.second.second);
+  if (st == DEEPEP4J_OK) {
+    const int64_t t0 = now_ns();
+    for (auto& c : b->pending_copies) {
+      b->copier->copy(c.first, c.second.first, c.second.second);
+      b->staging.bytes_out += int64_t(c.second.second);
+    }
+    b->staging.host_copy_ns += now_ns() - t0;
+  }
   b->pending_copies.clear();
   return st;
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../common/backend.h"
+#include "../common/host_copy.h"
 #include "moe_ops.h"
 
 namespace deepep4j {
@@ -46,6 +47,10 @@ struct deepep4j_moe {
   std::vector<int32_t> counts;   // [L]
   int pending_status = DEEPEP4J_OK;  // error of an async forward, reported by wait
   std::vector<std::pair<void*, std::pair<const void*, size_t>>> pending_copies;  // host outputs to finish at wait
+
+  // Host-array staging (HOST memory on a GPU): the copy threads and what they did since create.
+  std::unique_ptr<deepep4j::HostCopier> copier;
+  deepep4j_moe_staging staging{};
 
   // Workspaces, by name (see moe_block.cpp).
   deepep4j::moe::Workspace x, wr, bias, replay, scores, topk_idx, gate, weights, weights_f32, gate_sum, load, prob_sum,

@@ -43,9 +43,12 @@ public final class EpBuffer implements AutoCloseable {
   private long stream;
   /** Whether this rank's last collective call ended in an error: then every rank has seen that step fail. */
   private boolean lastStepFailed;
+  /** Stream-ordered steps (CUDA deepep, config or its environment default): calls on device arrays only queue. */
+  private final boolean streamOrdered;
 
   private EpBuffer(EpGroup group, int rank, EpConfig config, DeepEp4jNative.Buffer buffer, int deviceId,
-                   DeepEp4jNative.Queue queue) {
+                   DeepEp4jNative.Queue queue, boolean streamOrdered) {
+    this.streamOrdered = streamOrdered;
     this.group = group;
     this.rank = rank;
     this.config = config;
@@ -74,11 +77,13 @@ public final class EpBuffer implements AutoCloseable {
     DeepEp4jNative.Buffer buf = null;
     DeepEp4jNative.Queue queue = null;
     byte[] mine;
+    boolean streamOrdered;
     boolean cuda = config.device() == EpDevice.CUDA;
     int deviceId = cuda ? cudaDeviceFor(group, rank) : 0;
     try (DeepEp4jNative.Config c = config.toNative(cuda ? DeepEp4jNative.DEEPEP4J_DEVICE_CUDA : DeepEp4jNative.DEEPEP4J_DEVICE_CPU);
          PointerPointer<Pointer> out = new PointerPointer<>(1)) {
       c.device_id(deviceId);
+      streamOrdered = cuda && config.dispatch() == EpDispatch.DEEPEP && c.stream_ordered() == 1;
       String local = cuda ? checkCudaDevice(group, rank, deviceId) : null;
       int st = local != null ? DeepEp4jNative.DEEPEP4J_ERR_UNAVAILABLE : DeepEp4jNative.deepep4j_buffer_create(rank, group.size(), c, out);
       if (local != null) {
@@ -113,7 +118,7 @@ public final class EpBuffer implements AutoCloseable {
       if (queue != null) DeepEp4jNative.deepep4j_queue_destroy(queue);
       throw e;
     }
-    return new EpBuffer(group, rank, config, buf, deviceId, queue);
+    return new EpBuffer(group, rank, config, buf, deviceId, queue, streamOrdered);
   }
 
   /**
@@ -223,6 +228,32 @@ public final class EpBuffer implements AutoCloseable {
 
   /** The stream of this rank's engine calls: its queue's own on a GPU, none (0) on the CPU. */
   private long stream() { return stream; }
+
+  /** Whether steps are stream-ordered ({@link EpConfig.Builder#streamOrdered}): device-array calls only queue. */
+  public boolean isStreamOrdered() { return streamOrdered; }
+
+  /**
+   * Local: waits until every call this rank queued (dispatch and combine on device arrays, copies) is complete, and
+   * throws the error of a stream-ordered step that failed on the GPU (a peer's failure, a timeout); the buffer is
+   * then broken (recreate the group's buffers). Returns at once on the CPU device.
+   */
+  public synchronized void sync() {
+    if (queue != null) Status.check(DeepEp4jNative.deepep4j_queue_synchronize(queue), describe());
+    awaitQueuedSteps();
+  }
+
+  /**
+   * Stream-ordered buffers: waits for the rank's queued steps and throws the first error one recorded, before any of
+   * their outputs is copied to the host (so a failed step leaves host outputs untouched). Nothing otherwise.
+   */
+  void awaitQueuedSteps() {
+    if (!streamOrdered) return;
+    int st = DeepEp4jNative.deepep4j_buffer_sync(nativeBuffer(), stream());
+    if (st != DeepEp4jNative.DEEPEP4J_OK) {
+      lastStepFailed = true;  // found on the device: every rank's step failed
+      Status.check(st, describe());
+    }
+  }
 
   /** Which rank and device, for messages. */
   String describe() {
@@ -413,11 +444,22 @@ public final class EpBuffer implements AutoCloseable {
    * Collective, cached mode: sends {@code x} [N, H] along the routing of an earlier dispatch (the backward of
    * combine). Returns [M, H] in the dtype of x.
    */
-  public synchronized INDArray dispatch(INDArray x, EpHandle cached) {
+  public INDArray dispatch(INDArray x, EpHandle cached) {
+    return dispatch(x, cached, null);
+  }
+
+  /**
+   * Collective, cached mode into {@code recvX} [M, H] (x's dtype, dense C-order), written in place and returned;
+   * null: a new array. The output rule of {@link #combine(INDArray, EpHandle, INDArray, INDArray, INDArray, INDArray)}
+   * holds.
+   */
+  public synchronized INDArray dispatch(INDArray x, EpHandle cached, INDArray recvX) {
     String bad = checkRows("x", ArrayMeta.of(x), cached, cached == null ? 0 : cached.numTokens());
+    if (bad == null) bad = checkOutput("recvX", recvX, x.dataType(), cached.numRecvTokens(), cached.hidden());
+    if (bad == null) bad = checkNoOverlap("recvX", recvX, x);
     if (bad != null) throw failStep(bad);
     INDArray xs = NativeArrays.dense(x, x.dataType());
-    INDArray recvX = NativeArrays.create(xs.dataType(), cached.numRecvTokens(), cached.hidden());
+    recvX = recvX != null ? recvX : NativeArrays.create(xs.dataType(), cached.numRecvTokens(), cached.hidden());
     try (HostStaging io = new HostStaging(this)) {
       long xAt, recvXAt;
       try {
@@ -451,17 +493,37 @@ public final class EpBuffer implements AutoCloseable {
    * Collective, full form: also returns per-(token, k) values {@code yTopkWeights} [M, K] (zero where the expert is
    * not local) summed back to [N, K] — the gradient path of dispatched top-k weights.
    */
-  public synchronized EpCombineResult combine(INDArray y, EpHandle handle, INDArray recvTopkWeights, INDArray yTopkWeights) {
+  public EpCombineResult combine(INDArray y, EpHandle handle, INDArray recvTopkWeights, INDArray yTopkWeights) {
+    return combine(y, handle, recvTopkWeights, yTopkWeights, null, null);
+  }
+
+  /**
+   * Collective, full form into caller-provided outputs: {@code out} [N, H] of y's dtype and {@code outTopkWeights}
+   * [N, K] FLOAT (given only with {@code yTopkWeights}), each dense C-order, written in place and returned in the
+   * result; null: a new array. Reusing one output array step after step spares the host the first touch of fresh
+   * pages each step (on a CUDA buffer that, not the transfer, bounds staged calls). The rule: an output is
+   * overwritten by the call (the previous step's values in it are gone), must not share memory with any input of the
+   * call (refused on every rank, naming it), and is complete when the call returns. A failed call leaves it untouched.
+   */
+  public synchronized EpCombineResult combine(INDArray y, EpHandle handle, INDArray recvTopkWeights, INDArray yTopkWeights,
+                                              INDArray out, INDArray outTopkWeights) {
     String bad = checkRows("y", ArrayMeta.of(y), handle, handle == null ? 0 : handle.numRecvTokens());
     if (bad == null) bad = checkTopk("recvTopkWeights", ArrayMeta.of(recvTopkWeights), handle);
     if (bad == null) bad = checkTopk("yTopkWeights", ArrayMeta.of(yTopkWeights), handle);
+    if (bad == null) bad = checkOutput("out", out, y.dataType(), handle.numTokens(), handle.hidden());
+    if (bad == null && outTopkWeights != null && yTopkWeights == null)
+      bad = "outTopkWeights: given without yTopkWeights (there is nothing to sum into it)";
+    if (bad == null) bad = checkOutput("outTopkWeights", outTopkWeights, DataType.FLOAT, handle.numTokens(), handle.numTopk());
+    if (bad == null) bad = checkNoOverlap("out", out, y, recvTopkWeights, yTopkWeights, outTopkWeights);
+    if (bad == null) bad = checkNoOverlap("outTopkWeights", outTopkWeights, y, recvTopkWeights, yTopkWeights);
     if (bad != null) throw failStep(bad);
     INDArray ys = NativeArrays.dense(y, y.dataType());
     INDArray rw = NativeArrays.dense(recvTopkWeights, DataType.FLOAT);
     INDArray yw = NativeArrays.dense(yTopkWeights, DataType.FLOAT);
     int dtype = Dtypes.toNative(ys.dataType(), "y");
-    INDArray out = NativeArrays.create(ys.dataType(), handle.numTokens(), handle.hidden());
-    INDArray outW = yw == null ? null : NativeArrays.create(DataType.FLOAT, handle.numTokens(), handle.numTopk());
+    out = out != null ? out : NativeArrays.create(ys.dataType(), handle.numTokens(), handle.hidden());
+    INDArray outW = yw == null ? null
+        : outTopkWeights != null ? outTopkWeights : NativeArrays.create(DataType.FLOAT, handle.numTokens(), handle.numTopk());
     try (HostStaging io = new HostStaging(this)) {
       long yAt, rwAt, ywAt, outAt, outWAt;
       try {
@@ -638,6 +700,33 @@ public final class EpBuffer implements AutoCloseable {
     if (a == null) return null;
     if (a.rank() != 2 || a.size(0) != h.numRecvTokens() || a.size(1) != h.numTopk())
       return name + " shape = " + ArrayMeta.shapeOf(a) + ": must be [" + h.numRecvTokens() + ", " + h.numTopk() + "]";
+    return null;
+  }
+
+  /** A caller-provided output: null (allocate one), or dense C-order of exactly this type and shape. */
+  static String checkOutput(String name, INDArray out, DataType type, long... shape) {
+    if (out == null) return null;
+    if (out.dataType() != type || !Arrays.equals(out.shape(), shape))
+      return name + " = " + out.dataType() + Arrays.toString(out.shape()) + ": an output must be " + type
+          + Arrays.toString(shape);
+    if (out.length() > 0 && NativeArrays.dense(out, type) != out)
+      return name + ": an output must be dense C-order (it is written in place), not a view with strides or order '"
+          + out.ordering() + "'";
+    return null;
+  }
+
+  /** An output that shares memory with an input would be read while written: refused. */
+  static String checkNoOverlap(String name, INDArray out, INDArray... inputs) {
+    if (out == null || out.length() == 0) return null;
+    long o0 = NativeArrays.address(out), o1 = o0 + out.length() * out.data().getElementSize();
+    for (INDArray in : inputs) {
+      // an input that is not dense C-order is copied before the call, so only dense ones can alias
+      if (in == null || in.length() == 0 || NativeArrays.dense(in, in.dataType()) != in) continue;
+      long i0 = NativeArrays.address(in), i1 = i0 + in.length() * in.data().getElementSize();
+      if (o0 < i1 && i0 < o1)
+        return name + ": shares memory with an input of the call (" + in.dataType() + Arrays.toString(in.shape())
+            + "); an output must not alias an input";
+    }
     return null;
   }
 

@@ -25,6 +25,8 @@ public final class EpConfig {
   private final int ceChunks;
   private final Boolean cudaTrace;
   private final Boolean cpuDirect;
+  private final Boolean streamOrdered;
+  private final int hostCopyThreads;
 
   /** How the CUDA deepep backend moves rows (C {@code deepep4j_cuda_transfer}). */
   public enum CudaTransfer {
@@ -53,6 +55,8 @@ public final class EpConfig {
     ceChunks = b.ceChunks;
     cudaTrace = b.cudaTrace;
     cpuDirect = b.cpuDirect;
+    streamOrdered = b.streamOrdered;
+    hostCopyThreads = b.hostCopyThreads;
   }
 
   public static Builder builder() {
@@ -78,6 +82,8 @@ public final class EpConfig {
     b.ceChunks = ceChunks;
     b.cudaTrace = cudaTrace;
     b.cpuDirect = cpuDirect;
+    b.streamOrdered = streamOrdered;
+    b.hostCopyThreads = hostCopyThreads;
     return b;
   }
 
@@ -99,6 +105,10 @@ public final class EpConfig {
   public Boolean cudaTrace() { return cudaTrace; }
   /** CPU direct copies between ranks of one process, or null for the default (on; env {@code DEEPEP4J_CPU_DIRECT}). */
   public Boolean cpuDirect() { return cpuDirect; }
+  /** Stream-ordered steps, or null for the engine's default (off; env {@code DEEPEP4J_STREAM_ORDERED}). */
+  public Boolean streamOrdered() { return streamOrdered; }
+  /** Threads copying host arrays to and from pinned staging per rank, or 0 for automatic (cores / ranks, <= 8). */
+  public int hostCopyThreads() { return hostCopyThreads; }
 
   /**
    * Recommended buffer (in GB) for rows of {@code hidden} elements of {@code dtype} on {@code numRanks} ranks: room for
@@ -125,12 +135,14 @@ public final class EpConfig {
         .device(device)
         .backend(dispatch == EpDispatch.DEEPEP ? DeepEp4jNative.DEEPEP4J_BACKEND_DEEPEP
                                                : DeepEp4jNative.DEEPEP4J_BACKEND_ALLTOALL)
-        .num_threads(threads);
+        .num_threads(threads)
+        .host_copy_threads(hostCopyThreads);
     // Unset settings keep deepep4j_config_init's defaults (which the environment may give).
     if (cudaTransfer != null) c.cuda_transfer(cudaTransfer.nativeValue);
     if (ceChunks != 0) c.ce_chunks(ceChunks);
     if (cudaTrace != null) c.cuda_trace(cudaTrace ? 1 : 0);
     if (cpuDirect != null) c.cpu_direct(cpuDirect ? 1 : 0);
+    if (streamOrdered != null) c.stream_ordered(streamOrdered ? 1 : 0);
     return c;
   }
 
@@ -139,7 +151,8 @@ public final class EpConfig {
     return "EpConfig{dispatch=" + dispatch + ", bufferSizeGb=" + bufferSizeGb + ", numSms=" + numSms
         + ", timeout=" + timeout + ", maxSendTokensPerChunk="
         + maxSendTokensPerChunk + ", ringTokens=" + ringTokens + ", threads=" + threads + ", cudaTransfer="
-        + cudaTransfer + ", ceChunks=" + ceChunks + ", cudaTrace=" + cudaTrace + ", cpuDirect=" + cpuDirect + ", device=" + device + "}";
+        + cudaTransfer + ", ceChunks=" + ceChunks + ", cudaTrace=" + cudaTrace + ", cpuDirect=" + cpuDirect + ", streamOrdered=" + streamOrdered + ", hostCopyThreads=" + hostCopyThreads
+        + ", device=" + device + "}";
   }
 
   /** Builder with validation at each setter. */
@@ -156,6 +169,8 @@ public final class EpConfig {
     private int ceChunks = 0;
     private Boolean cudaTrace = null;
     private Boolean cpuDirect = null;
+    private Boolean streamOrdered = null;
+    private int hostCopyThreads = 0;
 
     private Builder() {}
 
@@ -246,9 +261,45 @@ public final class EpConfig {
       return this;
     }
 
+    /**
+     * Stream-ordered steps (C {@code stream_ordered}; default: the engine's, off unless DEEPEP4J_STREAM_ORDERED=1):
+     * dispatch and combine on {@link EpDeviceArray}s return once their step is queued on the rank's stream, and a
+     * step's failure found on the GPU surfaces at the next call, {@link EpBuffer#sync()}, or the next copy to the
+     * host. Calls on host INDArrays still return with their outputs complete. Only for the CUDA device with the
+     * DEEPEP dispatcher and SM or AUTO transfer (checked at {@link #build()}); every rank must use the same value.
+     */
+    public Builder streamOrdered(boolean on) {
+      this.streamOrdered = on;
+      return this;
+    }
+
+    /**
+     * Threads each rank uses to copy host arrays to and from pinned staging (CUDA buffers: EpBuffer calls on host
+     * INDArrays, {@link EpDeviceArray} copies, the MoE block's activations), in [0, 64]; 0 (default) = automatic:
+     * the machine's cores divided by the group's ranks, at most 8. One thread copies ~6 GB/s, the host link ~50.
+     */
+    public Builder hostCopyThreads(int n) {
+      if (n < 0 || n > 64)
+        throw new IllegalArgumentException("hostCopyThreads = " + n + ": must be in [0, 64] (0 = automatic)");
+      this.hostCopyThreads = n;
+      return this;
+    }
+
     public EpConfig build() {
       if (ringTokens < maxSendTokensPerChunk)
         throw new IllegalArgumentException("ringTokens = " + ringTokens + ": must be >= maxSendTokensPerChunk = " + maxSendTokensPerChunk);
+      if (Boolean.TRUE.equals(streamOrdered)) {
+        // where the engine would refuse it, or accept it and change nothing (the CPU backend completes every call)
+        if (device != EpDevice.CUDA)
+          throw new IllegalArgumentException("streamOrdered = true with device = " + device
+              + ": stream-ordered steps are a CUDA feature (the CPU device completes every call on return); use device(EpDevice.CUDA)");
+        if (dispatch != EpDispatch.DEEPEP)
+          throw new IllegalArgumentException("streamOrdered = true with dispatch = " + dispatch
+              + ": stream-ordered steps need the DEEPEP dispatcher (its SM ring kernels), not NCCL all-to-all");
+        if (cudaTransfer == CudaTransfer.COPY_ENGINE)
+          throw new IllegalArgumentException("streamOrdered = true with cudaTransfer = COPY_ENGINE: stream-ordered steps"
+              + " use the SM ring kernels (set cudaTransfer to SM or AUTO)");
+      }
       return new EpConfig(this);
     }
   }

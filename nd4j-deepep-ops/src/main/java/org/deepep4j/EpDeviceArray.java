@@ -82,8 +82,20 @@ public final class EpDeviceArray implements AutoCloseable {
 
   /** A new ND4J array with this array's contents, after the rank's queued work (dispatch, combine) is complete. */
   public INDArray toHost() {
-    INDArray host = NativeArrays.create(dataType, shape);
+    return copyTo(NativeArrays.create(dataType, shape));
+  }
+
+  /**
+   * Copies this array into {@code host} (same type and shape, dense C-order; overwritten) after the rank's queued work
+   * is complete, and returns it: reusing one host array spares the first touch of fresh pages each time. On a
+   * stream-ordered buffer a queued step's failure is thrown first and {@code host} stays untouched.
+   */
+  public INDArray copyTo(INDArray host) {
+    String bad = host == null ? "host = null: copyTo needs an array of " + dataType + Arrays.toString(shape)
+        : EpBuffer.checkOutput("host", host, dataType, shape);
+    if (bad != null) throw new IllegalArgumentException(bad);
     synchronized (buffer) {
+      buffer.awaitQueuedSteps();
       Status.check(DeepEp4jNative.deepep4j_copy_to_host(buffer.queue(), NativeArrays.address(host), address(), bytes()),
           buffer.describe());
       Status.check(DeepEp4jNative.deepep4j_queue_synchronize(buffer.queue()), buffer.describe());

@@ -151,7 +151,20 @@ public final class EpMoeBlock implements AutoCloseable {
    * {@code replayTopkIdx [N, K]} (nullable: recorded routing to reuse). Complete on return.
    */
   public EpMoeForward forward(INDArray x, INDArray routerWeight, INDArray routerBias, INDArray replayTopkIdx) {
-    return start(x, routerWeight, routerBias, replayTopkIdx, false).await();
+    return forward(x, routerWeight, routerBias, replayTopkIdx, null);
+  }
+
+  /**
+   * As {@link #forward(INDArray, INDArray, INDArray, INDArray)}, with y written into {@code y} [N, H] (the block's
+   * dtype, dense C-order; null: a new array) and returned as the result's y. A caller that passes the same array
+   * every step (DL4J's workspace memory, say) spares the host the first touch of fresh pages each step, which
+   * otherwise bounds the staging of a GPU block. The rule: y is overwritten (the previous step's values are gone),
+   * must not share memory with x, routerWeight, routerBias or replayTopkIdx (refused on every rank), and is complete
+   * when the result is (on return here, at {@link Pending#await()} for {@link #forwardAsync}); a failed call leaves
+   * it untouched on a GPU.
+   */
+  public EpMoeForward forward(INDArray x, INDArray routerWeight, INDArray routerBias, INDArray replayTopkIdx, INDArray y) {
+    return start(x, routerWeight, routerBias, replayTopkIdx, y, false).await();
   }
 
   /**
@@ -160,12 +173,20 @@ public final class EpMoeBlock implements AutoCloseable {
    * shared expert, say) goes between the two calls.
    */
   public Pending forwardAsync(INDArray x, INDArray routerWeight, INDArray routerBias, INDArray replayTopkIdx) {
-    return start(x, routerWeight, routerBias, replayTopkIdx, true);
+    return forwardAsync(x, routerWeight, routerBias, replayTopkIdx, null);
   }
 
-  private synchronized Pending start(INDArray x, INDArray routerWeight, INDArray routerBias, INDArray replay, boolean async) {
+  /** {@link #forwardAsync(INDArray, INDArray, INDArray, INDArray)} into {@code y} (the rule of the 5-argument forward). */
+  public Pending forwardAsync(INDArray x, INDArray routerWeight, INDArray routerBias, INDArray replayTopkIdx, INDArray y) {
+    return start(x, routerWeight, routerBias, replayTopkIdx, y, true);
+  }
+
+  private synchronized Pending start(INDArray x, INDArray routerWeight, INDArray routerBias, INDArray replay, INDArray y,
+                                     boolean async) {
     awaitPending();
     String bad = checkForward(x, routerWeight, routerBias, replay);
+    if (bad == null) bad = EpBuffer.checkOutput("y", y, config.dataType(), x.size(0), config.hidden());
+    if (bad == null) bad = EpBuffer.checkNoOverlap("y", y, x, routerWeight, routerBias, replay);
     if (bad != null) throw buffer.failStep(bad);
     DataType t = config.dataType();
     long n = x.size(0);
@@ -175,7 +196,7 @@ public final class EpMoeBlock implements AutoCloseable {
     p.wr = NativeArrays.dense(routerWeight, t);
     p.br = routerBias == null ? null : NativeArrays.dense(routerBias.reshape(routerBias.length()), DataType.FLOAT);
     p.replay = replay == null ? null : NativeArrays.dense(replay, DataType.LONG);
-    p.y = NativeArrays.create(t, n, config.hidden());
+    p.y = y != null ? y : NativeArrays.create(t, n, config.hidden());
     p.topkIdx = NativeArrays.create(DataType.LONG, n, k);
     p.topkWeights = NativeArrays.create(DataType.FLOAT, n, k);
     forwardArgs.memory(DeepEp4jNative.DEEPEP4J_MEMORY_HOST).x(NativeArrays.address(p.x))
@@ -256,7 +277,16 @@ public final class EpMoeBlock implements AutoCloseable {
    * GRADS (overwritten, or added when {@code accumulate}); returns the gradients of x and of the router weights.
    * {@code auxLossScale} multiplies the aux loss's gradient (DL4J: the minibatch size, as DL4J divides later).
    */
-  public synchronized EpMoeBackward backward(INDArray gradY, double auxLossScale, boolean accumulate) {
+  public EpMoeBackward backward(INDArray gradY, double auxLossScale, boolean accumulate) {
+    return backward(gradY, auxLossScale, accumulate, null);
+  }
+
+  /**
+   * As {@link #backward(INDArray, double, boolean)}, with the gradient of x written into {@code gradX} [N, H] (the
+   * block's dtype, dense C-order; null: a new array), under the output rule of the 5-argument forward (it must not
+   * share memory with gradY).
+   */
+  public synchronized EpMoeBackward backward(INDArray gradY, double auxLossScale, boolean accumulate, INDArray gradX) {
     awaitPending();
     String bad = null;
     if (lastTokens < 0) bad = "backward: no forward on this block to differentiate";
@@ -264,10 +294,12 @@ public final class EpMoeBlock implements AutoCloseable {
       bad = "gradY shape = " + shapeOf(gradY) + ": must be [" + lastTokens + ", " + config.hidden() + "] (the last forward's x)";
     else if (!(auxLossScale >= 0) || !Double.isFinite(auxLossScale))
       bad = "auxLossScale = " + auxLossScale + ": must be finite and >= 0";
+    if (bad == null) bad = EpBuffer.checkOutput("gradX", gradX, config.dataType(), lastTokens, config.hidden());
+    if (bad == null) bad = EpBuffer.checkNoOverlap("gradX", gradX, gradY);
     if (bad != null) throw buffer.failStep(bad);
     DataType t = config.dataType();
     INDArray gy = NativeArrays.dense(gradY, t);
-    INDArray gx = NativeArrays.create(t, lastTokens, config.hidden());
+    INDArray gx = gradX != null ? gradX : NativeArrays.create(t, lastTokens, config.hidden());
     INDArray gwr = NativeArrays.create(t, config.hidden(), config.numExperts());
     backwardArgs.memory(DeepEp4jNative.DEEPEP4J_MEMORY_HOST).grad_y(NativeArrays.address(gy))
         .grad_x(NativeArrays.address(gx)).grad_router_weight(NativeArrays.address(gwr)).aux_loss_scale(auxLossScale)
@@ -282,6 +314,17 @@ public final class EpMoeBlock implements AutoCloseable {
     awaitPending();
     opt.fill(optimizer);
     Status.check(DeepEp4jNative.deepep4j_moe_step(moe(), optimizer, 0L));
+  }
+
+  /**
+   * Host-array staging since create (all zero on the CPU device, where host arrays are used in place): {bytes in,
+   * bytes out, nanoseconds of host copies between the caller's arrays and pinned memory}.
+   */
+  public synchronized long[] stagingStats() {
+    try (DeepEp4jNative.MoeStaging st = new DeepEp4jNative.MoeStaging()) {
+      Status.check(DeepEp4jNative.deepep4j_moe_staging_stats(moe(), st));
+      return new long[] {st.bytes_in(), st.bytes_out(), st.host_copy_ns()};
+    }
   }
 
   private static String shapeOf(INDArray a) {

@@ -8,8 +8,9 @@ import org.nd4j.linalg.api.ndarray.INDArray;
 /**
  * One call's host arrays at the engine edge. On a CUDA buffer inputs are copied into device arrays and outputs are
  * computed in device arrays and copied back by {@link #finish()} (pinned staging, async copies on the rank's stream);
- * a call that fails never reaches finish, so its outputs stay untouched. On the CPU device the host arrays are used in
- * place. Close frees the device arrays.
+ * a call that fails never reaches finish, so its outputs stay untouched. The engine copies between the host arrays and
+ * pinned memory with the buffer's {@code hostCopyThreads}, chunk by chunk beside the transfers. On the CPU device the
+ * host arrays are used in place. Close frees the device arrays.
  */
 final class HostStaging implements AutoCloseable {
   private final EpBuffer buffer;
@@ -57,6 +58,7 @@ final class HostStaging implements AutoCloseable {
   /** After the engine call succeeded: copies the outputs back and waits for them. */
   void finish() {
     if (!staged) return;
+    buffer.awaitQueuedSteps();  // a stream-ordered step that failed on the GPU is thrown before any output is written
     for (long[] o : outputs)
       Status.check(DeepEp4jNative.deepep4j_copy_to_host(buffer.queue(), o[0], o[1], o[2]), buffer.describe());
     Status.check(DeepEp4jNative.deepep4j_queue_synchronize(buffer.queue()), buffer.describe());

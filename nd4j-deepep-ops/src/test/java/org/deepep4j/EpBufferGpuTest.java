@@ -59,6 +59,37 @@ class EpBufferGpuTest {
         EPS, "CUDA device arrays vs CPU, " + ranks + " ranks");
   }
 
+  /**
+   * Stream-ordered steps: device-array dispatch / combine only queue (results read after the queued work, as
+   * toHost waits for it) and host arrays return complete; both equal the CPU reference.
+   */
+  @ParameterizedTest
+  @ValueSource(ints = {1, 2})
+  void streamOrderedStepsMatchTheCpu(int ranks) {
+    EpConfig so = EpConfig.builder().device(EpDevice.CUDA).cudaTransfer(EpConfig.CudaTransfer.SM).streamOrdered(true)
+        .bufferSizeGb(1.0 / 32).timeout(Duration.ofSeconds(30)).build();
+    try (EpGroup g = EpGroup.inProcess(1); EpBuffer b = g.buffer(0, so)) {
+      assertTrue(b.isStreamOrdered());
+      b.sync();
+    }
+    RoundTripCase.Result cpu = RoundTripCase.run(ranks, EpDevice.CPU, false);
+    RoundTripCase.assertSame(cpu, RoundTripCase.run(ranks, so, true), EPS, "stream-ordered device arrays vs CPU, " + ranks + " ranks");
+    RoundTripCase.assertSame(cpu, RoundTripCase.run(ranks, so, false), EPS, "stream-ordered host arrays vs CPU, " + ranks + " ranks");
+  }
+
+  /** Outputs reused step after step through the pinned staging (3 copy threads): each step's values, never stale. */
+  @ParameterizedTest
+  @ValueSource(ints = {1, 2})
+  void reusedOutputsHoldEachStepsValuesOnCuda(int ranks) {
+    OutputReuseCase.buffersReuseOutputs(ranks, EpDevice.CUDA);
+    if (ranks == 2) OutputReuseCase.aliasedOutputIsRefusedOnEveryRank(EpDevice.CUDA);
+  }
+
+  @org.junit.jupiter.api.Test
+  void moeBlockWritesIntoGivenOutputsOnCuda() {
+    MoeOutputReuseCase.run(EpDevice.CUDA);
+  }
+
   @ParameterizedTest
   @ValueSource(ints = {1, 2})
   void sameDiffOpsOnCudaMatchTheCpu(int ranks) {

@@ -76,4 +76,44 @@ class EpConfigTest {
       }
     }
   }
+
+  @Test
+  void hostCopyThreadsReachTheNativeConfig() {
+    rejects("hostCopyThreads = -1: must be in [0, 64]", () -> EpConfig.builder().hostCopyThreads(-1));
+    rejects("hostCopyThreads = 65: must be in [0, 64]", () -> EpConfig.builder().hostCopyThreads(65));
+    EpConfig c = EpConfig.builder().hostCopyThreads(6).build();
+    assertEquals(6, c.toBuilder().build().hostCopyThreads());
+    try (org.deepep4j.natives.DeepEp4jNative.Config n = c.toNative(0)) {
+      assertEquals(6, n.host_copy_threads());
+    }
+    try (org.deepep4j.natives.DeepEp4jNative.Config n = EpConfig.defaults().toNative(0)) {
+      assertEquals(0, n.host_copy_threads());  // automatic
+    }
+  }
+
+  /** Refused where the engine refuses it (copy engines) or where it would change nothing (CPU, NCCL all-to-all). */
+  @Test
+  void streamOrderedIsRefusedWhereItCannotWork() {
+    rejects("streamOrdered = true with device = CPU: stream-ordered steps are a CUDA feature",
+        () -> EpConfig.builder().streamOrdered(true).build());
+    rejects("streamOrdered = true with dispatch = ALLTOALL: stream-ordered steps need the DEEPEP dispatcher",
+        () -> EpConfig.builder().device(EpDevice.CUDA).dispatch(EpDispatch.ALLTOALL).streamOrdered(true).build());
+    rejects("streamOrdered = true with cudaTransfer = COPY_ENGINE: stream-ordered steps use the SM ring kernels",
+        () -> EpConfig.builder().device(EpDevice.CUDA).cudaTransfer(EpConfig.CudaTransfer.COPY_ENGINE)
+            .streamOrdered(true).build());
+    // off is accepted everywhere; on reaches the native config for CUDA + DEEPEP
+    assertEquals(Boolean.FALSE, EpConfig.builder().streamOrdered(false).build().streamOrdered());
+    EpConfig on = EpConfig.builder().device(EpDevice.CUDA).cudaTransfer(EpConfig.CudaTransfer.SM).streamOrdered(true).build();
+    assertEquals(Boolean.TRUE, on.toBuilder().build().streamOrdered());
+    try (org.deepep4j.natives.DeepEp4jNative.Config n = on.toNative(1)) {
+      assertEquals(1, n.stream_ordered());
+    }
+    // without a GPU the buffer itself is refused with the engine's words, on every rank
+    if (org.deepep4j.natives.DeepEp4jNative.deepep4j_cuda_device_count() == 0) {
+      try (EpGroup g = EpGroup.inProcess(1)) {
+        IllegalStateException e = assertThrows(IllegalStateException.class, () -> g.buffer(0, on));
+        assertTrue(e.getMessage().contains("CUDA"), e.getMessage());
+      }
+    }
+  }
 }

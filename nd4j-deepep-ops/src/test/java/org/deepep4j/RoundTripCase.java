@@ -24,10 +24,14 @@ final class RoundTripCase {
   private RoundTripCase() {}
 
   static Result run(int ranks, EpDevice device, boolean deviceArrays) {
+    return run(ranks, EpConfig.builder().device(device).bufferSizeGb(1.0 / 32).timeout(Duration.ofSeconds(30)).build(),
+        deviceArrays);
+  }
+
+  static Result run(int ranks, EpConfig config, boolean deviceArrays) {
     int experts = 4 * ranks;
     Result res = new Result(new INDArray[ranks], new INDArray[ranks], new INDArray[ranks], new INDArray[ranks],
         new INDArray[ranks], new INDArray[ranks]);
-    EpConfig config = EpConfig.builder().device(device).bufferSizeGb(1.0 / 32).timeout(Duration.ofSeconds(30)).build();
     try (EpGroup group = EpGroup.inProcess(ranks)) {
       group.runOnAllRanks(rank -> {
         int n = 40 + 13 * rank;

@@ -81,6 +81,8 @@ public final class DeepEp4jNative {
     public native int ce_chunks(); public native Config ce_chunks(int v);
     public native int cuda_trace(); public native Config cuda_trace(int v);
     public native int cpu_direct(); public native Config cpu_direct(int v);
+    public native int stream_ordered(); public native Config stream_ordered(int v);
+    public native int host_copy_threads(); public native Config host_copy_threads(int v);
   }
 
   @Name("deepep4j_dispatch_args")
@@ -160,6 +162,7 @@ public final class DeepEp4jNative {
                                             @Cast("void*") long stream);
 
   public static native int deepep4j_fail_step(Buffer buf, int status, String message);
+  public static native int deepep4j_buffer_sync(Buffer buf, @Cast("void*") long stream);
 
   public static native long deepep4j_handle_num_tokens(Handle h);
   public static native long deepep4j_handle_num_recv_tokens(Handle h);
@@ -288,6 +291,17 @@ public final class DeepEp4jNative {
   public static native int deepep4j_moe_forward(Moe moe, long numTokens, MoeForwardArgs args, @Cast("void*") long stream);
   public static native int deepep4j_moe_wait(Moe moe);
   public static native int deepep4j_moe_backward(Moe moe, MoeBackwardArgs args, @Cast("void*") long stream);
+  @Name("deepep4j_moe_staging")
+  public static class MoeStaging extends Pointer {
+    static { NativeLoader.load(); }
+    public MoeStaging() { allocate(); }
+    private native void allocate();
+    public native long bytes_in(); public native MoeStaging bytes_in(long v);
+    public native long bytes_out(); public native MoeStaging bytes_out(long v);
+    public native long host_copy_ns(); public native MoeStaging host_copy_ns(long v);
+  }
+
+  public static native int deepep4j_moe_staging_stats(Moe moe, MoeStaging out);
   public static native void deepep4j_optimizer_init(Optimizer opt, int kind);
   public static native int deepep4j_moe_step(Moe moe, Optimizer opt, @Cast("void*") long stream);
 

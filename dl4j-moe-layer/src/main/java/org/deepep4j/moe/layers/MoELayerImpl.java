@@ -277,27 +277,50 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     public INDArray activate(boolean training, LayerWorkspaceMgr workspaceMgr) {
         assertInputSet(false);
         applyDropOutIfNecessary(training, workspaceMgr);
+        // The engine block writes y straight into DL4J's activation workspace, which DL4J reuses step after step:
+        // a fresh array per step would cost the first touch of its pages, more than the GPU's whole transfer.
+        INDArray into = engineWritesInPlace(input)
+                ? workspaceMgr.createUninitialized(ArrayType.ACTIVATIONS, dataType, input.shape(), 'c') : null;
         INDArray out;
         try (MemoryWorkspace ws = Nd4j.getWorkspaceManager().scopeOutOfWorkspaces()) {
             Forward f = new Forward();
             f.inputShape = input.shape();
-            INDArray tokens = toTokens(input, "input");
+            INDArray tokens = into != null ? engineTokens(input) : toTokens(input, "input");
             releaseCache();
-            INDArray y = forward(tokens, f);
+            INDArray y = forward(tokens, f, into);
             cache = f;
             out = fromTokens(y, f.inputShape);
+        }
+        if (out == into) {
+            return into;
         }
         INDArray ret = workspaceMgr.createUninitialized(ArrayType.ACTIVATIONS, out.dataType(), out.shape(), 'c');
         return ret.assign(out);
     }
 
-    private INDArray forward(INDArray x, Forward f) {
+    /**
+     * Whether the engine block can read {@code a} ([mb, nIn] of the block's type) as its tokens and write its result
+     * into an array DL4J provides. (The engine keeps its own copy of x for backward, so x needs no copy here.)
+     */
+    private boolean engineWritesInPlace(INDArray a) {
+        return layerConf().isEngineBlock() && a.rank() == 2 && a.size(1) == layerConf().getNIn() && a.dataType() == dataType
+                && (dataType == DataType.FLOAT || dataType == DataType.DOUBLE || dataType == DataType.BFLOAT16);
+    }
+
+    /** {@code a} itself when dense C-order (and no shared expert keeps it past this call), else a dense copy. */
+    private INDArray engineTokens(INDArray a) {
+        boolean dense = a.ordering() == 'c' && org.nd4j.linalg.api.shape.Shape.hasDefaultStridesForShape(a);
+        return dense && layerConf().getSharedExpertFfnSize() == 0 ? a : a.dup('c');
+    }
+
+    /** The layer's forward on tokens; the engine block writes y into {@code into} when given (else a new array). */
+    private INDArray forward(INDArray x, Forward f, INDArray into) {
         MoELayer c = layerConf();
         times.reset();
         lastMinibatch = input.size(0);
         stepInProgress = false;  // a backward without an update (gradient checks, computeGradientAndScore) ends here
         if (c.isEngineBlock()) {
-            return engineForward(x, f);
+            return engineForward(x, f, into);
         }
         ExpertExchange ex = getExchange();
         long t0 = System.nanoTime();
@@ -332,13 +355,14 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     }
 
     /** Router, dispatch, experts and combine in the engine; the shared expert (if any) on the host meanwhile. */
-    private INDArray engineForward(INDArray x, Forward f) {
+    private INDArray engineForward(INDArray x, Forward f, INDArray into) {
         MoELayer c = layerConf();
         long t0 = System.nanoTime();
         org.deepep4j.EpMoeBlock block = engine().block(getExchange(), dataType);
         engine.pushIfStale();
         long t1 = System.nanoTime();
         INDArray replay = routingMode == RoutingMode.REPLAY ? requireRecorded() : null;
+        long[] staged0 = block.stagingStats();
         INDArray wr = params.get(MoEParamInitializer.ROUTER_WEIGHT);
         INDArray br = params.get(MoEParamInitializer.ROUTER_BIAS);
         // before the engine's collective step, as on the Java path: a NaN row is named here, not routed anywhere
@@ -346,15 +370,16 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         org.deepep4j.EpMoeForward out;
         INDArray shared;
         if (c.isAsyncCombine()) {
-            org.deepep4j.EpMoeBlock.Pending pending = block.forwardAsync(x, wr, br, replay);
+            org.deepep4j.EpMoeBlock.Pending pending = block.forwardAsync(x, wr, br, replay, into);
             shared = sharedForward(x, f);  // host work while the engine runs; y exists only after await()
             out = pending.await();
         } else {
-            out = block.forward(x, wr, br, replay);
+            out = block.forward(x, wr, br, replay, into);
             shared = sharedForward(x, f);
         }
         times.syncNs += t1 - t0;
         times.engineNs += System.nanoTime() - t1 - times.sharedNs;
+        addStaging(staged0, block.stagingStats());
         f.tokens = x.size(0);
         f.load = out.expertLoad();
         lastAuxLoss = out.auxLoss();
@@ -364,13 +389,16 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
             recordedRouting = out.topkIdx();
         }
         INDArray y = out.y().dataType() == x.dataType() ? out.y() : out.y().castTo(x.dataType());
-        return shared == null ? y : y.add(shared);
+        return shared == null ? y : into != null ? y.addi(shared) : y.add(shared);
     }
 
-    private INDArray engineBackward(INDArray g, Forward f) {
+    private INDArray engineBackward(INDArray g, Forward f, INDArray into) {
         MoELayer c = layerConf();
         long t0 = System.nanoTime();
-        org.deepep4j.EpMoeBackward b = engine.block(getExchange(), dataType).backward(g, input.size(0), false);
+        org.deepep4j.EpMoeBlock block = engine.block(getExchange(), dataType);
+        long[] staged0 = block.stagingStats();
+        org.deepep4j.EpMoeBackward b = block.backward(g, input.size(0), false, into);
+        addStaging(staged0, block.stagingStats());
         stepInProgress = layerConf().expertsUpdatedByEngine();  // until the engine's step (or the next forward)
         long t1 = System.nanoTime();
         times.engineNs += t1 - t0;
@@ -387,7 +415,12 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         times.syncNs += System.nanoTime() - t1;
         INDArray gShared = sharedBackward(g, f);
         INDArray gx = b.gradX().dataType() == g.dataType() ? b.gradX() : b.gradX().castTo(g.dataType());
-        return gShared == null ? gx : gx.add(gShared);
+        return gShared == null ? gx : into != null ? gx.addi(gShared) : gx.add(gShared);
+    }
+
+    private void addStaging(long[] before, long[] after) {
+        times.stagingBytes += after[0] - before[0] + after[1] - before[1];
+        times.stagingNs += after[2] - before[2];
     }
 
     /** Aux-loss-free balancing step of the selection bias (as {@link Router#biasStep}), from the engine's load. */
@@ -441,23 +474,30 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         if (cache == null) {
             throw new IllegalStateException("MoELayer backprop: no forward pass to differentiate (call activate first)");
         }
+        // as in activate: the engine writes the gradient into DL4J's (reused) workspace memory
+        INDArray into = engineWritesInPlace(epsilon)
+                ? workspaceMgr.createUninitialized(ArrayType.ACTIVATION_GRAD, dataType, epsilon.shape(), 'c') : null;
         INDArray gInput;
         try (MemoryWorkspace ws = Nd4j.getWorkspaceManager().scopeOutOfWorkspaces()) {
-            gInput = fromTokens(backward(toTokens(epsilon, "epsilon"), cache), cache.inputShape);
+            INDArray g = into != null ? engineTokens(epsilon) : toTokens(epsilon, "epsilon");
+            gInput = fromTokens(backward(g, cache, into), cache.inputShape);
         }
         Gradient ret = new DefaultGradient(gradientsFlattened);
         for (String key : MoEParamInitializer.getInstance().paramKeys(layerConf())) {
             ret.gradientForVariable().put(key, gradientViews.get(key));
         }
-        INDArray eps = workspaceMgr.createUninitialized(ArrayType.ACTIVATION_GRAD, gInput.dataType(), gInput.shape(), 'c');
-        eps.assign(gInput);
+        INDArray eps = gInput;
+        if (gInput != into) {
+            eps = workspaceMgr.createUninitialized(ArrayType.ACTIVATION_GRAD, gInput.dataType(), gInput.shape(), 'c');
+            eps.assign(gInput);
+        }
         return new Pair<>(ret, backpropDropOutIfPresent(eps));
     }
 
-    private INDArray backward(INDArray g, Forward f) {
+    private INDArray backward(INDArray g, Forward f, INDArray into) {
         MoELayer c = layerConf();
         if (c.isEngineBlock()) {
-            return engineBackward(g, f);
+            return engineBackward(g, f, into);
         }
         long t0 = System.nanoTime();
         INDArray gy = f.dispatched.dispatchCached(g);

@@ -3,7 +3,6 @@
 
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
-#include "cuda/ring_common.cuh"
 
 namespace deepep4j {
 namespace cuda {
@@ -344,23 +343,6 @@ __global__ void notify_kernel(Step st, NotifyHeader header, const int32_t* send_
   finish_queued(st, s_header, gathered, slot_bytes, local_experts, q);
 }
 
-// Stream order without a device-side event wait: the signal kernel runs when everything queued before it on its
-// stream has finished and stores `seq` in its slot; the wait kernel holds its stream until the slot reaches `seq`, or
-// gives up at the deadline with a timeout recorded as a failed step (where 5).
-__global__ void signal_kernel(unsigned long long* slot, unsigned long long seq) {
-  __threadfence_system();
-  atomicExch(slot, seq);
-}
-
-__global__ void wait_signal_kernel(Step st, const unsigned long long* slot, unsigned long long seq) {
-  const uint64_t deadline = global_ns() + st.timeout_ns;
-  while (ld_acquire_sys64(slot) < seq)
-    if (global_ns() > deadline) {
-      record_timeout(st, 5, st.rank);
-      return;
-    }
-}
-
 }  // namespace
 
 cudaError_t launch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t r, int32_t* per_rank,
@@ -407,18 +389,9 @@ cudaError_t launch_notify_queued(const Step& step, const NotifyHeader& header, c
   return cudaGetLastError();
 }
 
-cudaError_t launch_stream_order(const Step& step, unsigned long long* slot, unsigned long long seq, cudaStream_t from,
-                                cudaStream_t to) {
-  signal_kernel<<<1, 1, 0, from>>>(slot, seq);
-  if (cudaError_t e = cudaGetLastError()) return e;
-  wait_signal_kernel<<<1, 1, 0, to>>>(step, slot, seq);
-  return cudaGetLastError();
-}
-
 cudaError_t load_control_kernels(KernelSet* k) {
   return k->add({reinterpret_cast<const void*>(layout_kernel), reinterpret_cast<const void*>(plan_kernel),
-                 reinterpret_cast<const void*>(barrier_kernel), reinterpret_cast<const void*>(notify_kernel),
-                 reinterpret_cast<const void*>(signal_kernel), reinterpret_cast<const void*>(wait_signal_kernel)});
+                 reinterpret_cast<const void*>(barrier_kernel), reinterpret_cast<const void*>(notify_kernel)});
 }
 
 }  // namespace cuda

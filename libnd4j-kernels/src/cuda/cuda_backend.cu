@@ -50,12 +50,11 @@ CudaBackend::~CudaBackend() {
   if (use_device() != DEEPEP4J_OK) return;
   if (own_stream_) cudaStreamDestroy(own_stream_);
   if (comm_stream_) cudaStreamDestroy(comm_stream_);
-  for (cudaEvent_t e : {legacy_done_, step_done_, order_event_})
+  for (cudaEvent_t e : {legacy_done_, step_done_, caller_ready_, comm_done_})
     if (e) cudaEventDestroy(e);
   if (mailbox_) cudaFreeHost(mailbox_);
   if (gathered_host_) cudaFreeHost(gathered_host_);
   if (scratch_) cudaFree(scratch_);
-  if (signals_) cudaFree(signals_);
 }
 
 cudaStream_t CudaBackend::pick(void* stream) {
@@ -83,7 +82,7 @@ int CudaBackend::init() {
                      std::min(sms, 2 * kMaxChannels), cfg_.device_id, kMaxChannels);
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
   DEEPEP4J_CUDA_TRY(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
-  for (cudaEvent_t* e : {&legacy_done_, &step_done_, &order_event_})
+  for (cudaEvent_t* e : {&legacy_done_, &step_done_, &caller_ready_, &comm_done_})
     DEEPEP4J_CUDA_TRY(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
   DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(Mailbox), cudaHostAllocMapped));
   std::memset(mailbox_, 0, sizeof(Mailbox));
@@ -91,8 +90,6 @@ int CudaBackend::init() {
   DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&gathered_host_), size_t(R_) * kNotifySlotBytes,
                                   cudaHostAllocDefault));
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&scratch_), 256));
-  DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&signals_), kSignalSlots * sizeof(*signals_)));
-  DEEPEP4J_CUDA_TRY(cudaMemset(signals_, 0, kSignalSlots * sizeof(*signals_)));
   if (int st = init_backend()) return st;
   // Before any step can spin: no launch of this buffer may load a module or grow local memory later (kernels.h).
   KernelSet kernels;
@@ -232,13 +229,6 @@ int CudaBackend::read_mailbox(const char* call, const char* prefix) {
   if (mb.status != DEEPEP4J_ERR_TIMEOUT)
     return set_error(DEEPEP4J_ERR_PEER_ERROR, "%s on rank %d: %srank %d reported: %s", call, rank_, prefix, mb.peer,
                      mb.message);
-  if (mb.where == 5) {  // order_streams' wait kernel: this rank's previous step (another stream) never ended
-    broken_ = true;
-    broken_reason_ = std::string(call) + " timed out";
-    return set_error(DEEPEP4J_ERR_TIMEOUT,
-                     "%s on rank %d: %sthe previous step, on another stream, did not end within timeout_ms = %d; the "
-                     "buffer is broken: destroy and recreate the group's buffers", call, rank_, prefix, cfg_.timeout_ms);
-  }
   static const char* kWhere[] = {"barrier", "dispatch send", "dispatch receive", "combine send", "combine receive"};
   const char* where = mb.where >= 0 && mb.where < 5 ? kWhere[mb.where] : "wait";
   broken_ = true;
@@ -266,36 +256,16 @@ int CudaBackend::queued_error(const char* call) {
   return read_mailbox(call, "a queued step failed: ");
 }
 
-bool CudaBackend::capturing(cudaStream_t s) {
+namespace {
+bool capturing(cudaStream_t s) {
   cudaStreamCaptureStatus c = cudaStreamCaptureStatusNone;
   return cudaStreamIsCapturing(s, &c) == cudaSuccess && c != cudaStreamCaptureStatusNone;
 }
+}  // namespace
 
 int CudaBackend::order_step(cudaStream_t s) {
   if (!so_ || last_stream_ == nullptr || last_stream_ == s || capturing(s)) return DEEPEP4J_OK;
-  // The engine's own streams are alive, so the previous step's end can be signalled from there; a caller's stream
-  // may be gone by now, so its step's end is waited for by the event recorded then.
-  if (last_stream_ == comm_stream_ || last_stream_ == own_stream_) return order_streams(last_stream_, s);
   return cuda_status(cudaStreamWaitEvent(s, step_done_, 0), "cudaStreamWaitEvent");
-}
-
-Step CudaBackend::order_wait_step() const {
-  Step st{};
-  st.rank = rank_, st.num_ranks = R_;
-  st.timeout_ns = uint64_t(cfg_.timeout_ms) * 1000000ull;
-  st.mailbox = mailbox_dev_;
-  return st;
-}
-
-int CudaBackend::order_streams(cudaStream_t from, cudaStream_t to) {
-  if (from == to) return DEEPEP4J_OK;
-  if (capturing(from) || capturing(to)) {
-    DEEPEP4J_CUDA_TRY(cudaEventRecord(order_event_, from));
-    return cuda_status(cudaStreamWaitEvent(to, order_event_, 0), "cudaStreamWaitEvent");
-  }
-  const unsigned long long seq = ++signal_seq_;
-  return cuda_status(launch_stream_order(order_wait_step(), signals_ + seq % kSignalSlots, seq, from, to),
-                     "stream order kernels");
 }
 
 int CudaBackend::step_queued(cudaStream_t s) {
@@ -330,7 +300,8 @@ int CudaBackend::comm_wait(void* stream) {
     if (int st = queued_error("deepep4j_comm_wait")) return st;
     return ok();
   }
-  if (int st = order_streams(comm_stream_, static_cast<cudaStream_t>(stream))) return st;
+  DEEPEP4J_CUDA_TRY(cudaEventRecord(comm_done_, comm_stream_));
+  DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), comm_done_, 0));
   return ok();
 }
 

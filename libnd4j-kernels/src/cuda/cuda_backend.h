@@ -95,13 +95,6 @@ class CudaBackend : public Backend {
   // where this one ends. Both leave a capturing stream alone (a graph's steps follow each other on its stream).
   int order_step(cudaStream_t s);
   int step_queued(cudaStream_t s);
-  // Orders work queued next on `to` after everything queued on `from` so far (both alive now). Outside a graph
-  // capture by a signal / wait kernel pair (kernels.h: launch_stream_order), never by an event wait, so that no
-  // stream waits on the device behind a kernel that spins for a peer; inside a capture by an event (a graph edge).
-  int order_streams(cudaStream_t from, cudaStream_t to);
-  // The step the wait kernel of order_streams reports a timeout as (mailbox, deadline; sticky in stream-ordered mode).
-  virtual Step order_wait_step() const;
-  static bool capturing(cudaStream_t s);
   // The device arrays of a handle's routing for n tokens (and its M), allocated on `s`.
   int alloc_routing(CudaHandle* h, int64_t n, int32_t k, int32_t e, cudaStream_t s);
   int broken_check(const char* call) const;
@@ -118,11 +111,9 @@ class CudaBackend : public Backend {
   bool so_ = false;                      // stream-ordered steps (config.stream_ordered on the deepep backend)
   cudaStream_t comm_stream_ = nullptr;   // async combine runs here
   cudaEvent_t step_done_ = nullptr;      // end of the last step queued outside a graph capture
-  cudaEvent_t order_event_ = nullptr;    // order_streams inside a graph capture
+  cudaEvent_t caller_ready_ = nullptr;   // the caller's stream, before an async combine
+  cudaEvent_t comm_done_ = nullptr;      // the comm stream, for deepep4j_comm_wait
   cudaStream_t last_stream_ = nullptr;   // where step_done_ was recorded
-  unsigned long long* signals_ = nullptr;  // device [kSignalSlots]: slots of order_streams' signals
-  unsigned long long signal_seq_ = 0;      // the last signal queued
-  static constexpr int kSignalSlots = 1024;
   Mailbox* mailbox_ = nullptr;        // host view
   Mailbox* mailbox_dev_ = nullptr;    // device view
   unsigned long long* scratch_ = nullptr;  // device: the plan's first bad topk_idx index

@@ -156,7 +156,7 @@ class DeepepBackend : public CudaBackend {
   }
 
   // The combine waits on the device for the caller's stream, then runs on the comm stream; the next step (any
-  // stream) and readers (deepep4j_comm_wait) are ordered after it by order_streams.
+  // stream) is ordered after it by step_done_, readers by deepep4j_comm_wait.
   int combine_async(Handle* handle, int32_t dtype, const deepep4j_combine_args* a, void* stream) override {
     const char* call = "deepep4j_combine_async";
     if (!so_)
@@ -164,10 +164,8 @@ class DeepepBackend : public CudaBackend {
                        "GPU is done)", call);
     if (stream == nullptr) return combine_step(call, handle, dtype, a, nullptr, true);
     if (int st = use_device()) return st;
-    cudaStream_t caller = static_cast<cudaStream_t>(stream);
-    // The combine's own step order (order_step) covers the caller's stream when the previous step went there.
-    if (last_stream_ != caller || capturing(caller))
-      if (int st = order_streams(caller, comm_stream_)) return st;
+    DEEPEP4J_CUDA_TRY(cudaEventRecord(caller_ready_, static_cast<cudaStream_t>(stream)));
+    DEEPEP4J_CUDA_TRY(cudaStreamWaitEvent(comm_stream_, caller_ready_, 0));
     return combine_step(call, handle, dtype, a, comm_stream_, false);
   }
 
@@ -298,7 +296,6 @@ class DeepepBackend : public CudaBackend {
   }
 
  private:
-  Step order_wait_step() const override { return step(0); }
   Step step(uint32_t epoch) const {
     Step st{};
     st.peers = peers_;

@@ -76,13 +76,6 @@ struct QueuedNotify {
 cudaError_t launch_notify_queued(const Step& step, const NotifyHeader& header, const Routing& h, int32_t local_experts,
                                  uint8_t* gathered, int64_t slot_bytes, const QueuedNotify& q, cudaStream_t s);
 
-// Orders what is queued next on `to` after everything queued on `from` so far, without a device-side event wait:
-// a kernel on `from` stores seq in *slot when it runs, a kernel on `to` spins until it has (at most step.timeout_ns,
-// then it records a timeout as a failed step). Why not cudaStreamWaitEvent: an event wait on a kernel that spins for
-// a peer, with two ranks sharing a GPU, held back the other rank's step (deepep4j.h, stream-ordered mode).
-cudaError_t launch_stream_order(const Step& step, unsigned long long* slot, unsigned long long seq, cudaStream_t from,
-                                cudaStream_t to);
-
 struct DispatchIo {
   const uint8_t* x;
   const float* x_scales;

@@ -381,6 +381,8 @@ __global__ void gate_kernel(const volatile int* open, unsigned long long max_ns)
   do asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); while (*open == 0 && t - t0 < max_ns);
 }
 
+__global__ void empty_kernel() {}
+
 // The fixed cost of a step: N = 0 on every rank, so dispatch and combine move nothing. Single calls (events around
 // each) and, for queued calls, `pairs` dispatch + combine pairs back to back (per pair); for queued calls also where
 // a single call's time goes: the host's time in the call, and the GPU's time for it when it was queued behind a
@@ -388,11 +390,13 @@ __global__ void gate_kernel(const volatile int* open, unsigned long long max_ns)
 struct EmptyStep {
   double dispatch_us = 0, combine_us = 0, pair_us = 0;
   double host_dispatch_us = 0, host_combine_us = 0, gpu_dispatch_us = 0, gpu_combine_us = 0;
+  double host_launch_us = 0, gpu_launch_us = 0;  // the same for one empty kernel launch: the floor of a call
 };
 EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
   const int R = o.ranks, total = o.warmup + o.iters, pairs = 100;
   std::vector<std::vector<float>> td(size_t(R), std::vector<float>(size_t(total), 0.0f)), tc = td, tp = td;
   std::vector<std::vector<float>> hd = td, hc = td, gd = td, gc = td;  // host ms in the call; gated GPU ms
+  std::vector<std::vector<float>> hl = td, gl = td;                    // the same for an empty kernel
   SpinBarrier bar(R);
   std::vector<std::thread> th;
   for (int r = 0; r < R; ++r)
@@ -424,7 +428,7 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
             must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r);
           }
         }) / pairs;
-        for (int phase = 0; phase < 2; ++phase) {
+        for (int phase = 0; phase < 3; ++phase) {
           cuda_must(cudaStreamSynchronize(s), "sync");
           *gate = 0;
           bar.wait();
@@ -433,8 +437,10 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
           const auto h0 = std::chrono::steady_clock::now();
           if (phase == 0)
             must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
-          else
+          else if (phase == 1)
             must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r);
+          else
+            empty_kernel<<<1, 1, 0, s>>>();
           const auto h1 = std::chrono::steady_clock::now();
           cuda_must(cudaEventRecord(tm.e1, s), "record");
           bar.wait();  // every rank's call is queued: open the gates together
@@ -442,8 +448,8 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
           cuda_must(cudaEventSynchronize(tm.e1), "sync");
           float ms = 0;
           cuda_must(cudaEventElapsedTime(&ms, tm.e0, tm.e1), "elapsed");
-          (phase == 0 ? gd : gc)[size_t(r)][size_t(it)] = ms;
-          (phase == 0 ? hd : hc)[size_t(r)][size_t(it)] =
+          (phase == 0 ? gd : phase == 1 ? gc : gl)[size_t(r)][size_t(it)] = ms;
+          (phase == 0 ? hd : phase == 1 ? hc : hl)[size_t(r)][size_t(it)] =
               float(std::chrono::duration<double, std::milli>(h1 - h0).count());
         }
       }
@@ -461,6 +467,7 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
   if (queued) {
     e.host_dispatch_us = slowest_mean_us(hd, o.warmup), e.host_combine_us = slowest_mean_us(hc, o.warmup);
     e.gpu_dispatch_us = slowest_mean_us(gd, o.warmup), e.gpu_combine_us = slowest_mean_us(gc, o.warmup);
+    e.host_launch_us = slowest_mean_us(hl, o.warmup), e.gpu_launch_us = slowest_mean_us(gl, o.warmup);
   }
   return e;
 }
@@ -745,8 +752,9 @@ int bench_ep_cuda(int argc, char** argv) {
                 "dispatch %.1f us / combine %.1f us; queued pairs back to back %.1f us per dispatch + combine\n",
                 es.dispatch_us, es.combine_us, eq.dispatch_us, eq.combine_us, eq.pair_us);
     std::printf("# where a queued empty call goes: host time in the call dispatch %.1f us / combine %.1f us; GPU "
-                "time of the call queued behind a gate dispatch %.1f us / combine %.1f us\n", eq.host_dispatch_us,
-                eq.host_combine_us, eq.gpu_dispatch_us, eq.gpu_combine_us);
+                "time of the call queued behind a gate dispatch %.1f us / combine %.1f us; one empty kernel "
+                "the same way: host %.1f us, GPU %.1f us\n", eq.host_dispatch_us, eq.host_combine_us,
+                eq.gpu_dispatch_us, eq.gpu_combine_us, eq.host_launch_us, eq.gpu_launch_us);
     std::printf("| CUDA graph (deepep-queued, bf16) | tokens | notify+dispatch+combine us, graph replay | same calls "
                 "eagerly us |\n|---|---|---|---|\n");
     for (int64_t t : o.tokens) {

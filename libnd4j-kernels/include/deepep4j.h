@@ -258,8 +258,8 @@ DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const 
  * CUDA deepep backend, SM ring kernels (cuda_transfer auto means sm; copy_engine is refused at buffer_create: its
  * copies are queued by the host after the step's barrier). What changes, call by call:
  *   dispatch / combine (fresh or cached) with a non-NULL stream: the arguments are checked on the host, the step
- *     (one ring kernel, which begins with the barrier; the barrier alone when a local check failed) is queued on
- *     `stream` behind this buffer's previous step (an event, no host wait) and the call returns. Outputs are valid for work queued on `stream` after the call. With stream = NULL the call
+ *     (barrier + ring kernel) is queued on `stream` behind this buffer's previous step (an event, no host wait) and
+ *     the call returns. Outputs are valid for work queued on `stream` after the call. With stream = NULL the call
  *     completes before it returns, as with stream_ordered = 0.
  *   notify_dispatch still waits on the host for the counts (once per step, as DeepEP's normal mode);
  *     deepep4j_notify_dispatch_queued below does not.

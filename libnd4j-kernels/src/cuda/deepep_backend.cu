@@ -323,8 +323,7 @@ class DeepepBackend : public CudaBackend {
   // The step after this rank's own checks: the barrier (with its status, vote and direct targets), then the
   // copy-engine kernels and copies when every rank voted for them, else the ring kernel. Errors of the local checks
   // win over the step's, as every rank reports its own first.
-  // Stream-ordered (so_): the step's ring kernel (which runs the barrier first), or the barrier alone when a local
-  // check failed, is queued behind the previous step and the call returns
+  // Stream-ordered (so_): the barrier and the ring kernel are queued behind the previous step and the call returns
   // (`complete`: after waiting, for a NULL stream); a local failure still joins the step, then breaks the buffer.
   template <class RunCopyEngine, class LaunchRings>
   int run_step(const char* call, const Check& check, bool ce_vote, const DirectTargets* direct, cudaStream_t s,
@@ -332,12 +331,8 @@ class DeepepBackend : public CudaBackend {
     if (so_) {
       Step st = step(++epoch_);
       if (int e = order_step(s)) return e;
-      if (check.ok()) {  // the ring kernel runs the barrier itself: one launch per step (kernels.h: Step)
-        st.own_barrier = 1;
-        DEEPEP4J_CUDA_TRY(launch_rings(st));
-      } else {
-        DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
-      }
+      DEEPEP4J_CUDA_TRY(launch_barrier(st, check.status, check.message.c_str(), s));
+      if (check.ok()) DEEPEP4J_CUDA_TRY(launch_rings(st));
       if (int e = step_queued(s)) return e;
       if (!check.ok()) {
         broken_ = true;

@@ -30,8 +30,6 @@ struct Mailbox {
 // Stream-ordered steps (sticky = 1) carry epoch 0: their barrier takes the next epoch from the region's counter, so a
 // replayed CUDA graph (whose kernel arguments are frozen) still numbers its barriers afresh; and a failure sticks:
 // every later step of this rank moves nothing until the host has reported it (the buffer is broken then).
-// A ring kernel with own_barrier = 1 (stream-ordered steps whose local checks passed) runs the step's barrier itself
-// instead of after a barrier kernel: one launch and one kernel boundary less per step (ring_common.cuh).
 struct Step {
   Peers peers;
   int32_t rank, num_ranks;
@@ -39,8 +37,6 @@ struct Step {
   int32_t sticky;
   uint64_t timeout_ns;
   Mailbox* mailbox;  // device view of the host-mapped mailbox
-  int32_t own_barrier;
-  int32_t pad;
 };
 
 cudaError_t launch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t r, int32_t* per_rank,

@@ -8,8 +8,6 @@
 //   [kCounters, ...)         ring counters per (channel, source): tail (written by the source), head (by this rank)
 //   [kNotify, ...)           per (notify parity, source rank): the counts of a notify step (NotifySlot)
 //   [kEpoch, +4)             the epoch of the last barrier this rank reached (stream-ordered steps number theirs from it)
-//   [kArrive, +8), [kGo, +8) device-local: blocks of ring kernels that run their own barrier (ring_common.cuh) count
-//                            their arrivals in kArrive; the block that runs the barrier announces it in kGo
 //   [kArrivals, ...)         copy-engine mode: per (source, chunk) the epoch of the step whose chunk has landed
 //   [kPending, +256)         stream-ordered mode: a failure found on this device after a barrier (a queued notify's
 //                            bad topk_idx or overflow), published by this rank's next barrier (PeerStatus layout)
@@ -34,8 +32,6 @@ constexpr size_t kStatus = 512;
 constexpr size_t kStepFailed = 256;
 constexpr size_t kDecision = 264;
 constexpr size_t kEpoch = 272;
-constexpr size_t kArrive = 280;
-constexpr size_t kGo = 288;
 // Outcome bits of the decision word: the barrier was abandoned by rank (bits 14..8; kLateRank: this rank found the
 // group past it) after waiting for rank (bits 7..0).
 constexpr unsigned long long kAbandoned = 1ull << 15;
@@ -86,12 +82,6 @@ DEEPEP4J_HD inline unsigned long long* decision(uint8_t* region) {
   return reinterpret_cast<unsigned long long*>(region + kDecision);
 }
 DEEPEP4J_HD inline uint32_t* epoch_word(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kEpoch); }
-DEEPEP4J_HD inline unsigned long long* arrive_word(uint8_t* region) {
-  return reinterpret_cast<unsigned long long*>(region + kArrive);
-}
-DEEPEP4J_HD inline unsigned long long* go_word(uint8_t* region) {
-  return reinterpret_cast<unsigned long long*>(region + kGo);
-}
 DEEPEP4J_HD inline PeerStatus* pending(uint8_t* region) { return reinterpret_cast<PeerStatus*>(region + kPending); }
 DEEPEP4J_HD inline uint32_t* tails(uint8_t* region) { return reinterpret_cast<uint32_t*>(region + kCounters); }
 DEEPEP4J_HD inline uint32_t* heads(uint8_t* region) {

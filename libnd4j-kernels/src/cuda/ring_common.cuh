@@ -1,7 +1,6 @@
 // ring_common.cuh — the pieces every ring kernel shares: block roles, warp groups, and waits that end at a deadline.
 #pragma once
 
-#include "cuda/barrier.cuh"
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
 
@@ -22,50 +21,9 @@ __device__ __forceinline__ void record_timeout(const Step& st, int where, int pe
   if (st.sticky) *step_failed(st.peers.region[st.rank]) = 1;  // later queued steps move nothing
 }
 
-// The step's barrier inside a ring kernel (st.own_barrier): every block takes a ticket from the rank's arrival counter;
-// the first of a launch (ticket % gridDim.x == 0: every such launch of a buffer has num_sms blocks and the steps of a
-// rank run one after another) runs the barrier, then announces the launch's number in the go word, which the other
-// blocks wait for. The first to arrive is resident, so blocks waiting for it cannot keep it from running.
-__device__ inline void own_barrier(const Step& st) {
-  __shared__ unsigned long long s_launch;
-  __shared__ int s_leader;
-  uint8_t* own = st.peers.region[st.rank];
-  if (threadIdx.x == 0) {
-    const unsigned long long ticket = atomicAdd(arrive_word(own), 1ull);
-    s_leader = ticket % gridDim.x == 0;
-    s_launch = ticket / gridDim.x + 1;
-  }
-  __syncthreads();
-  if (s_leader) {
-    Step b = st;
-    const uint64_t deadline = global_ns() + b.timeout_ns;
-    int32_t status = 0;
-    const char* text = nullptr;
-    if (begin_step(&b, &status, &text)) {
-      barrier_body(b, status, text, deadline, 0, nullptr);
-      end_step(b);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();  // the barrier's outcome (step_failed) before the announcement
-      atomicExch(go_word(own), s_launch);
-    }
-  } else if (threadIdx.x == 0) {
-    // The barrier waits at most timeout_ns, then as long again for ranks it found late: 3 x covers it.
-    const uint64_t deadline = global_ns() + 3 * st.timeout_ns;
-    while (ld_acquire_sys64(go_word(own)) < s_launch)
-      if (global_ns() > deadline) {
-        record_timeout(st, 0, st.rank);
-        break;
-      }
-  }
-  __syncthreads();
-}
-
 // Whether the barrier before this step failed (the host reports why): then the step's kernels move no data.
 // Block-wide; it ends with __syncthreads, so shared memory set before it is visible after it.
 __device__ __forceinline__ bool step_skipped(const Step& st) {
-  if (st.own_barrier) own_barrier(st);
   __shared__ int s_skip;
   if (threadIdx.x == 0) s_skip = *reinterpret_cast<volatile int32_t*>(step_failed(st.peers.region[st.rank])) != 0;
   __syncthreads();

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -372,14 +373,30 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
   return res;
 }
 
+// Holds its stream until the host sets *open (at most max_ns): work queued behind it starts only once all of it is
+// queued, so events around that work time the GPU alone, without the host's enqueueing.
+__global__ void gate_kernel(const volatile int* open, unsigned long long max_ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t0));
+  do asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); while (*open == 0 && t - t0 < max_ns);
+}
+
+__global__ void empty_kernel() {}
+
 // The fixed cost of a step: N = 0 on every rank, so dispatch and combine move nothing. Single calls (events around
-// each) and, for queued calls, `pairs` dispatch + combine pairs back to back (per pair).
+// each) and, for queued calls, `pairs` dispatch + combine pairs back to back (per pair); for queued calls also where
+// a single call's time goes: the host's time in the call, and the GPU's time for it when it was queued behind a
+// gate (so the GPU never waits for the host).
 struct EmptyStep {
   double dispatch_us = 0, combine_us = 0, pair_us = 0;
+  double host_dispatch_us = 0, host_combine_us = 0, gpu_dispatch_us = 0, gpu_combine_us = 0;
+  double host_launch_us = 0, gpu_launch_us = 0;  // the same for one empty kernel launch: the floor of a call
 };
 EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
   const int R = o.ranks, total = o.warmup + o.iters, pairs = 100;
   std::vector<std::vector<float>> td(size_t(R), std::vector<float>(size_t(total), 0.0f)), tc = td, tp = td;
+  std::vector<std::vector<float>> hd = td, hc = td, gd = td, gc = td;  // host ms in the call; gated GPU ms
+  std::vector<std::vector<float>> hl = td, gl = td;                    // the same for an empty kernel
   SpinBarrier bar(R);
   std::vector<std::thread> th;
   for (int r = 0; r < R; ++r)
@@ -396,18 +413,47 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
       deepep4j_dispatch_args da{};
       deepep4j_combine_args ca{};
       Timer tm(bar, s);
+      volatile int* gate = nullptr;
+      int* gate_dev = nullptr;
+      cuda_must(cudaHostAlloc((void**)&gate, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc");
+      cuda_must(cudaHostGetDevicePointer((void**)&gate_dev, (void*)gate, 0), "cudaHostGetDevicePointer");
       for (int it = 0; it < total; ++it) {
         td[size_t(r)][size_t(it)] = tm.ms([&] { must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r); });
         tc[size_t(r)][size_t(it)] =
             tm.ms([&] { must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r); });
-        if (queued)
-          tp[size_t(r)][size_t(it)] = tm.ms([&] {
-            for (int i = 0; i < pairs; ++i) {
-              must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
-              must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r);
-            }
-          }) / pairs;
+        if (!queued) continue;
+        tp[size_t(r)][size_t(it)] = tm.ms([&] {
+          for (int i = 0; i < pairs; ++i) {
+            must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
+            must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r);
+          }
+        }) / pairs;
+        for (int phase = 0; phase < 3; ++phase) {
+          cuda_must(cudaStreamSynchronize(s), "sync");
+          *gate = 0;
+          bar.wait();
+          gate_kernel<<<1, 1, 0, s>>>(gate_dev, 1000000000ull);
+          cuda_must(cudaEventRecord(tm.e0, s), "record");
+          const auto h0 = std::chrono::steady_clock::now();
+          if (phase == 0)
+            must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
+          else if (phase == 1)
+            must(deepep4j_combine(b, h, DEEPEP4J_BFLOAT16, &ca, s), "combine", r);
+          else
+            empty_kernel<<<1, 1, 0, s>>>();
+          const auto h1 = std::chrono::steady_clock::now();
+          cuda_must(cudaEventRecord(tm.e1, s), "record");
+          bar.wait();  // every rank's call is queued: open the gates together
+          *gate = 1;
+          cuda_must(cudaEventSynchronize(tm.e1), "sync");
+          float ms = 0;
+          cuda_must(cudaEventElapsedTime(&ms, tm.e0, tm.e1), "elapsed");
+          (phase == 0 ? gd : phase == 1 ? gc : gl)[size_t(r)][size_t(it)] = ms;
+          (phase == 0 ? hd : phase == 1 ? hc : hl)[size_t(r)][size_t(it)] =
+              float(std::chrono::duration<double, std::milli>(h1 - h0).count());
+        }
       }
+      cudaFreeHost(const_cast<int*>(gate));
       must(deepep4j_buffer_sync(b, s), "buffer_sync", r);
       deepep4j_handle_destroy(h);
       cudaFree(d_idx);
@@ -418,6 +464,11 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
   e.dispatch_us = slowest_mean_us(td, o.warmup);
   e.combine_us = slowest_mean_us(tc, o.warmup);
   e.pair_us = queued ? slowest_mean_us(tp, o.warmup) : 0;
+  if (queued) {
+    e.host_dispatch_us = slowest_mean_us(hd, o.warmup), e.host_combine_us = slowest_mean_us(hc, o.warmup);
+    e.gpu_dispatch_us = slowest_mean_us(gd, o.warmup), e.gpu_combine_us = slowest_mean_us(gc, o.warmup);
+    e.host_launch_us = slowest_mean_us(hl, o.warmup), e.gpu_launch_us = slowest_mean_us(gl, o.warmup);
+  }
   return e;
 }
 
@@ -700,6 +751,10 @@ int bench_ep_cuda(int argc, char** argv) {
     std::printf("# empty step (N = 0), fixed cost: deepep-sm dispatch %.1f us / combine %.1f us; deepep-queued "
                 "dispatch %.1f us / combine %.1f us; queued pairs back to back %.1f us per dispatch + combine\n",
                 es.dispatch_us, es.combine_us, eq.dispatch_us, eq.combine_us, eq.pair_us);
+    std::printf("# where a queued empty call goes: host time in the call dispatch %.1f us / combine %.1f us; GPU "
+                "time of the call queued behind a gate dispatch %.1f us / combine %.1f us; one empty kernel "
+                "the same way: host %.1f us, GPU %.1f us\n", eq.host_dispatch_us, eq.host_combine_us,
+                eq.gpu_dispatch_us, eq.gpu_combine_us, eq.host_launch_us, eq.gpu_launch_us);
     std::printf("| CUDA graph (deepep-queued, bf16) | tokens | notify+dispatch+combine us, graph replay | same calls "
                 "eagerly us |\n|---|---|---|---|\n");
     for (int64_t t : o.tokens) {

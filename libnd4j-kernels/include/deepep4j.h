@@ -285,7 +285,11 @@ DEEPEP4J_API int deepep4j_fail_step(deepep4j_buffer* buf, int32_t status, const 
  *     step (or after deepep4j_buffer_sync), and pass that stream to deepep4j_buffer_sync to learn its errors.
  * Ranks sharing one GPU in one process: each rank's spinning kernels must not sit ahead of another rank's work in one
  * hardware queue; give every rank its own stream and set CUDA_DEVICE_MAX_CONNECTIONS=32 (the driver maps streams
- * onto that many queues). */
+ * onto that many queues). And no rank's thread may need a CUDA call that another rank's thread blocks while it waits
+ * for the device: measured on an H200 (driver 580), a thread inside cudaMemcpyAsync to pageable host memory, queued
+ * behind a step that waits for a late peer, made the peer's cudaEventCreate wait until the step timed out (both
+ * ranks then fail with DEEPEP4J_ERR_TIMEOUT). Create events and streams before the steps, and read results into
+ * pinned memory (or wait with deepep4j_buffer_sync / deepep4j_comm_wait(buf, NULL) first). */
 
 /* Waits on the host until this rank's queued steps (and `stream`'s work, when not NULL) are complete, at most
    timeout_ms + 1 s, and returns the first error any of them recorded (see above), else OK. Local (not collective). */
@@ -296,8 +300,8 @@ DEEPEP4J_API int deepep4j_buffer_sync(deepep4j_buffer* buf, void* stream);
    stream. y and the other inputs must stay unchanged, and out must not be read, until deepep4j_comm_wait(buf, s) has
    ordered a stream s after it (or deepep4j_buffer_sync has returned). The next step of this buffer, on any stream,
    is ordered after it. On CUDA it needs stream_ordered = 1 (else DEEPEP4J_ERR_STATE on every rank); with stream =
-   NULL, and on CPU, it completes on return. Known fault: two ranks on one GPU whose peer comes late to this call time
-   out at their next step (README, "Stream-ordered steps"). */
+   NULL, and on CPU, it completes on return. A peer may come late (up to timeout_ms); for ranks sharing one GPU in
+   one process mind the rule on blocking CUDA calls of the stream-ordered mode section. */
 DEEPEP4J_API int deepep4j_combine_async(deepep4j_buffer* buf, deepep4j_handle* handle, int32_t dtype,
                                         const deepep4j_combine_args* args, void* stream);
 

@@ -54,6 +54,7 @@ CudaBackend::~CudaBackend() {
     if (e) cudaEventDestroy(e);
   if (mailbox_) cudaFreeHost(mailbox_);
   if (gathered_host_) cudaFreeHost(gathered_host_);
+  if (plan_host_) cudaFreeHost(plan_host_);
   if (scratch_) cudaFree(scratch_);
 }
 
@@ -90,6 +91,7 @@ int CudaBackend::init() {
   DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&gathered_host_), size_t(R_) * kNotifySlotBytes,
                                   cudaHostAllocDefault));
   DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&scratch_), 256));
+  DEEPEP4J_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&plan_host_), plan_host_bytes(), cudaHostAllocDefault));
   if (int st = init_backend()) return st;
   // Before any step can spin: no launch of this buffer may load a module or grow local memory later (kernels.h).
   KernelSet kernels;
@@ -364,14 +366,17 @@ int CudaBackend::notify_dispatch(const int64_t* topk_idx, int64_t n, int32_t k, 
     if (int st = alloc_routing(h.get(), n, k, e, s)) return st;
     DEEPEP4J_CUDA_TRY(cudaMemsetAsync(scratch_, 0xff, 8, s));
     DEEPEP4J_CUDA_TRY(launch_plan(topk_idx, r, R_, scratch_, s));
+    // Into pinned memory, then waited for by polling: a copy to pageable memory would wait for the stream inside the
+    // CUDA call, which stalls other ranks' threads of this process meanwhile (deepep4j.h, stream-ordered mode).
     unsigned long long bad = 0;
-    h->send_counts_host.resize(RC);
-    h->expert_counts_host.resize(size_t(e));
-    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(&bad, scratch_, 8, cudaMemcpyDeviceToHost, s));
-    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->send_counts_host.data(), r.send_counts, RC * 4, cudaMemcpyDeviceToHost, s));
-    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(h->expert_counts_host.data(), r.expert_counts, size_t(e) * 4,
-                                      cudaMemcpyDeviceToHost, s));
+    int32_t* counts = reinterpret_cast<int32_t*>(plan_host_ + 8);
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(plan_host_, scratch_, 8, cudaMemcpyDeviceToHost, s));
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(counts, r.send_counts, RC * 4, cudaMemcpyDeviceToHost, s));
+    DEEPEP4J_CUDA_TRY(cudaMemcpyAsync(counts + RC, r.expert_counts, size_t(e) * 4, cudaMemcpyDeviceToHost, s));
     if (int st = wait_stream(s, now_ms() + cfg_.timeout_ms, call)) return st;
+    std::memcpy(&bad, plan_host_, 8);
+    h->send_counts_host.assign(counts, counts + RC);
+    h->expert_counts_host.assign(counts + RC, counts + RC + e);
     if (bad != ULLONG_MAX) {
       int64_t value = 0;
       DEEPEP4J_CUDA_TRY(cudaMemcpy(&value, topk_idx + bad, 8, cudaMemcpyDeviceToHost));

@@ -118,6 +118,10 @@ class CudaBackend : public Backend {
   Mailbox* mailbox_dev_ = nullptr;    // device view
   unsigned long long* scratch_ = nullptr;  // device: the plan's first bad topk_idx index
   uint8_t* gathered_host_ = nullptr;  // pinned [R * kNotifySlotBytes]
+  // Pinned: the plan's first bad index (8 bytes), send counts [R*C] and expert counts [E] read back by notify (E is
+  // at most R * kMaxNotifyInts by notify's check).
+  uint8_t* plan_host_ = nullptr;
+  size_t plan_host_bytes() const { return 8 + size_t(R_) * (size_t(kMaxChannels) + kMaxNotifyInts) * 4; }
   uint32_t epoch_ = 1;                // last barrier epoch used (connect uses 1)
   bool broken_ = false;               // a step timed out: rings are no longer consistent
   bool ce_veto_ = false;              // the last finished barrier had a rank voting against copy-engine transfers

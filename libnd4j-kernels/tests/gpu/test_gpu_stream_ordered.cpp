@@ -263,9 +263,12 @@ TEST(async_combine_runs_beside_other_work_and_readers_wait_for_it) {
     REQUIRE_OK(deepep4j_handle_recv_counts_per_rank(h, out.recv.per_source_rank.data()));
     deepep4j_dispatch_args a = recv.args(d);
     REQUIRE_OK(deepep4j_dispatch(g[r], h, -1, &a, st.s));
-    if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    // Events are created before a rank comes late: cudaEventCreate waits while another thread of the process is
+    // inside a cudaMemcpyAsync to pageable memory that waits for the device (rank 0's reader below, behind the
+    // combine that waits for rank 1), so creating them late deadlocked the two ranks until timeout_ms (deepep4j.h).
     cudaEvent_t queued, work_done, combine_seen;
     for (cudaEvent_t* e : {&queued, &work_done, &combine_seen}) CUDA_OK(cudaEventCreate(e));
+    if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
     deepep4j_combine_args c{};
     c.y = y.p, c.out = combined.p;
     REQUIRE_OK(deepep4j_combine_async(g[r], h, s.dtype, &c, st.s));

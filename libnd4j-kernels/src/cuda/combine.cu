@@ -28,12 +28,11 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   if (sender) {
     const Groups g = Groups::make(R);
     if (!g.active()) return;
-    BulkWarp bulk(ring_smem(), threadIdx.x / 32, g.lane);
     for (int s = g.group; s < R; s += g.groups) {
       const int64_t row0 = h.recv_offset[s * C + c];
-      auto write = [&](int i, uint8_t* slot) { write_combine_slot(slot, lay, io, h, row0 + i, g.lane, &bulk); };
+      auto write = [&](int i, uint8_t* slot) { write_combine_slot(slot, lay, io, h, row0 + i, g.lane); };
       if (!send_stream(st, rg, g, c, s, h.recv_counts[s * C + c], 3, deadline, &s_word[g.group],
-                       &s_abort[g.group], bulk, write))
+                       &s_abort[g.group], nullptr, write))
         return;
     }
     return;
@@ -92,17 +91,15 @@ __global__ void __launch_bounds__(kRingThreads, 1)
 cudaError_t launch_combine(const Step& step, const Rings& rings, const Routing& h, const CombineIo& io,
                            int32_t num_sms, cudaStream_t s) {
   if (step.num_ranks <= kFewRanks)
-    combine_kernel<kFewRanks><<<num_sms, kRingThreads, kRingSmemBytes, s>>>(step, rings, h, io);
+    combine_kernel<kFewRanks><<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
   else
-    combine_kernel<DEEPEP4J_MAX_RANKS><<<num_sms, kRingThreads, kRingSmemBytes, s>>>(step, rings, h, io);
+    combine_kernel<DEEPEP4J_MAX_RANKS><<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
   return cudaGetLastError();
 }
 
 cudaError_t load_ring_combine_kernels(int32_t num_ranks, KernelSet* k) {
-  const void* f = num_ranks <= kFewRanks ? reinterpret_cast<const void*>(&combine_kernel<kFewRanks>)
-                                         : reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>);
-  if (cudaError_t e = allow_ring_smem(f)) return e;
-  return k->add({f});
+  return k->add({num_ranks <= kFewRanks ? reinterpret_cast<const void*>(&combine_kernel<kFewRanks>)
+                                        : reinterpret_cast<const void*>(&combine_kernel<DEEPEP4J_MAX_RANKS>)});
 }
 
 }  // namespace cuda

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
       }
       auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane, &bulk); };
       if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
-                       &s_abort[g.group], bulk, write))
+                       &s_abort[g.group], &bulk, write))
         return;
     }
     return;

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
       const int64_t row0 = h.recv_offset[s * C + c];
       auto write = [&](int i, uint8_t* slot) { write_combine_slot(slot, lay, io, h, row0 + i, g.lane); };
       if (!send_stream(st, rg, g, c, s, h.recv_counts[s * C + c], 3, deadline, &s_word[g.group],
-                       &s_abort[g.group], write))
+                       &s_abort[g.group], nullptr, write))
         return;
     }
     return;

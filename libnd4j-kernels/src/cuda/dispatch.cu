@@ -21,30 +21,36 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   const int R = st.num_ranks, C = rg.channels;
   const bool sender = int(blockIdx.x) < C;
   const int c = sender ? blockIdx.x : blockIdx.x - C;
-  const Groups g = Groups::make(R);
-  if (!g.active()) return;
   const DispatchSlot lay = DispatchSlot::make(io.row_bytes, h.num_topk, io.num_scales);
   const int L = h.num_experts / R;
+  BulkWarp bulk(ring_smem(), threadIdx.x / 32, threadIdx.x % 32);
   if (sender) {
+    const Groups g = Groups::make(R);
+    if (!g.active()) return;
     for (int d = g.group; d < R; d += g.groups) {
       const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
       if (d == st.rank) {  // own tokens: no ring, no receiver
         const int n = h.send_counts[d * C + c];
         const int64_t row0 = h.recv_offset[d * C + c];
         for (int i = g.warp_in_group; i < n; i += g.warps_per_group)
-          copy_own_token(io, h, list[i], row0 + i, d, L, g.lane);
+          copy_own_token(io, h, list[i], row0 + i, d, L, g.lane, &bulk);
         continue;
       }
-      auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane); };
+      auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane, &bulk); };
       if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
-                       &s_abort[g.group], write))
+                       &s_abort[g.group], &bulk, write))
         return;
     }
     return;
   }
+  // Receiver: groups take the other ranks (the sender block copied this rank's own rows directly), so with two ranks
+  // every warp reads the one peer's ring.
+  if (R == 1) return;
+  const Groups g = Groups::make(R - 1);
+  if (!g.active()) return;
   uint8_t* own = st.peers.region[st.rank];
-  for (int s = g.group; s < R; s += g.groups) {
-    if (s == st.rank) continue;  // the sender block copied these rows directly
+  for (int j = g.group; j < R - 1; j += g.groups) {
+    const int s = (st.rank + 1 + j) % R;
     const uint32_t* tail = tails(own) + c * R + s;
     uint32_t* head = heads(own) + c * R + s;
     const int n = h.recv_counts[s * C + c];
@@ -65,7 +71,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
       if (s_abort[g.group]) return;
       const int upto = s_avail[g.group];
       for (int i = done + g.warp_in_group; i < upto; i += g.warps_per_group)
-        read_dispatch_slot(rg.slot(own, c, s, R, base + uint32_t(i)), lay, io, h, row0 + i, s, g.lane);
+        read_dispatch_slot(rg.slot(own, c, s, R, base + uint32_t(i)), lay, io, h, row0 + i, s, g.lane, &bulk);
       g.sync();
       if (g.leader()) st_release_sys(head, base + uint32_t(upto));
       done = upto;
@@ -98,11 +104,12 @@ cudaError_t launch_pad_recv(const Step& step, const int64_t* num_recv, int64_t w
 
 cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing& h, const DispatchIo& io,
                             int32_t num_sms, cudaStream_t s) {
-  dispatch_kernel<<<num_sms, kRingThreads, 0, s>>>(step, rings, h, io);
+  dispatch_kernel<<<num_sms, kRingThreads, kRingSmemBytes, s>>>(step, rings, h, io);
   return cudaGetLastError();
 }
 
 cudaError_t load_ring_dispatch_kernels(KernelSet* k) {
+  if (cudaError_t e = allow_ring_smem(reinterpret_cast<const void*>(dispatch_kernel))) return e;
   return k->add({reinterpret_cast<const void*>(dispatch_kernel), reinterpret_cast<const void*>(pad_recv_kernel)});
 }
 

@@ -1,6 +1,7 @@
 // ring_common.cuh — the pieces every ring kernel shares: block roles, warp groups, and waits that end at a deadline.
 #pragma once
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
 
@@ -10,6 +11,19 @@ namespace cuda {
 constexpr int kRingThreads = 768;
 constexpr int kRingWarps = kRingThreads / 32;
 constexpr int kMaxGroups = 15;  // named barriers 1..15
+constexpr int kRingSmemBytes = bulk_smem_bytes(kRingWarps);  // dynamic shared memory of the ring dispatch: bulk staging
+static_assert(kRingWarps * 16 <= kBulkBarBytes, "two mbarriers per warp");
+
+// Lets the ring dispatch kernel launch with kRingSmemBytes of dynamic shared memory (above the default 48 KB).
+inline cudaError_t allow_ring_smem(const void* kernel) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingSmemBytes);
+}
+
+// The ring dispatch kernel's dynamic shared memory (the bulk staging of its warps).
+__device__ __forceinline__ uint8_t* ring_smem() {
+  extern __shared__ __align__(128) uint8_t ring_dyn_smem[];
+  return ring_dyn_smem;
+}
 
 // Records the first timeout of a step in the mailbox (which wait, which peer); later ones keep the first.
 __device__ __forceinline__ void record_timeout(const Step& st, int where, int peer) {
@@ -56,11 +70,12 @@ struct Groups {
 };
 
 // A sender streams n items into ring (c, me) of rank `dest`, `chunk` at a time: wait for room, fill, publish the tail.
-// write(i, slot) fills item i of the stream (called by warp `warp_in_group`, items strided by warps_per_group).
+// write(i, slot) fills item i of the stream (called by warp `warp_in_group`, items strided by warps_per_group); where it
+// copies rows through `bulk` (dispatch; NULL for combine), those stores are flushed before the tail that publishes them.
 template <class Write>
 __device__ __forceinline__ bool send_stream(const Step& st, const Rings& rg, const Groups& g, int c, int dest, int n,
                                             int where, uint64_t deadline, uint32_t* s_word, int* s_abort,
-                                            Write&& write) {
+                                            BulkWarp* bulk, Write&& write) {
   uint8_t* region = st.peers.region[dest];
   uint32_t* tail = tails(region) + c * st.num_ranks + st.rank;
   const uint32_t* head = heads(region) + c * st.num_ranks + st.rank;
@@ -82,6 +97,7 @@ __device__ __forceinline__ bool send_stream(const Step& st, const Rings& rg, con
     if (*s_abort) return false;
     for (int i = start + g.warp_in_group; i < end; i += g.warps_per_group)
       write(i, rg.slot(region, c, st.rank, st.num_ranks, base + uint32_t(i)));
+    if (bulk != nullptr) bulk->flush();
     g.sync();
     // The release store is cumulative: the group's slot writes, ordered before it by the barrier, become visible first.
     if (g.leader()) st_release_sys(tail, base + uint32_t(end));

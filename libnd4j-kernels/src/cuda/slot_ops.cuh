@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_util.h"
 #include "cuda/kernels.h"
 
@@ -32,9 +33,20 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int6
   for (; i < n; i += 32) d[i] = kSrcShared ? ld_cg16(s + i) : __ldg(s + i);
 }
 
+// A row copy: through the warp's bulk copies where the kernel has them (the ring kernels), else warp_copy.
+template <bool kSrcShared>
+__device__ __forceinline__ void copy_row(BulkWarp* bulk, uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
+  if (bulk != nullptr) {
+    bulk->copy(dst, src, bytes);
+    __syncwarp();  // lane 0 issued the copy: the warp reconverges before any group barrier
+  } else
+    warp_copy<kSrcShared>(dst, src, bytes, lane);
+}
+
 // Writes token t's dispatch slot for destination rank `dest` (which owns experts [dest*L, dest*L+L)).
 __device__ __forceinline__ void write_dispatch_slot(uint8_t* slot, const DispatchSlot& lay, const DispatchIo& io,
-                                                    const Routing& h, int64_t t, int dest, int L, int lane) {
+                                                    const Routing& h, int64_t t, int dest, int L, int lane,
+                                                    BulkWarp* bulk = nullptr) {
   const int K = h.num_topk;
   if (lane == 0) *reinterpret_cast<int32_t*>(slot) = int32_t(t);
   for (int k = lane; k < K; k += 32) {
@@ -46,12 +58,13 @@ __device__ __forceinline__ void write_dispatch_slot(uint8_t* slot, const Dispatc
   }
   for (int i = lane; i < io.num_scales; i += 32)
     reinterpret_cast<float*>(slot + lay.scales_off)[i] = io.x_scales[t * io.num_scales + i];
-  warp_copy<false>(slot + lay.row_off, io.x + t * io.row_bytes, io.row_bytes, lane);
+  copy_row<false>(bulk, slot + lay.row_off, io.x + t * io.row_bytes, io.row_bytes, lane);
 }
 
 // Reads a dispatch slot from source rank `src` into received row m; returns nothing, records the local-expert mask.
 __device__ __forceinline__ void read_dispatch_slot(const uint8_t* slot, const DispatchSlot& lay, const DispatchIo& io,
-                                                   const Routing& h, int64_t m, int src, int lane) {
+                                                   const Routing& h, int64_t m, int src, int lane,
+                                                   BulkWarp* bulk = nullptr) {
   const int K = h.num_topk;
   uint32_t local_bits = 0;
   for (int k = 0; k < K; ++k) {
@@ -70,12 +83,12 @@ __device__ __forceinline__ void read_dispatch_slot(const uint8_t* slot, const Di
   }
   for (int i = lane; i < io.num_scales; i += 32)
     io.recv_x_scales[m * io.num_scales + i] = __ldcg(reinterpret_cast<const float*>(slot + lay.scales_off) + i);
-  warp_copy<true>(io.recv_x + m * io.row_bytes, slot + lay.row_off, io.row_bytes, lane);
+  copy_row<true>(bulk, io.recv_x + m * io.row_bytes, slot + lay.row_off, io.row_bytes, lane);
 }
 
 // A token this rank sends to itself skips the ring: row t of x goes straight to received row m.
 __device__ __forceinline__ void copy_own_token(const DispatchIo& io, const Routing& h, int64_t t, int64_t m, int me,
-                                               int L, int lane) {
+                                               int L, int lane, BulkWarp* bulk = nullptr) {
   const int K = h.num_topk;
   uint32_t local_bits = 0;
   for (int k = 0; k < K; ++k) {
@@ -95,7 +108,7 @@ __device__ __forceinline__ void copy_own_token(const DispatchIo& io, const Routi
   }
   for (int i = lane; i < io.num_scales; i += 32)
     io.recv_x_scales[m * io.num_scales + i] = io.x_scales[t * io.num_scales + i];
-  warp_copy<false>(io.recv_x + m * io.row_bytes, io.x + t * io.row_bytes, io.row_bytes, lane);
+  copy_row<false>(bulk, io.recv_x + m * io.row_bytes, io.x + t * io.row_bytes, io.row_bytes, lane);
 }
 
 // The combine scale of received row m: the sum of its weights for this rank's experts (1 without weights).
@@ -110,13 +123,13 @@ __device__ __forceinline__ float row_scale(const CombineIo& io, const Routing& h
 
 // Writes received row m as a combine slot: the row, the returned weights and the row's scale.
 __device__ __forceinline__ void write_combine_slot(uint8_t* slot, const CombineSlot& lay, const CombineIo& io,
-                                                   const Routing& h, int64_t m, int lane) {
+                                                   const Routing& h, int64_t m, int lane, BulkWarp* bulk = nullptr) {
   const int K = h.num_topk;
   if (lane == 0) *reinterpret_cast<float*>(slot + lay.scale_off) = row_scale(io, h, m);
   if (io.y_topk_weights != nullptr)
     for (int k = lane; k < K; k += 32)
       reinterpret_cast<float*>(slot + lay.weights_off)[k] = io.y_topk_weights[m * K + k];
-  warp_copy<false>(slot, io.y + m * io.row_bytes, io.row_bytes, lane);
+  copy_row<false>(bulk, slot, io.y + m * io.row_bytes, io.row_bytes, lane);
 }
 
 __device__ __forceinline__ float to_f(float v) { return v; }

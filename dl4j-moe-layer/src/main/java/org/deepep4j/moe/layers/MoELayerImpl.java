@@ -100,6 +100,15 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return gradientViews;
     }
 
+    /** The layer's flattened parameter and gradient views, without synchronisation. */
+    INDArray paramsFlat() {
+        return paramsFlattened;
+    }
+
+    INDArray gradientsFlat() {
+        return gradientsFlattened;
+    }
+
     @Override
     public void setBackpropGradientsViewArray(INDArray gradients) {
         super.setBackpropGradientsViewArray(gradients);
@@ -216,7 +225,20 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     @Override
     public void setParams(INDArray params) {
         synchronizeViews();
-        super.setParams(params);
+        // BaseLayer's version reads every parameter F-order out of the flat array; the experts' views are C-order
+        // (the engine's layout), so each is read in its own order: setParams(params()) is then the identity.
+        if (params.length() != paramsFlattened.length()) {
+            throw new IllegalArgumentException("MoELayer setParams length=" + params.length() + ": must be "
+                    + paramsFlattened.length() + " (the layer's number of parameters)");
+        }
+        INDArray flat = params.reshape(params.length());
+        long at = 0;
+        for (Map.Entry<String, INDArray> p : this.params.entrySet()) {
+            INDArray v = p.getValue();
+            v.assign(flat.get(org.nd4j.linalg.indexing.NDArrayIndex.interval(at, at + v.length()))
+                    .reshape(MoEParamInitializer.order(p.getKey()), v.shape()));
+            at += v.length();
+        }
         viewsChanged();
     }
 

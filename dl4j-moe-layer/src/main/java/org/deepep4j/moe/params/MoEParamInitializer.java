@@ -23,6 +23,9 @@ import java.util.regex.Pattern;
  * {@code e<j>W2 [ffn, nIn]}, then the optional shared expert {@code sW1, sW3, sW2}. Keys have no '_' because DL4J
  * splits gradient keys "layer_param" at it.
  * Expert keys use the local index; on rank r local expert j is global expert {@code r * E/R + j}.
+ * The routed experts' views are C-order (the others F-order, DL4J's usual): the experts' range of the flattened
+ * parameters, gradients and updater state is then exactly the engine block's layout (expert-major, each matrix
+ * row-major), so copies between DL4J and the engine are plain block copies with no reordering.
  */
 public final class MoEParamInitializer implements ParamInitializer {
 
@@ -133,7 +136,7 @@ public final class MoEParamInitializer implements ParamInitializer {
                     v.getValue().assign(0.0);
                 } else {
                     long[] s = v.getValue().shape();
-                    init.init(s[0], s[1], s, 'f', v.getValue());
+                    init.init(s[0], s[1], s, order(v.getKey()), v.getValue());
                 }
             }
         }
@@ -141,6 +144,23 @@ public final class MoEParamInitializer implements ParamInitializer {
             conf.addVariable(v.getKey());
         }
         return views;
+    }
+
+    /** Memory order of a parameter's view: C for routed experts (the engine's layout), F otherwise. */
+    public static char order(String key) {
+        return isExpertParam(key) ? 'c' : 'f';
+    }
+
+    /** Offset of the first routed-expert element in the layer's flattened parameters (router weights and bias first). */
+    public static long expertOffset(MoELayer c) {
+        long offset = 0;
+        for (Map.Entry<String, long[]> e : shapes(c).entrySet()) {
+            if (isExpertParam(e.getKey())) {
+                return offset;
+            }
+            offset += e.getValue()[0] * e.getValue()[1];
+        }
+        return offset;
     }
 
     @Override
@@ -163,7 +183,7 @@ public final class MoEParamInitializer implements ParamInitializer {
         for (Map.Entry<String, long[]> e : shapes.entrySet()) {
             long n = e.getValue()[0] * e.getValue()[1];
             out.put(e.getKey(), row.get(NDArrayIndex.interval(0, 0, true), NDArrayIndex.interval(offset, offset + n))
-                    .reshape('f', e.getValue()[0], e.getValue()[1]));
+                    .reshape(order(e.getKey()), e.getValue()[0], e.getValue()[1]));
             offset += n;
         }
         return out;

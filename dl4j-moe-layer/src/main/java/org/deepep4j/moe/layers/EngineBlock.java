@@ -42,7 +42,7 @@ final class EngineBlock implements AutoCloseable {
     private long pulls;
     private long pullNs;
     /**
-     * Host array in the engine's layout for views that are not one dense range (see {@link #copy}), kept when copies
+     * Host array in the engine's layout for views that are not one dense range (see {@link #denseRange}), kept when copies
      * happen every step (HOST residency, syncViewsEveryStep): the first touch of fresh pages costs more than the copy.
      */
     private INDArray staging;

@@ -151,18 +151,6 @@ public final class MoEParamInitializer implements ParamInitializer {
         return isExpertParam(key) ? 'c' : 'f';
     }
 
-    /** Offset of the first routed-expert element in the layer's flattened parameters (router weights and bias first). */
-    public static long expertOffset(MoELayer c) {
-        long offset = 0;
-        for (Map.Entry<String, long[]> e : shapes(c).entrySet()) {
-            if (isExpertParam(e.getKey())) {
-                return offset;
-            }
-            offset += e.getValue()[0] * e.getValue()[1];
-        }
-        return offset;
-    }
-
     @Override
     public Map<String, INDArray> getGradientsFromFlattened(NeuralNetConfiguration conf, INDArray gradientView) {
         return split((MoELayer) conf.getLayer(), gradientView);

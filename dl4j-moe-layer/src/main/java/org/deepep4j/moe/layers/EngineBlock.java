@@ -180,7 +180,7 @@ final class EngineBlock implements AutoCloseable {
             long[] s = paramViews().get(key).shape();
             long n = s[0] * s[1];
             out.put(key, row.get(NDArrayIndex.interval(0, 0, true), NDArrayIndex.interval(offset, offset + n))
-                    .reshape(MoEParamInitializer.order(key), s[0], s[1]));
+                    .reshape(MoEParamInitializer.order(conf, key), s[0], s[1]));
             offset += n;
         }
         if (offset != (moment + 1) * half) {

@@ -225,7 +225,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     @Override
     public void setParams(INDArray params) {
         synchronizeViews();
-        // BaseLayer's version reads every parameter F-order out of the flat array; the experts' views are C-order
+        // BaseLayer's version reads every parameter F-order out of the flat array; the experts' views may be C-order
         // (the engine's layout), so each is read in its own order: setParams(params()) is then the identity.
         if (params.length() != paramsFlattened.length()) {
             throw new IllegalArgumentException("MoELayer setParams length=" + params.length() + ": must be "
@@ -236,7 +236,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         for (Map.Entry<String, INDArray> p : this.params.entrySet()) {
             INDArray v = p.getValue();
             v.assign(flat.get(org.nd4j.linalg.indexing.NDArrayIndex.interval(at, at + v.length()))
-                    .reshape(MoEParamInitializer.order(p.getKey()), v.shape()));
+                    .reshape(MoEParamInitializer.order(layerConf(), p.getKey()), v.shape()));
             at += v.length();
         }
         viewsChanged();

@@ -46,12 +46,6 @@ public class MoELayer extends FeedForwardLayer {
     private ExpertResidency expertResidency = ExpertResidency.ENGINE;
     private boolean syncViewsEveryStep = true;
     private int engineMaxTokens = 8192;
-    /**
-     * Memory order of the routed experts' parameter views: 'c' (the engine's layout) for every layer built now; 'f'
-     * for configurations saved before the field existed (their JSON lacks it), so their flattened parameters still
-     * read as they were written.
-     */
-    private char expertViewOrder = 'f';
     /** The updater DL4J runs for this layer's experts on the engine path (one per layer object, bound to its impl). */
     private transient EngineStepUpdater engineStepUpdater;
 
@@ -76,7 +70,6 @@ public class MoELayer extends FeedForwardLayer {
         expertResidency = b.expertResidency;
         syncViewsEveryStep = b.syncViewsEveryStep;
         engineMaxTokens = b.engineMaxTokens;
-        expertViewOrder = 'c';
         if (nOut <= 0 && nIn > 0) {
             nOut = nIn;
         }
@@ -105,7 +98,6 @@ public class MoELayer extends FeedForwardLayer {
                 "needs engineBlock(true): on CUDA the whole MoE block runs in the engine");
         require(expertResidency != null, "expertResidency", null, "must be ENGINE or HOST");
         require(engineMaxTokens >= 1, "engineMaxTokens", engineMaxTokens, "must be >= 1");
-        require(expertViewOrder == 'c' || expertViewOrder == 'f', "expertViewOrder", expertViewOrder, "must be 'c' or 'f'");
         if (engineBlock && expertResidency == ExpertResidency.ENGINE && getIUpdater() != null) {
             EngineStepUpdater.checkSupported(getIUpdater(), regularization);
         }
@@ -284,8 +276,6 @@ public class MoELayer extends FeedForwardLayer {
     public void setSyncViewsEveryStep(boolean b) { this.syncViewsEveryStep = b; }
     public int getEngineMaxTokens() { return engineMaxTokens; }
     public void setEngineMaxTokens(int n) { this.engineMaxTokens = n; }
-    public char getExpertViewOrder() { return expertViewOrder; }
-    public void setExpertViewOrder(char order) { this.expertViewOrder = order; }
 
     @Override
     public boolean equals(Object o) {
@@ -299,7 +289,7 @@ public class MoELayer extends FeedForwardLayer {
                 && sharedExpertFfnSize == m.sharedExpertFfnSize && epSize == m.epSize
                 && asyncCombine == m.asyncCombine && engineBlock == m.engineBlock && device == m.device
                 && expertResidency == m.expertResidency && syncViewsEveryStep == m.syncViewsEveryStep
-                && engineMaxTokens == m.engineMaxTokens && expertViewOrder == m.expertViewOrder;
+                && engineMaxTokens == m.engineMaxTokens;
     }
 
     @Override
@@ -311,7 +301,7 @@ public class MoELayer extends FeedForwardLayer {
     public int hashCode() {
         return Objects.hash(super.hashCode(), numExperts, topK, ffnSize, scoreFunction, normalizeTopK,
                 auxLossCoefficient, biasUpdateRate, sharedExpertFfnSize, epSize, asyncCombine, engineBlock, device,
-                expertResidency, syncViewsEveryStep, engineMaxTokens, expertViewOrder);
+                expertResidency, syncViewsEveryStep, engineMaxTokens);
     }
 
     @Override
@@ -321,7 +311,7 @@ public class MoELayer extends FeedForwardLayer {
                 + auxLossCoefficient + ", biasUpdateRate=" + biasUpdateRate + ", sharedExpertFfnSize="
                 + sharedExpertFfnSize + ", epSize=" + epSize + ", asyncCombine=" + asyncCombine + ", engineBlock="
                 + engineBlock + ", device=" + device + ", expertResidency=" + expertResidency + ", syncViewsEveryStep="
-                + syncViewsEveryStep + ", engineMaxTokens=" + engineMaxTokens + ", expertViewOrder=" + expertViewOrder + ")";
+                + syncViewsEveryStep + ", engineMaxTokens=" + engineMaxTokens + ")";
     }
 
     /** Builder in DL4J style: {@code new MoELayer.Builder().nIn(64).numExperts(8).topK(2).ffnSize(128).build()}. */

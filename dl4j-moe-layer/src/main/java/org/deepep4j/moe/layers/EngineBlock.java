@@ -22,9 +22,8 @@ import java.util.Map;
 
 /**
  * A MoE layer's engine block and the bookkeeping between it and DL4J's views of the routed experts: parameters,
- * gradients and (Adam) updater state. The experts' range of DL4J's flattened views has the engine's layout
- * ({@link MoEParamInitializer}), so each copy is one block copy straight into or out of that range (through a host
- * array only when the views are not that one dense FLOAT/DOUBLE range). Two flags say which side is newer:
+ * gradients and (Adam) updater state. DL4J keeps each expert matrix column-major inside its flattened views; the
+ * engine keeps them row-major, expert-major; every copy converts. Two flags say which side is newer:
  * {@code engineStale} (DL4J's views were written: push before the next forward) and {@code viewsStale} (the engine
  * stepped: pull before DL4J reads).
  */
@@ -42,8 +41,9 @@ final class EngineBlock implements AutoCloseable {
     private long pulls;
     private long pullNs;
     /**
-     * Host array in the engine's layout for views that are not one dense range (see {@link #denseRange}), kept when copies
-     * happen every step (HOST residency, syncViewsEveryStep): the first touch of fresh pages costs more than the copy.
+     * Host array in the engine's layout, kept when copies happen every step (HOST residency, syncViewsEveryStep):
+     * the first touch of fresh pages costs more than the copy itself. Otherwise made per copy (no resident extra
+     * copy of the experts for rare copies).
      */
     private INDArray staging;
 
@@ -124,17 +124,17 @@ final class EngineBlock implements AutoCloseable {
         if (!engineStale && conf.getExpertResidency() == ExpertResidency.ENGINE) {
             return;
         }
-        write(EpMoeBlock.Tensor.PARAMS, layer.paramsFlat(), paramViews());
+        block.write(EpMoeBlock.Tensor.PARAMS, toEngineOrder(paramViews()));
         if (conf.getExpertResidency() == ExpertResidency.ENGINE && hasMoments()) {
-            write(EpMoeBlock.Tensor.STATE_M, stateView, stateMatrices(0));
-            write(EpMoeBlock.Tensor.STATE_V, stateView, stateMatrices(1));
+            block.write(EpMoeBlock.Tensor.STATE_M, toEngineOrder(stateMatrices(0)));
+            block.write(EpMoeBlock.Tensor.STATE_V, toEngineOrder(stateMatrices(1)));
         }
         engineStale = false;
     }
 
     /** After a backward: the experts' gradients (sums over tokens, like the Java path's) into DL4J's gradient views. */
     void pullGradients() {
-        read(EpMoeBlock.Tensor.GRADS, layer.gradientsFlat(), layer.gradViews());
+        fromEngineOrder(EpMoeBlock.Tensor.GRADS, layer.gradViews());
     }
 
     /** After an engine step. */
@@ -148,10 +148,10 @@ final class EngineBlock implements AutoCloseable {
             return;
         }
         long t = System.nanoTime();
-        read(EpMoeBlock.Tensor.PARAMS, layer.paramsFlat(), paramViews());
+        fromEngineOrder(EpMoeBlock.Tensor.PARAMS, paramViews());
         if (hasMoments()) {
-            read(EpMoeBlock.Tensor.STATE_M, stateView, stateMatrices(0));
-            read(EpMoeBlock.Tensor.STATE_V, stateView, stateMatrices(1));
+            fromEngineOrder(EpMoeBlock.Tensor.STATE_M, stateMatrices(0));
+            fromEngineOrder(EpMoeBlock.Tensor.STATE_V, stateMatrices(1));
         }
         viewsStale = false;
         pulls++;
@@ -170,7 +170,7 @@ final class EngineBlock implements AutoCloseable {
         return stateView != null && stateView.length() > 0;
     }
 
-    /** The expert matrices of one Adam moment (0 = m, 1 = v) inside DL4J's state view, in the params' layout. */
+    /** The expert matrices of one Adam moment (0 = m, 1 = v) inside DL4J's state view, column-major like the params. */
     private Map<String, INDArray> stateMatrices(int moment) {
         long half = stateView.length() / 2;
         INDArray row = stateView.reshape(1, stateView.length());
@@ -180,7 +180,7 @@ final class EngineBlock implements AutoCloseable {
             long[] s = paramViews().get(key).shape();
             long n = s[0] * s[1];
             out.put(key, row.get(NDArrayIndex.interval(0, 0, true), NDArrayIndex.interval(offset, offset + n))
-                    .reshape(MoEParamInitializer.order(conf, key), s[0], s[1]));
+                    .reshape('f', s[0], s[1]));
             offset += n;
         }
         if (offset != (moment + 1) * half) {
@@ -198,56 +198,6 @@ final class EngineBlock implements AutoCloseable {
             keys.add(MoEParamInitializer.expertKey(j, "W2"));
         }
         return keys;
-    }
-
-    /** DL4J's views of one tensor ({@code views}, inside {@code flat}) -> the engine. */
-    private void write(EpMoeBlock.Tensor tensor, INDArray flat, Map<String, INDArray> views) {
-        INDArray range = denseRange(flat, views);
-        block.write(tensor, range != null ? range : toEngineOrder(views));
-    }
-
-    /** The engine -> DL4J's views of one tensor ({@code views}, inside {@code flat}). */
-    private void read(EpMoeBlock.Tensor tensor, INDArray flat, Map<String, INDArray> views) {
-        INDArray range = denseRange(flat, views);
-        if (range != null) {
-            block.read(tensor, range);
-        } else {
-            fromEngineOrder(tensor, views);
-        }
-    }
-
-    /**
-     * The experts' views as one dense C-order FLOAT/DOUBLE range of {@code flat} in engine order, or null when they are
-     * not (a bf16 network; a parameter table set array by array): then copies go through {@link #staging}.
-     */
-    private INDArray denseRange(INDArray flat, Map<String, INDArray> views) {
-        List<String> keys = expertKeys();
-        INDArray first = views.get(keys.get(0));
-        if (flat == null || first == null || first.dataType() != flat.dataType()
-                || (first.dataType() != DataType.FLOAT && first.dataType() != DataType.DOUBLE)) {
-            return null;
-        }
-        long size = flat.data().getElementSize();
-        long start = (address(first) - address(flat)) / size;
-        long at = 0;
-        for (String key : keys) {  // consecutive dense C-order matrices right after one another
-            INDArray v = views.get(key);
-            if (v == null || v.dataType() != flat.dataType() || address(v) != address(first) + at * size
-                    || v.ordering() != 'c' || !org.nd4j.linalg.api.shape.Shape.hasDefaultStridesForShape(v)) {
-                return null;
-            }
-            at += v.length();
-        }
-        if (start < 0 || at != block.tensorLength() || start + at > flat.length()) {
-            return null;
-        }
-        // a C-order vector over those elements (DL4J's flattened arrays are F-order rows: same memory, other flag)
-        INDArray range = Nd4j.create(first.data(), new long[]{at}, new long[]{1}, first.offset(), 'c');
-        return address(range) == address(first) ? range : null;
-    }
-
-    private static long address(INDArray a) {
-        return a.data().address() + a.offset() * a.data().getElementSize();
     }
 
     /** DL4J's expert matrices, each flattened row-major, concatenated in engine order. */

@@ -100,15 +100,6 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return gradientViews;
     }
 
-    /** The layer's flattened parameter and gradient views, without synchronisation. */
-    INDArray paramsFlat() {
-        return paramsFlattened;
-    }
-
-    INDArray gradientsFlat() {
-        return gradientsFlattened;
-    }
-
     @Override
     public void setBackpropGradientsViewArray(INDArray gradients) {
         super.setBackpropGradientsViewArray(gradients);
@@ -225,20 +216,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
     @Override
     public void setParams(INDArray params) {
         synchronizeViews();
-        // BaseLayer's version reads every parameter F-order out of the flat array; the experts' views may be C-order
-        // (the engine's layout), so each is read in its own order: setParams(params()) is then the identity.
-        if (params.length() != paramsFlattened.length()) {
-            throw new IllegalArgumentException("MoELayer setParams length=" + params.length() + ": must be "
-                    + paramsFlattened.length() + " (the layer's number of parameters)");
-        }
-        INDArray flat = params.reshape(params.length());
-        long at = 0;
-        for (Map.Entry<String, INDArray> p : this.params.entrySet()) {
-            INDArray v = p.getValue();
-            v.assign(flat.get(org.nd4j.linalg.indexing.NDArrayIndex.interval(at, at + v.length()))
-                    .reshape(MoEParamInitializer.order(layerConf(), p.getKey()), v.shape()));
-            at += v.length();
-        }
+        super.setParams(params);
         viewsChanged();
     }
 

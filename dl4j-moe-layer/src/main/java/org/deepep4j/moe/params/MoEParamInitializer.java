@@ -23,9 +23,6 @@ import java.util.regex.Pattern;
  * {@code e<j>W2 [ffn, nIn]}, then the optional shared expert {@code sW1, sW3, sW2}. Keys have no '_' because DL4J
  * splits gradient keys "layer_param" at it.
  * Expert keys use the local index; on rank r local expert j is global expert {@code r * E/R + j}.
- * The routed experts' views are C-order ({@link MoELayer#getExpertViewOrder()}; the others F-order, DL4J's usual):
- * the experts' range of the flattened parameters, gradients and updater state is then exactly the engine block's
- * layout (expert-major, each matrix row-major), so copies between DL4J and the engine are plain block copies.
  */
 public final class MoEParamInitializer implements ParamInitializer {
 
@@ -136,7 +133,7 @@ public final class MoEParamInitializer implements ParamInitializer {
                     v.getValue().assign(0.0);
                 } else {
                     long[] s = v.getValue().shape();
-                    init.init(s[0], s[1], s, order(c, v.getKey()), v.getValue());
+                    init.init(s[0], s[1], s, 'f', v.getValue());
                 }
             }
         }
@@ -144,11 +141,6 @@ public final class MoEParamInitializer implements ParamInitializer {
             conf.addVariable(v.getKey());
         }
         return views;
-    }
-
-    /** Memory order of a parameter's view: the layer's expert order for routed experts, F otherwise. */
-    public static char order(MoELayer c, String key) {
-        return isExpertParam(key) ? c.getExpertViewOrder() : 'f';
     }
 
     @Override
@@ -171,7 +163,7 @@ public final class MoEParamInitializer implements ParamInitializer {
         for (Map.Entry<String, long[]> e : shapes.entrySet()) {
             long n = e.getValue()[0] * e.getValue()[1];
             out.put(e.getKey(), row.get(NDArrayIndex.interval(0, 0, true), NDArrayIndex.interval(offset, offset + n))
-                    .reshape(order(c, e.getKey()), e.getValue()[0], e.getValue()[1]));
+                    .reshape('f', e.getValue()[0], e.getValue()[1]));
             offset += n;
         }
         return out;

@@ -151,36 +151,6 @@ class EngineBlockCpuTest {
         assertEquals(512, m.getEngineMaxTokens());
     }
 
-    /**
-     * A configuration saved before the experts' layout was recorded (no "expertViewOrder" in its JSON) keeps F-order
-     * expert views, so its flattened parameters read as written; the engine path then copies through a host array
-     * and still trains like the Java path. New configurations record C-order.
-     */
-    @Test
-    void jsonWithoutExpertLayoutKeepsTheEarlierLayout() {
-        MultiLayerConfiguration fresh = net(DataType.FLOAT, new Adam(1e-2), moe().engineBlock(true));
-        String json = fresh.toJson();
-        assertTrue(json.contains("\"expertViewOrder\" : \"c\""), json);
-        assertEquals('c', ((org.deepep4j.moe.conf.MoELayer) MultiLayerConfiguration.fromJson(json).getConf(1).getLayer())
-                .getExpertViewOrder());
-        List<DataSet> data = data(DataType.FLOAT, 64, 14);
-        List<Double> javaLoss = list(), engineLoss = list();
-        MultiLayerConfiguration javaOld = legacy(net(DataType.FLOAT, new Adam(1e-2), moe()));
-        MultiLayerConfiguration engineOld = legacy(net(DataType.FLOAT, new Adam(1e-2), moe().engineBlock(true)));
-        assertEquals('f', ((org.deepep4j.moe.conf.MoELayer) engineOld.getConf(1).getLayer()).getExpertViewOrder());
-        MultiLayerNetwork java = fitEp1(javaOld, data, 16, 12, javaLoss);
-        MultiLayerNetwork engine = fitEp1(engineOld, data, 16, 12, engineLoss);
-        assertEquals('f', moeLayer(engine).getParam("e0W1").ordering());
-        assertSameTraining(javaLoss, java, engineLoss, engine, TOL);
-    }
-
-    /** {@code c} as its JSON read back without the experts' layout field (a configuration of an earlier version). */
-    private static MultiLayerConfiguration legacy(MultiLayerConfiguration c) {
-        String json = c.toJson().replaceAll(",?\\s*\"expertViewOrder\" : \"c\"", "");
-        assertFalse(json.contains("expertViewOrder"), json);
-        return MultiLayerConfiguration.fromJson(json);
-    }
-
     @Test
     void modelSerializerRoundTripResumesLikeUninterrupted(@TempDir File dir) throws Exception {
         List<DataSet> data = data(DataType.FLOAT, 64, 9);

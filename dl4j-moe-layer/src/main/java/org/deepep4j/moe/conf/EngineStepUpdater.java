@@ -20,7 +20,7 @@ import java.util.Map;
 /**
  * DL4J's updater for a MoE layer's routed experts when the engine holds them: at the point where DL4J would update
  * the experts, it asks the layer's engine block to apply the network's updater (SGD, Adam; Adam + WeightDecay as
- * AdamW) to its own weights and gradients, then zeroes DL4J's expert update so DL4J's step leaves them alone. Its
+ * AdamW) to its own weights and gradients; DL4J's expert update is left zero so DL4J's step leaves them alone. Its
  * state view has the wrapped updater's size and layout (Adam: [m | v]), so saved models keep the engine's moments.
  * Equal only to itself: each layer's experts form their own updater block.
  */
@@ -173,8 +173,9 @@ public final class EngineStepUpdater implements IUpdater {
                 throw new IllegalStateException("EngineStepUpdater: not bound to a MoE layer (the layer configuration"
                         + " was used outside MoELayer.instantiate)");
             }
-            owner.engineStep(iteration, epoch);
-            gradient.assign(0.0);  // DL4J's step subtracts this from the expert views: they must stay as the engine left them
+            // DL4J's step subtracts the gradient from the expert views: the layer leaves it zero, so they stay as
+            // the engine left them (zeroing only what it wrote: most steps no pass over the experts here)
+            owner.engineStep(iteration, epoch, gradient);
         }
     }
 }

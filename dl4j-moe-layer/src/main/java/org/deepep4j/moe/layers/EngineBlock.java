@@ -40,6 +40,12 @@ final class EngineBlock implements AutoCloseable {
     private boolean viewsStale;
     private long pulls;
     private long pullNs;
+    /**
+     * Host array in the engine's layout, kept when copies happen every step (HOST residency, syncViewsEveryStep):
+     * the first touch of fresh pages costs more than the copy itself. Otherwise made per copy (no resident extra
+     * copy of the experts for rare copies).
+     */
+    private INDArray staging;
 
     EngineBlock(MoELayer conf, MoELayerImpl layer) {
         this.conf = conf;
@@ -60,6 +66,7 @@ final class EngineBlock implements AutoCloseable {
             block.close();
         }
         block = EpMoeBlock.create(buffer, blockConfig(networkType));
+        staging = null;
         block.beforeClose(this::pullIfStale);
         engineStale = true;
         viewsStale = false;
@@ -195,20 +202,35 @@ final class EngineBlock implements AutoCloseable {
 
     /** DL4J's expert matrices, each flattened row-major, concatenated in engine order. */
     private INDArray toEngineOrder(Map<String, INDArray> views) {
-        List<INDArray> ms = new ArrayList<>();
+        INDArray flat = staging();
+        long offset = 0;
         for (String key : expertKeys()) {
-            ms.add(views.get(key));
+            INDArray v = views.get(key);
+            long n = v.length();
+            flat.get(NDArrayIndex.interval(offset, offset + n)).reshape('c', v.size(0), v.size(1)).assign(v);
+            offset += n;
         }
-        INDArray flat = Nd4j.toFlattened('c', ms);
-        return flat.dataType() == DataType.DOUBLE ? flat : flat.castTo(DataType.FLOAT);
+        return flat;
     }
 
-    private void fromEngineOrder(EpMoeBlock.Tensor tensor, Map<String, INDArray> views) {
+    /** The host array of one engine tensor (FLOAT, or DOUBLE for fp64 networks); see {@link #staging}. */
+    private INDArray staging() {
         DataType host = paramViews().values().iterator().next().dataType() == DataType.DOUBLE ? DataType.DOUBLE : DataType.FLOAT;
+        if (staging != null && staging.dataType() == host) {
+            return staging;
+        }
         INDArray flat;
         try (org.nd4j.linalg.api.memory.MemoryWorkspace ws = Nd4j.getWorkspaceManager().scopeOutOfWorkspaces()) {
             flat = Nd4j.createUninitialized(host, block.tensorLength());
         }
+        if (conf.getExpertResidency() == ExpertResidency.HOST || conf.isSyncViewsEveryStep()) {
+            staging = flat;
+        }
+        return flat;
+    }
+
+    private void fromEngineOrder(EpMoeBlock.Tensor tensor, Map<String, INDArray> views) {
+        INDArray flat = staging();
         block.read(tensor, flat);
         long offset = 0;
         for (String key : expertKeys()) {
@@ -226,6 +248,7 @@ final class EngineBlock implements AutoCloseable {
             block.close();
         }
         block = null;
+        staging = null;
         engineStale = true;
         if (ownBuffer != null) {
             ownBuffer.close();

@@ -52,6 +52,12 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
      * its structure (keys, lengths) there, which must not cost a copy of every expert per step.
      */
     private transient boolean stepInProgress;
+    /**
+     * Engine-held experts: whether DL4J's expert gradient views hold something (the engine's gradients, copied for
+     * {@code syncViewsEveryStep}). Otherwise they stay zero, DL4J's step subtracts nothing from the experts, and no
+     * pass of DL4J's over them (divide, zero, trainer's mean) has work to do.
+     */
+    private transient boolean expertGradientsWritten = true;  // until the first step zeroes them: content unknown
 
     public MoELayerImpl(NeuralNetConfiguration conf, DataType dataType) {
         super(conf, dataType);
@@ -94,6 +100,12 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return gradientViews;
     }
 
+    @Override
+    public void setBackpropGradientsViewArray(INDArray gradients) {
+        super.setBackpropGradientsViewArray(gradients);
+        expertGradientsWritten = true;  // a new view: zeroed by the next step before anything relies on it
+    }
+
     /** True when this layer runs on the engine block. */
     public boolean isEngineBlock() {
         return layerConf().isEngineBlock();
@@ -123,8 +135,20 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         return engine == null ? 0 : engine.pulls();
     }
 
-    /** Called by DL4J's updater (through {@link org.deepep4j.moe.conf.EngineStepUpdater}): the engine steps the experts. */
-    public void engineStep(int iteration, int epoch) {
+    /**
+     * True when DL4J's gradient views of the routed experts hold this step's gradients: always on the Java path and for
+     * {@link org.deepep4j.moe.conf.ExpertResidency#HOST}; for engine-held experts only when the engine's gradients were
+     * copied into them ({@code syncViewsEveryStep}), else they are zero and passes over them are skipped.
+     */
+    public boolean expertGradientsInViews() {
+        return !layerConf().expertsUpdatedByEngine() || expertGradientsWritten;
+    }
+
+    /**
+     * Called by DL4J's updater (through {@link org.deepep4j.moe.conf.EngineStepUpdater}): the engine steps the experts;
+     * {@code gradient} (DL4J's expert gradient block) is left zero, so DL4J's step leaves the expert views as they are.
+     */
+    public void engineStep(int iteration, int epoch, INDArray gradient) {
         MoELayer c = layerConf();
         if (engine == null || !engine.isOpen()) {
             throw new IllegalStateException("MoELayer engine step: no engine block (no forward/backward before the update)");
@@ -134,6 +158,10 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
                 c.getRegularization(), iteration, epoch, 1.0 / ((double) lastMinibatch * c.getEpSize())));
         engine.stepped();
         stepInProgress = false;
+        if (expertGradientsWritten) {  // else zero already: never written since the last step zeroed it
+            gradient.assign(0.0);
+            expertGradientsWritten = false;
+        }
         times.engineStepNs += System.nanoTime() - t;
         if (c.isSyncViewsEveryStep()) {
             synchronizeViews();
@@ -269,7 +297,11 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
 
     @Override
     public boolean updaterDivideByMinibatch(String paramName) {
-        // The selection-bias step is a per-iteration amount, not a sum over examples.
+        // The selection-bias step is a per-iteration amount, not a sum over examples. Engine-held experts: the engine
+        // scales its own gradient (the step's gradScale); DL4J's view of it is zero or discarded by the step.
+        if (layerConf().expertsUpdatedByEngine() && MoEParamInitializer.isExpertParam(paramName)) {
+            return false;
+        }
         return !MoEParamInitializer.ROUTER_BIAS.equals(paramName);
     }
 
@@ -411,6 +443,7 @@ public class MoELayerImpl extends BaseLayer<MoELayer> {
         }
         if (c.getExpertResidency() == org.deepep4j.moe.conf.ExpertResidency.HOST || c.isSyncViewsEveryStep()) {
             engine.pullGradients();
+            expertGradientsWritten = c.expertsUpdatedByEngine();
         }
         times.syncNs += System.nanoTime() - t1;
         INDArray gShared = sharedBackward(g, f);

@@ -86,7 +86,8 @@ final class GradientAverager {
     BaseTrainingListener listener(int rank, NetworkAdapter net) {
         java.util.List<long[]> replicated = new java.util.ArrayList<>();
         java.util.List<long[]> experts = new java.util.ArrayList<>();
-        paramRanges(net, replicated, experts);
+        java.util.List<MoELayerImpl> owners = new java.util.ArrayList<>();
+        paramRanges(net, replicated, experts, owners);
         return new BaseTrainingListener() {
             @Override
             public void onGradientCalculation(Model model) {
@@ -96,8 +97,11 @@ final class GradientAverager {
                         != g.data().address() + g.offset() * g.data().getElementSize()) {  // a copy, not a view
                     throw new IllegalStateException("the flattened gradient is not one contiguous array");
                 }
-                for (long[] r : experts) {  // own / R
-                    flat.get(NDArrayIndex.interval(r[0], r[0] + r[1])).divi(size);
+                for (int i = 0; i < experts.size(); i++) {  // own / R; engine-held experts scale their own (gradScale)
+                    long[] r = experts.get(i);
+                    if (owners.get(i).expertGradientsInViews()) {
+                        flat.get(NDArrayIndex.interval(r[0], r[0] + r[1])).divi(size);
+                    }
                 }
                 if (replicated.isEmpty()) {
                     return;
@@ -119,12 +123,21 @@ final class GradientAverager {
 
     /** [offset, length] in the flattened parameters of each replicated parameter, and of each routed-expert one. */
     static void paramRanges(NetworkAdapter net, java.util.List<long[]> replicated, java.util.List<long[]> experts) {
+        paramRanges(net, replicated, experts, new java.util.ArrayList<>());
+    }
+
+    /** As above, with the MoE layer of each routed-expert range in {@code owners}. */
+    static void paramRanges(NetworkAdapter net, java.util.List<long[]> replicated, java.util.List<long[]> experts,
+                            java.util.List<MoELayerImpl> owners) {
         long offset = 0;
         for (Layer layer : net.layersInParamOrder()) {
             for (Map.Entry<String, INDArray> p : layer.paramTable().entrySet()) {
                 long n = p.getValue().length();
                 boolean expert = layer instanceof MoELayerImpl && MoEParamInitializer.isExpertParam(p.getKey());
                 (expert ? experts : replicated).add(new long[]{offset, n});
+                if (expert) {
+                    owners.add((MoELayerImpl) layer);
+                }
                 offset += n;
             }
         }

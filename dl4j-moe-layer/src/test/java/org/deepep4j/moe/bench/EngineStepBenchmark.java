@@ -34,8 +34,9 @@ import java.util.Locale;
  * and on the engine block, in the same JVM and on the same data; ranks are in-process threads (on CUDA rank r uses
  * GPU r mod count). Prints the step time (median over the measured steps of rank 0, after warm-up), the engine's
  * phases and the speed-up.
- * Usage: {@code EngineStepBenchmark hidden ffn experts topK ranks tokensPerRank steps paths}, paths a comma list of
- * {@code java-cpu, engine-cpu, engine-cuda}; e.g. {@code 2048 768 64 8 2 4096 5 java-cpu,engine-cuda}.
+ * Usage: {@code EngineStepBenchmark hidden ffn experts topK ranks tokensPerRank steps paths [syncViewsEveryStep]},
+ * paths a comma list of {@code java-cpu, engine-cpu, engine-cuda}; e.g. {@code 2048 768 64 8 2 4096 5 java-cpu,engine-cuda};
+ * syncViewsEveryStep {@code false} unless given (the main job's default is {@code true}).
  */
 public final class EngineStepBenchmark {
 
@@ -51,15 +52,17 @@ public final class EngineStepBenchmark {
         int tokens = a.length > 5 ? Integer.parseInt(a[5]) : 512;
         int steps = a.length > 6 ? Integer.parseInt(a[6]) : 10;
         List<String> paths = Arrays.asList((a.length > 7 ? a[7] : "java-cpu,engine-cpu").split(","));
+        boolean sync = a.length > 8 && Boolean.parseBoolean(a[8]);
         System.out.printf(Locale.ROOT, "MoELayer training step: hidden %d, ffn %d, %d experts, top-%d, %d ranks x %d tokens,"
-                + " fp32, Adam; median of %d steps after 1 warm-up%n", h, f, e, k, ranks, tokens, steps);
+                + " fp32, Adam, syncViewsEveryStep %b; median of %d steps after 1 warm-up%n", h, f, e, k, ranks, tokens,
+                sync, steps);
         System.out.println("| path | step ms | engine fwd+bwd ms | engine step ms | view sync ms | rest ms | vs java-cpu"
                 + " | engine host staging copies ms (share of step) |");
         System.out.println("|---|---|---|---|---|---|---|---|");
         double base = Double.NaN;
         java.util.Map<String, Double> stepMs = new java.util.LinkedHashMap<>();
         for (String p : paths) {
-            Result r = run(p.trim(), h, f, e, k, ranks, tokens, steps);
+            Result r = run(p.trim(), h, f, e, k, ranks, tokens, steps, sync);
             stepMs.put(p.trim(), r.stepMs);
             if (p.trim().equals("java-cpu")) {
                 base = r.stepMs;
@@ -120,13 +123,13 @@ public final class EngineStepBenchmark {
         long stagingBytes;
     }
 
-    static Result run(String path, int h, int f, int e, int k, int ranks, int tokens, int steps) {
+    static Result run(String path, int h, int f, int e, int k, int ranks, int tokens, int steps, boolean sync) {
         boolean engine = path.startsWith("engine");
         EpDevice device = path.endsWith("cuda") ? EpDevice.CUDA : EpDevice.CPU;
         MultiLayerConfiguration conf = new NeuralNetConfiguration.Builder().seed(1).dataType(DataType.FLOAT)
                 .weightInit(WeightInit.XAVIER).updater(new Adam(1e-3)).list()
                 .layer(new MoELayer.Builder().numExperts(e).topK(k).ffnSize(f).engineBlock(engine)
-                        .syncViewsEveryStep(false).engineMaxTokens(tokens).build())
+                        .syncViewsEveryStep(sync).engineMaxTokens(tokens).build())
                 .layer(new LossLayer.Builder(LossFunctions.LossFunction.MSE).activation(Activation.IDENTITY).build())
                 .setInputType(InputType.feedForward(h)).build();
         Nd4j.getRandom().setSeed(7);

@@ -67,13 +67,67 @@ class EngineBlockCpuTest {
     @Test
     void ep2TrainerTrainsLikeJavaPath() {
         List<DataSet> data = data(DataType.FLOAT, 80, 7);
-        List<Double> javaLoss = list(), engineLoss = list();
+        List<Double> javaLoss = list();
         MultiLayerNetwork java = fitEp(2, EpDevice.CPU, net(DataType.FLOAT, new Adam(1e-2), moe().sharedExpertFfnSize(3)),
                 data, 8, 4, javaLoss);
-        MultiLayerNetwork engine = fitEp(2, EpDevice.CPU, net(DataType.FLOAT, new Adam(1e-2), moe().sharedExpertFfnSize(3)
-                .engineBlock(true).asyncCombine(true)), data, 8, 4, engineLoss);
-        assertEquals(20, engineLoss.size());
-        assertSameTraining(javaLoss, java, engineLoss, engine, TOL);
+        for (boolean sync : new boolean[]{true, false}) {  // false: views synchronised once, by wholeNetwork()
+            List<Double> engineLoss = list();
+            MultiLayerNetwork engine = fitEp(2, EpDevice.CPU, net(DataType.FLOAT, new Adam(1e-2), moe().sharedExpertFfnSize(3)
+                    .engineBlock(true).asyncCombine(true).syncViewsEveryStep(sync)), data, 8, 4, engineLoss);
+            assertEquals(20, engineLoss.size());
+            assertSameTraining(javaLoss, java, engineLoss, engine, TOL);
+        }
+    }
+
+    /**
+     * DL4J's own views after every step, read raw (the network's flattened parameters, as ModelSerializer and
+     * listeners read them): with syncViewsEveryStep they match the Java path's step by step with no call at all, and
+     * DL4J's expert gradient block is zero after the step (DL4J's step subtracted nothing from the engine's weights);
+     * without it, after {@link EngineBlocks#synchronize}. A stale or doubly-updated view fails here at its step.
+     */
+    @Test
+    void rawViewsMatchTheJavaPathAfterEveryStep() {
+        List<DataSet> data = data(DataType.FLOAT, 64, 13);
+        for (boolean sync : new boolean[]{true, false}) {
+            MultiLayerNetwork java = new MultiLayerNetwork(net(DataType.FLOAT, new Adam(1e-2), moe()));
+            java.init();
+            MultiLayerNetwork engine = new MultiLayerNetwork(net(DataType.FLOAT, new Adam(1e-2), moe().engineBlock(true)
+                    .syncViewsEveryStep(sync)));
+            engine.init();
+            MoELayerImpl layer = moeLayer(engine);
+            long[] experts = expertRange(layer);
+            for (int s = 0; s < 8; s++) {
+                DataSet b = DataSet.merge(data.subList((s % 4) * 16, (s % 4) * 16 + 16));
+                java.fit(b);
+                engine.fit(b);
+                if (!sync) {
+                    EngineBlocks.synchronize(engine);
+                }
+                INDArray pa = java.params().castTo(DataType.DOUBLE), pb = engine.params().castTo(DataType.DOUBLE);
+                double worst = pa.sub(pb).amaxNumber().doubleValue();
+                assertTrue(worst <= TOL * (1 + pa.amaxNumber().doubleValue()), "sync=" + sync + " step " + s
+                        + ": the network's raw parameters differ from the Java path's by " + worst);
+                INDArray g = layer.getGradientsViewArray();
+                INDArray ge = g.reshape(g.length()).get(org.nd4j.linalg.indexing.NDArrayIndex.interval(experts[0], experts[1]));
+                assertEquals(0.0, ge.amaxNumber().doubleValue(), 0.0, "sync=" + sync + " step " + s
+                        + ": DL4J's expert gradient block is not zero after the step");
+            }
+        }
+    }
+
+    /** [start, end) of the routed experts inside the layer's flattened parameters. */
+    private static long[] expertRange(MoELayerImpl layer) {
+        long at = 0, start = -1, end = -1;
+        for (java.util.Map.Entry<String, long[]> e : org.deepep4j.moe.params.MoEParamInitializer.shapes(
+                (org.deepep4j.moe.conf.MoELayer) layer.conf().getLayer()).entrySet()) {
+            long n = e.getValue()[0] * e.getValue()[1];
+            if (org.deepep4j.moe.params.MoEParamInitializer.isExpertParam(e.getKey())) {
+                start = start < 0 ? at : start;
+                end = at + n;
+            }
+            at += n;
+        }
+        return new long[]{start, end};
     }
 
     @Test

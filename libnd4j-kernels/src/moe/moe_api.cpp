@@ -218,13 +218,16 @@ int deepep4j_moe_read(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, voi
   if (int st = check_tensor_io(moe, tensor, host_dtype, host, count)) return st;
   return guarded("deepep4j_moe_read", [&] {
     const int32_t dt = stored_dtype(moe, tensor);
-    std::vector<uint8_t> tmp(size_t(count) * elem_bytes(dt));
+    const bool same = dt == host_dtype;  // same type: straight into the caller's memory, no temporary, no conversion
+    std::vector<uint8_t> tmp(same ? 0 : size_t(count) * elem_bytes(dt));
+    void* into = same ? host : tmp.data();
     int st = moe->ops->synchronize();  // the last call's stream
     moe->ops->set_stream(nullptr);
-    if (!st) st = moe->ops->copy(tmp.data(), tensor_of(moe, tensor), tmp.size(), Copy::kDeviceToHost);
+    if (!st) st = moe->ops->copy(into, tensor_of(moe, tensor), size_t(count) * elem_bytes(dt), Copy::kDeviceToHost);
     if (!st) st = moe->ops->synchronize();
     if (st) return st;
-    for (int64_t i = 0; i < count; ++i) store_from_double(host, host_dtype, i, load_as_double(tmp.data(), dt, i));
+    if (!same)
+      for (int64_t i = 0; i < count; ++i) store_from_double(host, host_dtype, i, load_as_double(tmp.data(), dt, i));
     return ok();
   });
 }
@@ -234,11 +237,14 @@ int deepep4j_moe_write(deepep4j_moe* moe, int32_t tensor, int32_t host_dtype, co
   if (int st = check_tensor_io(moe, tensor, host_dtype, host, count)) return st;
   return guarded("deepep4j_moe_write", [&] {
     const int32_t dt = stored_dtype(moe, tensor);
-    std::vector<uint8_t> tmp(size_t(count) * elem_bytes(dt));
-    for (int64_t i = 0; i < count; ++i) store_from_double(tmp.data(), dt, i, load_as_double(host, host_dtype, i));
+    const bool same = dt == host_dtype;  // same type: straight from the caller's memory
+    std::vector<uint8_t> tmp(same ? 0 : size_t(count) * elem_bytes(dt));
+    if (!same)
+      for (int64_t i = 0; i < count; ++i) store_from_double(tmp.data(), dt, i, load_as_double(host, host_dtype, i));
     int st = moe->ops->synchronize();  // queued work (on the last call's stream) may still read the tensor
     moe->ops->set_stream(nullptr);
-    if (!st) st = moe->ops->copy(tensor_of(moe, tensor), tmp.data(), tmp.size(), Copy::kHostToDevice);
+    if (!st) st = moe->ops->copy(tensor_of(moe, tensor), same ? host : tmp.data(), size_t(count) * elem_bytes(dt),
+                                 Copy::kHostToDevice);
     if (!st) st = moe->ops->synchronize();
     return st ? st : ok();
   });

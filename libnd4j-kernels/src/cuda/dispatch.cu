@@ -104,7 +104,7 @@ cudaError_t launch_pad_recv(const Step& step, const int64_t* num_recv, int64_t w
 
 cudaError_t launch_dispatch(const Step& step, const Rings& rings, const Routing& h, const DispatchIo& io,
                             int32_t num_sms, cudaStream_t s) {
-  dispatch_kernel<<<num_sms, kRingThreads, kRingSmemBytes, s>>>(step, rings, h, io);
+  dispatch_kernel<<<num_sms, kRingThreads, ring_smem_bytes(), s>>>(step, rings, h, io);
   return cudaGetLastError();
 }
 

@@ -14,9 +14,18 @@ constexpr int kMaxGroups = 15;  // named barriers 1..15
 constexpr int kRingSmemBytes = bulk_smem_bytes(kRingWarps);  // dynamic shared memory of the ring dispatch: bulk staging
 static_assert(kRingWarps * 16 <= kBulkBarBytes, "two mbarriers per warp");
 
-// Lets the ring dispatch kernel launch with kRingSmemBytes of dynamic shared memory (above the default 48 KB).
+// The ring dispatch's dynamic shared memory on the current device: the bulk staging on sm_90 and later, none before
+// (that variant copies with warp_copy, and 192 KB is more than an sm_80 block may have).
+inline int ring_smem_bytes() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 9 ? kRingSmemBytes : 0;
+}
+
+// Lets the ring dispatch kernel launch with ring_smem_bytes() of dynamic shared memory (above the default 48 KB).
 inline cudaError_t allow_ring_smem(const void* kernel) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingSmemBytes);
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_smem_bytes());
 }
 
 // The ring dispatch kernel's dynamic shared memory (the bulk staging of its warps).

@@ -36,7 +36,7 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int6
 // A row copy: through the warp's bulk copies where the kernel has them (the ring kernels), else warp_copy.
 template <bool kSrcShared>
 __device__ __forceinline__ void copy_row(BulkWarp* bulk, uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
-  if (bulk != nullptr) {
+  if (DEEPEP4J_BULK_COPY && bulk != nullptr) {
     bulk->copy(dst, src, bytes);
     __syncwarp();  // lane 0 issued the copy: the warp reconverges before any group barrier
   } else

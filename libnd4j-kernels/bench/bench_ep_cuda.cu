@@ -239,6 +239,29 @@ void* dev_alloc(size_t bytes) {
   return p;
 }
 
+// A rank's thread setup for the stream-ordered rows: its device and stream, and `tokens` bf16 tokens' routing inputs
+// on the device; freed with the object.
+struct RankInputs {
+  cudaStream_t s = nullptr;
+  int64_t* idx = nullptr;
+  float* w = nullptr;
+  uint8_t* x = nullptr;
+  RankInputs(const Opts& o, int r, int64_t tokens) {
+    cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
+    cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+    std::vector<int64_t> hi;
+    std::vector<float> hw;
+    std::vector<uint8_t> hx;
+    make_inputs(o, r, tokens, 2, &hi, &hw, &hx);
+    idx = dev_copy(hi), w = dev_copy(hw), x = dev_copy(hx);
+  }
+  RankInputs(const RankInputs&) = delete;
+  ~RankInputs() {
+    for (void* p : {(void*)idx, (void*)w, (void*)x}) cudaFree(p);
+    cudaStreamDestroy(s);
+  }
+};
+
 // Times `body` on every rank at once: ranks released together, CUDA events on the rank's stream around it.
 struct Timer {
   SpinBarrier& bar;
@@ -487,17 +510,12 @@ GraphRow run_graph_row(const Opts& o, Group& g, int64_t tokens) {
   std::vector<std::thread> th;
   for (int r = 0; r < R; ++r)
     th.emplace_back([&, r] {
-      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
-      cudaStream_t s;
-      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      RankInputs in(o, r, tokens);
+      cudaStream_t s = in.s;
+      int64_t* d_idx = in.idx;
+      float* d_w = in.w;
+      uint8_t* d_x = in.x;
       deepep4j_buffer* b = g.bufs[size_t(r)];
-      std::vector<int64_t> idx;
-      std::vector<float> w;
-      std::vector<uint8_t> x;
-      make_inputs(o, r, tokens, 2, &idx, &w, &x);
-      int64_t* d_idx = dev_copy(idx);
-      float* d_w = dev_copy(w);
-      uint8_t* d_x = dev_copy(x);
       void* rx = dev_alloc(size_t(worst * H) * 2);
       float* rw = static_cast<float*>(dev_alloc(size_t(worst * o.topk) * 4));
       void* out = dev_alloc(size_t(tokens * H) * 2);
@@ -533,8 +551,7 @@ GraphRow run_graph_row(const Opts& o, Group& g, int64_t tokens) {
       cudaGraphExecDestroy(exec);
       cudaGraphDestroy(graph);
       deepep4j_handle_destroy(h);
-      for (void* p : {(void*)d_idx, (void*)d_w, (void*)d_x, rx, (void*)rw, out, (void*)m_dev, tm.flush}) cudaFree(p);
-      cudaStreamDestroy(s);
+      for (void* p : {rx, (void*)rw, out, (void*)m_dev, tm.flush}) cudaFree(p);
     });
   for (auto& t : th) t.join();
   return {slowest_mean_us(tg, o.warmup), slowest_mean_us(te, o.warmup)};
@@ -573,17 +590,12 @@ OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
   std::vector<std::thread> th;
   for (int r = 0; r < R; ++r)
     th.emplace_back([&, r] {
-      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
-      cudaStream_t s;
-      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      RankInputs in(o, r, tokens);
+      cudaStream_t s = in.s;
+      int64_t* d_idx = in.idx;
+      float* d_w = in.w;
+      uint8_t* d_x = in.x;
       deepep4j_buffer* b = g.bufs[size_t(r)];
-      std::vector<int64_t> idx;
-      std::vector<float> w;
-      std::vector<uint8_t> x;
-      make_inputs(o, r, tokens, 2, &idx, &w, &x);
-      int64_t* d_idx = dev_copy(idx);
-      float* d_w = dev_copy(w);
-      uint8_t* d_x = dev_copy(x);
       deepep4j_handle* h = nullptr;
       int64_t M = 0;
       must(deepep4j_notify_dispatch(b, d_idx, tokens, o.topk, o.experts, H, dt, &h, &M, nullptr, s), "notify", r);
@@ -625,8 +637,7 @@ OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
       cuda_must(cudaGetLastError(), "fma_load");
       must(deepep4j_buffer_sync(b, s), "buffer_sync", r);
       deepep4j_handle_destroy(h);
-      for (void* p : {(void*)d_idx, (void*)d_w, (void*)d_x, rx, (void*)rw, out, (void*)sink}) cudaFree(p);
-      cudaStreamDestroy(s);
+      for (void* p : {rx, (void*)rw, out, (void*)sink}) cudaFree(p);
     });
   for (auto& t : th) t.join();
   // Rank 0's figures: the load runs there.

@@ -11,7 +11,8 @@
 // With deepep-queued the run also prints: the empty step's fixed cost (N = 0; sync vs queued calls, and queued
 // dispatch + combine pairs back to back), notify -> dispatch -> combine replayed from a CUDA graph against the same
 // calls made eagerly, and an async combine beside a ~1 ms compute-bound kernel (FMA chains on the SMs the ranks'
-// combines leave free) against each alone. --buffer-mb 0 sizes the
+// combines leave free) against each alone. Every run ends with the copy floor: each rank's received bf16 bytes copied
+// once by a plain kernel on --num-sms SMs and on the rank's share of the GPU, all ranks at once. --buffer-mb 0 sizes the
 // buffer by buffer_size_hint for the rings, and for copy engines large enough for every source's whole step.
 //
 // Metric (DeepEP's): GB/s = rows a rank receives in dispatch (= rows it sends back in combine), self-copy included,
@@ -145,6 +146,25 @@ int device_of(int rank) {
   return rank % n;
 }
 
+// Every rank's stream, created once for the whole run. Ranks of one process that share a GPU must never share a
+// hardware work queue (one rank's spinning kernel at the head of a queue would hold back the other rank's launches:
+// a hang until timeout_ms), and the driver spreads streams over only CUDA_DEVICE_MAX_CONNECTIONS queues, so the
+// bench creates as few streams as it can: these, and each buffer's own two.
+struct RankStreams {
+  std::vector<cudaStream_t> s;
+  explicit RankStreams(int ranks) : s(size_t(ranks)) {
+    for (int r = 0; r < ranks; ++r) {
+      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
+      cuda_must(cudaStreamCreateWithFlags(&s[size_t(r)], cudaStreamNonBlocking), "stream");
+    }
+  }
+  RankStreams(const RankStreams&) = delete;
+  ~RankStreams() {
+    for (cudaStream_t x : s) cudaStreamDestroy(x);
+  }
+  cudaStream_t operator[](int r) const { return s[size_t(r)]; }
+};
+
 struct Group {
   std::vector<deepep4j_buffer*> bufs;
   Group(const Opts& o, const std::string& name, int32_t num_sms, int32_t ring, int32_t chunk) : bufs(size_t(o.ranks)) {
@@ -192,6 +212,7 @@ struct Group {
 
 struct Result {
   double dispatch_us = 0, combine_us = 0, dispatch_gbs = 0, combine_gbs = 0;
+  double rows = 0;  // rows a rank receives, mean over ranks
 };
 
 // Rank r's routing (top-k distinct random experts per token, weights in (0, 1]) and rows of `es`-byte elements.
@@ -239,16 +260,15 @@ void* dev_alloc(size_t bytes) {
   return p;
 }
 
-// A rank's thread setup for the stream-ordered rows: its device and stream, and `tokens` bf16 tokens' routing inputs
+// A rank's thread setup for the stream-ordered rows: its device, its stream, and `tokens` bf16 tokens' routing inputs
 // on the device; freed with the object.
 struct RankInputs {
   cudaStream_t s = nullptr;
   int64_t* idx = nullptr;
   float* w = nullptr;
   uint8_t* x = nullptr;
-  RankInputs(const Opts& o, int r, int64_t tokens) {
+  RankInputs(const Opts& o, const RankStreams& streams, int r, int64_t tokens) : s(streams[r]) {
     cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
-    cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
     std::vector<int64_t> hi;
     std::vector<float> hw;
     std::vector<uint8_t> hx;
@@ -258,7 +278,6 @@ struct RankInputs {
   RankInputs(const RankInputs&) = delete;
   ~RankInputs() {
     for (void* p : {(void*)idx, (void*)w, (void*)x}) cudaFree(p);
-    cudaStreamDestroy(s);
   }
 };
 
@@ -297,7 +316,7 @@ int32_t dtype_code(const std::string& d) {
 
 // One shape on one group: every rank routes its tokens to top-k distinct random experts, then times dispatch (cached
 // handle, as every step after notify) and combine (bf16, or fp32 for fp32 runs).
-Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dtype_name) {
+Result run_shape(const Opts& o, const RankStreams& rs, Group& g, int64_t tokens, const std::string& dtype_name) {
   const int R = o.ranks;
   const int32_t dtype = dtype_code(dtype_name);
   const int32_t cdtype = dtype == DEEPEP4J_FLOAT32 ? DEEPEP4J_FLOAT32 : DEEPEP4J_BFLOAT16;
@@ -350,8 +369,7 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
       cudaEvent_t e0, e1;
       cuda_must(cudaEventCreate(&e0), "event");
       cuda_must(cudaEventCreate(&e1), "event");
-      cudaStream_t s = nullptr;
-      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      cudaStream_t s = rs[r];
       for (int it = 0; it < total; ++it) {
         for (int phase = 0; phase < 2; ++phase) {
           cuda_must(cudaMemsetAsync(flush, it & 0xff, flush_bytes, s), "flush L2");
@@ -372,7 +390,6 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
       deepep4j_handle_destroy(h);
       for (void* p : {d_idx, d_w, d_x, d_xs, flush, rx, rxs, rw, y, out}) cudaFree(p);
       cudaEventDestroy(e0);
-      cudaStreamDestroy(s);
       cudaEventDestroy(e1);
     });
   for (auto& t : th) t.join();
@@ -391,6 +408,7 @@ Result run_shape(const Opts& o, Group& g, int64_t tokens, const std::string& dty
   double rows = 0;
   for (int64_t m : recv_rows) rows += double(m);
   rows /= R;  // mean rows per rank
+  res.rows = rows;
   res.dispatch_gbs = rows * double(H * int64_t(es) + S * 4) / (res.dispatch_us * 1e3);
   res.combine_gbs = rows * double(H * int64_t(ces)) / (res.combine_us * 1e3);
   return res;
@@ -415,7 +433,7 @@ struct EmptyStep {
   double host_dispatch_us = 0, host_combine_us = 0, gpu_dispatch_us = 0, gpu_combine_us = 0;
   double host_launch_us = 0, gpu_launch_us = 0;  // the same for one empty kernel launch: the floor of a call
 };
-EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
+EmptyStep run_empty_step(const Opts& o, const RankStreams& rs, Group& g, bool queued) {
   const int R = o.ranks, total = o.warmup + o.iters, pairs = 100;
   std::vector<std::vector<float>> td(size_t(R), std::vector<float>(size_t(total), 0.0f)), tc = td, tp = td;
   std::vector<std::vector<float>> hd = td, hc = td, gd = td, gc = td;  // host ms in the call; gated GPU ms
@@ -425,8 +443,7 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
   for (int r = 0; r < R; ++r)
     th.emplace_back([&, r] {
       cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
-      cudaStream_t s;
-      cuda_must(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+      cudaStream_t s = rs[r];
       deepep4j_buffer* b = g.bufs[size_t(r)];
       int64_t* d_idx = static_cast<int64_t*>(dev_alloc(64));
       deepep4j_handle* h = nullptr;
@@ -480,7 +497,6 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
       must(deepep4j_buffer_sync(b, s), "buffer_sync", r);
       deepep4j_handle_destroy(h);
       cudaFree(d_idx);
-      cudaStreamDestroy(s);
     });
   for (auto& t : th) t.join();
   EmptyStep e;
@@ -501,7 +517,7 @@ EmptyStep run_empty_step(const Opts& o, Group& g, bool queued) {
 struct GraphRow {
   double graph_us = 0, eager_us = 0;
 };
-GraphRow run_graph_row(const Opts& o, Group& g, int64_t tokens) {
+GraphRow run_graph_row(const Opts& o, const RankStreams& rs, Group& g, int64_t tokens) {
   const int R = o.ranks, total = o.warmup + o.iters;
   const int64_t H = o.hidden, worst = int64_t(R) * tokens;
   const int32_t dt = DEEPEP4J_BFLOAT16;
@@ -510,7 +526,7 @@ GraphRow run_graph_row(const Opts& o, Group& g, int64_t tokens) {
   std::vector<std::thread> th;
   for (int r = 0; r < R; ++r)
     th.emplace_back([&, r] {
-      RankInputs in(o, r, tokens);
+      RankInputs in(o, rs, r, tokens);
       cudaStream_t s = in.s;
       int64_t* d_idx = in.idx;
       float* d_w = in.w;
@@ -575,7 +591,7 @@ struct OverlapRow {
   double load_ms = 0, combine_us = 0, both_ms = 0;
   int blocks = 0;
 };
-OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
+OverlapRow run_overlap_row(const Opts& o, const RankStreams& rs, Group& g, int64_t tokens, int sms) {
   const int R = o.ranks, total = o.warmup + o.iters;
   const int64_t H = o.hidden;
   const int32_t dt = DEEPEP4J_BFLOAT16;
@@ -590,12 +606,13 @@ OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
   std::vector<std::thread> th;
   for (int r = 0; r < R; ++r)
     th.emplace_back([&, r] {
-      RankInputs in(o, r, tokens);
+      RankInputs in(o, rs, r, tokens);
       cudaStream_t s = in.s;
       int64_t* d_idx = in.idx;
       float* d_w = in.w;
       uint8_t* d_x = in.x;
       deepep4j_buffer* b = g.bufs[size_t(r)];
+      Timer tm(bar, s);
       deepep4j_handle* h = nullptr;
       int64_t M = 0;
       must(deepep4j_notify_dispatch(b, d_idx, tokens, o.topk, o.experts, H, dt, &h, &M, nullptr, s), "notify", r);
@@ -605,10 +622,10 @@ OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
       float* sink = static_cast<float*>(dev_alloc(16));
       deepep4j_dispatch_args da{};
       da.x = d_x, da.topk_weights = d_w, da.recv_x = rx, da.recv_topk_weights = rw;
+      bar.wait();  // every rank's setup calls are done before a kernel spins for the others
       must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
       deepep4j_combine_args ca{};
       ca.y = rx, ca.recv_topk_weights = rw, ca.out = out;
-      Timer tm(bar, s);
       if (r == 0) {  // length of the load: ~1 ms alone
         const int probe = 1 << 16;
         float ms = tm.ms([&] { fma_load<<<row.blocks, 256, 0, s>>>(sink, probe); });
@@ -646,6 +663,48 @@ OverlapRow run_overlap_row(const Opts& o, Group& g, int64_t tokens, int sms) {
   row.combine_us = slowest_mean_us(tc, o.warmup);
   row.both_ms = slowest_mean_us(b0, o.warmup) / 1000.0;
   return row;
+}
+
+// One plain copy, HBM to HBM: 16-byte loads, eight per thread in flight before their stores, grid-stride.
+__global__ void __launch_bounds__(768, 1) plain_copy(const int4* __restrict__ src, int4* __restrict__ dst, int64_t n) {
+  constexpr int kUnroll = 8;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + stride * (kUnroll - 1) < n; i += stride * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = __ldg(src + i + stride * u);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dst[i + stride * u] = v[u];
+  }
+  for (; i < n; i += stride) dst[i] = __ldg(src + i);
+}
+
+// The floor of any transfer that moves each received row once: every rank at once copies `bytes` (what it receives
+// in dispatch, and sends back in combine) with plain_copy on `blocks` blocks of 768 threads (as many as a ring
+// kernel has). Mean over iterations of the slowest rank, L2 flushed before each, in microseconds.
+double copy_floor_us(const Opts& o, const RankStreams& rs, int64_t bytes, int blocks) {
+  const int R = o.ranks, total = o.warmup + o.iters;
+  std::vector<std::vector<float>> t(size_t(R), std::vector<float>(size_t(total), 0.0f));
+  SpinBarrier bar(R);
+  std::vector<std::thread> th;
+  for (int r = 0; r < R; ++r)
+    th.emplace_back([&, r] {
+      cuda_must(cudaSetDevice(device_of(r)), "cudaSetDevice");
+      Timer tm(bar, rs[r]);
+      tm.flush = dev_alloc(size_t(256) << 20);
+      void* src = dev_alloc(size_t(bytes));
+      void* dst = dev_alloc(size_t(bytes));
+      cuda_must(cudaMemset(src, 1, size_t(bytes)), "cudaMemset");
+      for (int it = 0; it < total; ++it)
+        t[size_t(r)][size_t(it)] = tm.ms([&] {
+          plain_copy<<<blocks, 768, 0, rs[r]>>>(static_cast<const int4*>(src), static_cast<int4*>(dst), bytes / 16);
+        });
+      cuda_must(cudaGetLastError(), "plain_copy");
+      for (void* p : {src, dst, tm.flush}) cudaFree(p);
+    });
+  for (auto& x : th) x.join();
+  return slowest_mean_us(t, o.warmup);
 }
 
 // Raw copy bandwidth between devices 0 and 1 (one way, and each way while both run), the ceiling of any transfer.
@@ -724,6 +783,7 @@ int bench_ep_cuda(int argc, char** argv) {
     std::printf("# raw P2P copy GPU0->GPU1 (cudaMemcpyPeerAsync, 256 MiB): %.1f GB/s one way, %.1f GB/s each way "
                 "when both run\n", one, both);
   }
+  const RankStreams rs(o.ranks);
   if (o.sweep) {
     std::printf("| tokens | SMs | chunk | ring | dispatch us | GB/s | combine us | GB/s |\n|---|---|---|---|---|---|---|---|\n");
     for (int32_t sms : {24, 32, 48, 64})
@@ -732,7 +792,7 @@ int bench_ep_cuda(int argc, char** argv) {
           if (sms > prop.multiProcessorCount) continue;
           Group g(o, "deepep-sm", sms, ring, chunk);
           for (int64_t t : o.tokens) {
-            Result r = run_shape(o, g, t, "bf16");
+            Result r = run_shape(o, rs, g, t, "bf16");
             std::printf("| %lld | %d | %d | %d | %.1f | %.1f | %.1f | %.1f |\n", (long long)t, sms, chunk, ring,
                         r.dispatch_us, r.dispatch_gbs, r.combine_us, r.combine_gbs);
             std::fflush(stdout);
@@ -742,23 +802,41 @@ int bench_ep_cuda(int argc, char** argv) {
   }
   std::printf("| backend | dtype | tokens | dispatch us | dispatch GB/s | combine us | combine GB/s |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
+  std::vector<double> bf16_rows(o.tokens.size(), 0.0);  // rows a rank receives, per token count (bf16 runs)
   for (const std::string& be : o.backends) {
     Group g(o, be, o.num_sms, o.ring_tokens, o.chunk);
     for (const std::string& dt : o.dtypes)
-      for (int64_t t : o.tokens) {
-        Result r = run_shape(o, g, t, dt);
+      for (size_t ti = 0; ti < o.tokens.size(); ++ti) {
+        const int64_t t = o.tokens[ti];
+        Result r = run_shape(o, rs, g, t, dt);
+        if (dt == "bf16") bf16_rows[ti] = r.rows;
         std::printf("| %s | %s | %lld | %.1f | %.1f | %.1f | %.1f |\n", be.c_str(), dt.c_str(), (long long)t,
                     r.dispatch_us, r.dispatch_gbs, r.combine_us, r.combine_gbs);
         std::fflush(stdout);
       }
   }
   std::printf("# combine carries bf16 rows (fp32 for fp32 runs); fp8 dispatch bytes include the fp32 scales\n");
+  // The copy floor: what moving each rank's bf16 rows once costs on the SMs a ring kernel has, and on the rank's share
+  // of the GPU's SMs, measured now (the rings move a peer's row twice: into the ring, then out of it).
+  const int ranks_per_gpu = (o.ranks + n - 1) / n;
+  const int share = std::max(1, prop.multiProcessorCount / ranks_per_gpu);
+  std::printf("| copy floor (bf16 rows received per rank, copied once, every rank at once) | tokens | MB per rank | on "
+              "%d SMs per rank: us | GB/s | on %d SMs per rank: us | GB/s |\n|---|---|---|---|---|---|---|\n",
+              o.num_sms, share);
+  for (size_t ti = 0; ti < o.tokens.size(); ++ti) {
+    if (bf16_rows[ti] <= 0) continue;
+    const int64_t bytes = (int64_t(bf16_rows[ti]) * o.hidden * 2 + 15) / 16 * 16;
+    const double few = copy_floor_us(o, rs, bytes, o.num_sms), all = copy_floor_us(o, rs, bytes, share);
+    std::printf("| floor | %lld | %.1f | %.1f | %.1f | %.1f | %.1f |\n", (long long)o.tokens[ti], bytes / 1e6, few,
+                bytes / (few * 1e3), all, bytes / (all * 1e3));
+    std::fflush(stdout);
+  }
   if (std::find(o.backends.begin(), o.backends.end(), "deepep-queued") != o.backends.end()) {
     std::fflush(stdout);
     Group sync_group(o, "deepep-sm", o.num_sms, o.ring_tokens, o.chunk);
-    EmptyStep es = run_empty_step(o, sync_group, false);
+    EmptyStep es = run_empty_step(o, rs, sync_group, false);
     Group g(o, "deepep-queued", o.num_sms, o.ring_tokens, o.chunk);
-    EmptyStep eq = run_empty_step(o, g, true);
+    EmptyStep eq = run_empty_step(o, rs, g, true);
     std::printf("# empty step (N = 0), fixed cost: deepep-sm dispatch %.1f us / combine %.1f us; deepep-queued "
                 "dispatch %.1f us / combine %.1f us; queued pairs back to back %.1f us per dispatch + combine\n",
                 es.dispatch_us, es.combine_us, eq.dispatch_us, eq.combine_us, eq.pair_us);
@@ -770,7 +848,7 @@ int bench_ep_cuda(int argc, char** argv) {
                 "eagerly us |\n|---|---|---|---|\n");
     for (int64_t t : o.tokens) {
       if (t > 4096) continue;
-      GraphRow gr = run_graph_row(o, g, t);
+      GraphRow gr = run_graph_row(o, rs, g, t);
       std::printf("| graph | %lld | %.1f | %.1f |\n", (long long)t, gr.graph_us, gr.eager_us);
       std::fflush(stdout);
     }
@@ -778,7 +856,7 @@ int bench_ep_cuda(int argc, char** argv) {
     for (int64_t t : o.tokens)
       if (t <= 4096) overlap_tokens = std::max(overlap_tokens, t);
     if (overlap_tokens > 0) {
-      OverlapRow ov = run_overlap_row(o, g, overlap_tokens, prop.multiProcessorCount);
+      OverlapRow ov = run_overlap_row(o, rs, g, overlap_tokens, prop.multiProcessorCount);
       std::printf("# overlap (deepep-queued, bf16, %lld tokens): compute load on %d SMs alone %.3f ms; async combine "
                   "alone %.1f us; both %.3f ms = %.2fx the load alone\n", (long long)overlap_tokens, ov.blocks,
                   ov.load_ms, ov.combine_us, ov.both_ms, ov.both_ms / ov.load_ms);

@@ -118,7 +118,8 @@ typedef struct deepep4j_config {
                                         must agree */
   int32_t ce_chunks;                 /* copy-engine copies per peer and step, in [1, 16]; all ranks must agree
                                         (senders and receivers cut a step into the same chunks) */
-  int32_t cuda_trace;                /* 1: after each copy-engine step, one line on stderr with where its time went */
+  int32_t cuda_trace;                /* 1: after each copy-engine step, and each SM ring step of a call that waits
+                                        (stream_ordered = 0), one line on stderr with where its time went */
   int32_t cpu_direct;                /* CPU: 1 = ranks of one process copy rows directly (used when every rank
                                         allows it), 0 = every row goes through the rings */
   int32_t stream_ordered;            /* CUDA deepep backend: 1 = dispatch / combine / cached calls given a stream are

@@ -20,7 +20,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   __shared__ uint32_t s_base[DEEPEP4J_MAX_RANKS], s_need[DEEPEP4J_MAX_RANKS];
   if (threadIdx.x < kMaxGroups) s_abort[threadIdx.x] = 0;
   if (step_skipped(st)) return;
-  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const uint64_t start = global_ns(), deadline = start + st.timeout_ns;
+  trace_start(st, start);
   const int R = st.num_ranks, C = rg.channels, K = h.num_topk;
   const bool sender = int(blockIdx.x) < C;
   const int c = sender ? blockIdx.x : blockIdx.x - C;
@@ -35,6 +36,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
                        &s_abort[g.group], nullptr, write))
         return;
     }
+    trace_mark(st, kTraceEnd);
     return;
   }
   // Receiver: every warp reduces tokens of this channel; warp 0 tracks one stream per lane (rank d = lane, lane+32).
@@ -54,6 +56,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   for (int64_t a = t0; a < t1; a += round) {
     const int64_t b = min(t1, a + round);
     if (warp == 0) {
+      const uint64_t t_wait = st.trace ? global_ns() : 0;
       // Rows this round needs from each rank: ballots over the round's token masks (lane d counts rank d, d + 32).
       uint32_t cnt[2] = {0, 0};
       for (int64_t base = a; base < b; base += 32) {
@@ -70,6 +73,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
           s_abort[0] = 1;
         }
       }
+      __syncwarp();
+      if (lane == 0) trace_waited(st, t_wait);  // the warp's wait for every rank's rows of the round
     }
     __syncthreads();
     if (s_abort[0]) return;
@@ -84,6 +89,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     if (warp == 0)
       for (int d = lane; d < R; d += 32) st_release_sys(heads(own) + c * R + d, s_base[d] + s_need[d]);
   }
+  trace_mark(st, kTraceEnd);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@ set(DEEPEP4J_CUDA_SOURCES
   ${DEEPEP4J_CUDA_DIR}/control.cu
   ${DEEPEP4J_CUDA_DIR}/dispatch.cu
   ${DEEPEP4J_CUDA_DIR}/combine.cu
+  ${DEEPEP4J_CUDA_DIR}/ring_trace.cu
   ${DEEPEP4J_CUDA_DIR}/copy_engine.cu
   ${DEEPEP4J_CUDA_DIR}/copy_engine_kernels.cu
   ${DEEPEP4J_CUDA_DIR}/a2a_kernels.cu

@@ -11,6 +11,7 @@
 #include "cuda/copy_engine.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_util.h"
+#include "cuda/ring_trace.h"
 
 namespace deepep4j {
 namespace cuda {
@@ -265,6 +266,9 @@ class DeepepBackend : public CudaBackend {
         return set_error(DEEPEP4J_ERR_UNAVAILABLE, "cuda_transfer = copy_engine: %s",
                          ce_.unavailable_reason().c_str());
     }
+    // Ring steps are traced where calls wait for them; a queued step's kernels are not waited for.
+    if (cfg_.cuda_trace == 1 && !so_)
+      if (int st = trace_.init(cfg_.num_sms)) return st;
     const size_t bytes = kRings + size_t(cfg_.buffer_bytes);
     DEEPEP4J_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&region_), bytes));
     DEEPEP4J_CUDA_TRY(cudaMemset(region_, 0, kRings));
@@ -355,8 +359,14 @@ class DeepepBackend : public CudaBackend {
         fin = finish_ce(s, fin, call);
         if (fin == DEEPEP4J_OK) ce_.print_trace(call, rank_, double(t1 - t0), double(t2 - t1), double(now_us() - t0));
       } else {
-        DEEPEP4J_CUDA_TRY(launch_rings(st));
+        Step traced = st;
+        if (trace_.on()) {
+          DEEPEP4J_CUDA_TRY(trace_.clear(s));
+          traced.trace = trace_.words();
+        }
+        DEEPEP4J_CUDA_TRY(launch_rings(traced));
         fin = finish_step(s, call);
+        if (fin == DEEPEP4J_OK && trace_.on()) trace_.print(call, rank_, channels(), s);
       }
     }
     if (!check.ok()) return set_error(check.status, "%s", check.message.c_str());
@@ -417,6 +427,7 @@ class DeepepBackend : public CudaBackend {
 
   Transfer transfer_ = Transfer::kAuto;
   CopyEngine ce_;
+  RingTrace trace_;  // config.cuda_trace for the ring kernels
   uint8_t* region_ = nullptr;
   uint8_t* gathered_dev_ = nullptr;
   cudaIpcMemHandle_t ipc_{};

@@ -17,7 +17,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   __shared__ int s_avail[kMaxGroups];
   if (threadIdx.x < kMaxGroups) s_abort[threadIdx.x] = 0;
   if (step_skipped(st)) return;  // the barrier before this step failed; the host reports why
-  const uint64_t deadline = global_ns() + st.timeout_ns;
+  const uint64_t start = global_ns(), deadline = start + st.timeout_ns;
+  trace_start(st, start);
   const int R = st.num_ranks, C = rg.channels;
   const bool sender = int(blockIdx.x) < C;
   const int c = sender ? blockIdx.x : blockIdx.x - C;
@@ -34,6 +35,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
         const int64_t row0 = h.recv_offset[d * C + c];
         for (int i = g.warp_in_group; i < n; i += g.warps_per_group)
           copy_own_token(io, h, list[i], row0 + i, d, L, g.lane, &bulk);
+        trace_mark(st, kTraceOwnEnd);
         continue;
       }
       auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane, &bulk); };
@@ -41,6 +43,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
                        &s_abort[g.group], &bulk, write))
         return;
     }
+    trace_mark(st, kTraceEnd);
     return;
   }
   // Receiver: groups take the other ranks (the sender block copied this rank's own rows directly), so with two ranks
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     const uint32_t base = s_word[g.group];
     for (int done = 0; done < n;) {
       if (g.leader()) {
-        if (!wait_reach(tail, base + uint32_t(done) + 1u, deadline)) {
+        if (!traced_wait(st, tail, base + uint32_t(done) + 1u, deadline)) {
           record_timeout(st, 2, s);
           s_abort[g.group] = 1;
         } else {
@@ -78,6 +81,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     }
     g.sync();
   }
+  trace_mark(st, kTraceEnd);
 }
 
 __global__ void pad_recv_kernel(Step st, const int64_t* num_recv, int64_t worst, int32_t k, DispatchIo io) {

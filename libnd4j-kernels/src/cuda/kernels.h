@@ -37,7 +37,12 @@ struct Step {
   int32_t sticky;
   uint64_t timeout_ns;
   Mailbox* mailbox;  // device view of the host-mapped mailbox
+  uint64_t* trace;   // config.cuda_trace, ring kernels: kTraceWords per block (ring_trace.h), else NULL
 };
+
+// A traced ring kernel's words per block, in globaltimer nanoseconds: when it started and ended, how long its waits
+// for peers took (senders: for ring room; receivers: for rows), and when a dispatch sender's own rows were copied.
+enum TraceWord { kTraceStart, kTraceEnd, kTraceWait, kTraceOwnEnd, kTraceWords };
 
 cudaError_t launch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t r, int32_t* per_rank,
                           int32_t* per_expert, uint8_t* in_rank, cudaStream_t s);

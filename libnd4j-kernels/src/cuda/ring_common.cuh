@@ -60,6 +60,29 @@ __device__ __forceinline__ bool wait_reach(const uint32_t* counter, uint32_t tar
   return true;
 }
 
+// config.cuda_trace (kernels.h: TraceWord); each is a no-op in an untraced step.
+__device__ __forceinline__ unsigned long long* trace_word(const Step& st, int word) {
+  return reinterpret_cast<unsigned long long*>(st.trace + blockIdx.x * kTraceWords + word);
+}
+__device__ __forceinline__ void trace_start(const Step& st, uint64_t now) {
+  if (st.trace && threadIdx.x == 0) *trace_word(st, kTraceStart) = now;
+}
+// Called by every warp: the word keeps the last warp's time.
+__device__ __forceinline__ void trace_mark(const Step& st, int word) {
+  if (st.trace && threadIdx.x % 32 == 0) atomicMax(trace_word(st, word), (unsigned long long)global_ns());
+}
+__device__ __forceinline__ void trace_waited(const Step& st, uint64_t since) {
+  if (st.trace) atomicAdd(trace_word(st, kTraceWait), (unsigned long long)(global_ns() - since));
+}
+// wait_reach, its time added to the block's wait word when traced.
+__device__ __forceinline__ bool traced_wait(const Step& st, const uint32_t* counter, uint32_t target,
+                                            uint64_t deadline) {
+  const uint64_t t0 = st.trace ? global_ns() : 0;
+  const bool reached = wait_reach(counter, target, deadline);
+  trace_waited(st, t0);
+  return reached;
+}
+
 // Warps of a block split into groups, one per peer at a time (peer = group, group + groups, ...).
 struct Groups {
   int groups, warps_per_group, group, warp_in_group, lane;
@@ -96,7 +119,7 @@ __device__ __forceinline__ bool send_stream(const Step& st, const Rings& rg, con
     const int end = min(n, start + rg.chunk);
     const uint32_t need = base + uint32_t(end) - uint32_t(rg.slots);
     if (g.leader() && int32_t(seen_head - need) < 0) {
-      if (!wait_reach(head, need, deadline)) {
+      if (!traced_wait(st, head, need, deadline)) {
         record_timeout(st, where, dest);
         *s_abort = 1;
       }

@@ -636,19 +636,21 @@ OverlapRow run_overlap_row(const Opts& o, const RankStreams& rs, Group& g, int64
         tm.ms([] {});
       }
       const int iters = load_iters.load();
-      auto combine = [&] {
-        must(deepep4j_combine_async(b, h, dt, &ca, s), "combine_async", r);
-        must(deepep4j_comm_wait(b, s), "comm_wait", r);
-      };
+      std::string where;  // names the iteration and part in a failure
       for (int it = 0; it < total; ++it) {
         tl[size_t(r)][size_t(it)] = tm.ms([&] {
           if (r == 0) fma_load<<<row.blocks, 256, 0, s>>>(sink, iters);
         });
-        tc[size_t(r)][size_t(it)] = tm.ms(combine);
+        where = "overlap iteration " + std::to_string(it) + ", combine alone: ";
+        tc[size_t(r)][size_t(it)] = tm.ms([&] {
+          must(deepep4j_combine_async(b, h, dt, &ca, s), (where + "combine_async").c_str(), r);
+          must(deepep4j_comm_wait(b, s), (where + "comm_wait").c_str(), r);
+        });
+        where = "overlap iteration " + std::to_string(it) + ", combine beside the load: ";
         tb[size_t(r)][size_t(it)] = tm.ms([&] {
-          must(deepep4j_combine_async(b, h, dt, &ca, s), "combine_async", r);
+          must(deepep4j_combine_async(b, h, dt, &ca, s), (where + "combine_async").c_str(), r);
           if (r == 0) fma_load<<<row.blocks, 256, 0, s>>>(sink, iters);
-          must(deepep4j_comm_wait(b, s), "comm_wait", r);
+          must(deepep4j_comm_wait(b, s), (where + "comm_wait").c_str(), r);
         });
       }
       cuda_must(cudaGetLastError(), "fma_load");

@@ -10,6 +10,12 @@ namespace cuda {
 
 namespace {
 
+// A channel's own rows (this rank's tokens for its own experts) need no ring: the sender block copies the first
+// half of them and the receiver block the rest, so each carries R - 1/2 rows per token (the sender also fills the
+// peers' rings, the receiver drains them). Measured (2 ranks on one H200, 4096 tokens): with all own rows on the
+// sender, senders were busy 277 us and receivers waited 55 us of 289 for them.
+__device__ __forceinline__ int sender_own_rows(int n) { return (n + 1) / 2; }
+
 __global__ void __launch_bounds__(kRingThreads, 1)
     dispatch_kernel(Step st, Rings rg, Routing h, DispatchIo io) {
   __shared__ int s_abort[kMaxGroups];
@@ -30,8 +36,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     if (!g.active()) return;
     for (int d = g.group; d < R; d += g.groups) {
       const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
-      if (d == st.rank) {  // own tokens: no ring, no receiver
-        const int n = h.send_counts[d * C + c];
+      if (d == st.rank) {  // own tokens, first half: no ring
+        const int n = sender_own_rows(h.send_counts[d * C + c]);
         const int64_t row0 = h.recv_offset[d * C + c];
         for (int i = g.warp_in_group; i < n; i += g.warps_per_group)
           copy_own_token(io, h, list[i], row0 + i, d, L, g.lane, &bulk);
@@ -46,9 +52,21 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     trace_mark(st, kTraceEnd);
     return;
   }
-  // Receiver: groups take the other ranks (the sender block copied this rank's own rows directly), so with two ranks
-  // every warp reads the one peer's ring.
-  if (R == 1) return;
+  // Receiver: first the second half of the channel's own rows (every warp), then groups take the other ranks' rings,
+  // so with two ranks every warp reads the one peer's ring.
+  {
+    const int32_t* list = h.send_list + st.rank * h.num_tokens + c * h.tokens_per_channel;
+    const int n = h.send_counts[st.rank * C + c];
+    const int64_t row0 = h.recv_offset[st.rank * C + c];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int i = sender_own_rows(n) + warp; i < n; i += kRingWarps)
+      copy_own_token(io, h, list[i], row0 + i, st.rank, L, lane, &bulk);
+    trace_mark(st, kTraceOwnEnd);
+  }
+  if (R == 1) {
+    trace_mark(st, kTraceEnd);
+    return;
+  }
   const Groups g = Groups::make(R - 1);
   if (!g.active()) return;
   uint8_t* own = st.peers.region[st.rank];

@@ -41,7 +41,8 @@ struct Step {
 };
 
 // A traced ring kernel's words per block, in globaltimer nanoseconds: when it started and ended, how long its waits
-// for peers took (senders: for ring room; receivers: for rows), and when a dispatch sender's own rows were copied.
+// for peers took (senders: for ring room; receivers: for rows), and when a dispatch block's share of its own rows
+// (dispatch.cu: sender_own_rows) was copied.
 enum TraceWord { kTraceStart, kTraceEnd, kTraceWait, kTraceOwnEnd, kTraceWords };
 
 cudaError_t launch_layout(const int64_t* topk_idx, int64_t n, int32_t k, int32_t e, int32_t r, int32_t* per_rank,

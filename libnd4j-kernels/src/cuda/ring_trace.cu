@@ -68,13 +68,15 @@ void RingTrace::print(const char* call, int32_t rank, int32_t channels, cudaStre
   }
   if (first == UINT64_MAX) return;
   send.mean(), recv.mean();
-  char own[64] = "";
-  if (send.own_blocks) std::snprintf(own, sizeof(own), ", own rows copied by %.1f", send.own_us);
+  char send_own[64] = "", recv_own[64] = "";
+  if (send.own_blocks) std::snprintf(send_own, sizeof(send_own), ", their own rows copied by %.1f", send.own_us);
+  if (recv.own_blocks) std::snprintf(recv_own, sizeof(recv_own), ", their own rows copied by %.1f", recv.own_us);
   std::fprintf(stderr,
                "deepep4j trace: %s rank %d rings: kernel %.1f us (last block started +%.1f us); %d senders busy "
-               "%.1f us, %.1f of it waiting for ring room%s; %d receivers busy %.1f us, %.1f of it waiting for rows\n",
+               "%.1f us, %.1f of it waiting for ring room%s; %d receivers busy %.1f us, %.1f of it waiting for "
+               "rows%s\n",
                call, rank, end > first ? double(end - first) / 1e3 : 0.0, double(last_start - first) / 1e3,
-               send.blocks, send.busy_us, send.wait_us, own, recv.blocks, recv.busy_us, recv.wait_us);
+               send.blocks, send.busy_us, send.wait_us, send_own, recv.blocks, recv.busy_us, recv.wait_us, recv_own);
 }
 
 }  // namespace cuda

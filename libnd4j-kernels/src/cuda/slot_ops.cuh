@@ -158,6 +158,13 @@ __device__ __forceinline__ ReturnedRow slot_row(const uint8_t* slot, const Combi
                      reinterpret_cast<const float*>(slot + lay.weights_off)};
 }
 
+// A rank's own returned row: received row m of y itself (m < 0: the token did not visit this rank).
+__device__ __forceinline__ ReturnedRow own_row(const CombineIo& io, const Routing& h, int64_t m) {
+  if (m < 0) return ReturnedRow{nullptr, 0.0f, nullptr};
+  return ReturnedRow{io.y + m * io.row_bytes, row_scale(io, h, m),
+                     io.y_topk_weights != nullptr ? io.y_topk_weights + m * h.num_topk : nullptr};
+}
+
 // out[t] = sum over ranks d (ascending) of scale_d * row_d, in fp32.
 template <class T>
 __device__ __forceinline__ void reduce_token(const ReturnedRow* rows, int num_ranks, const CombineIo& io, int64_t t,

@@ -16,6 +16,17 @@ namespace {
 // sender, senders were busy 277 us and receivers waited 55 us of 289 for them.
 __device__ __forceinline__ int sender_own_rows(int n) { return (n + 1) / 2; }
 
+// Own rows [from, to) of channel c, copied by every warp of the block (the sender first, before its rings, so the
+// rings get all of its warps).
+__device__ __forceinline__ void copy_own_rows(const Step& st, const DispatchIo& io, const Routing& h, int C, int c,
+                                              int L, int from, int to, BulkWarp* bulk) {
+  const int32_t* list = h.send_list + st.rank * h.num_tokens + c * h.tokens_per_channel;
+  const int64_t row0 = h.recv_offset[st.rank * C + c];
+  for (int i = from + int(threadIdx.x) / 32; i < to; i += kRingWarps)
+    copy_own_token(io, h, list[i], row0 + i, st.rank, L, threadIdx.x % 32, bulk);
+  trace_mark(st, kTraceOwnEnd);
+}
+
 __global__ void __launch_bounds__(kRingThreads, 1)
     dispatch_kernel(Step st, Rings rg, Routing h, DispatchIo io) {
   __shared__ int s_abort[kMaxGroups];
@@ -31,19 +42,20 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   const DispatchSlot lay = DispatchSlot::make(io.row_bytes, h.num_topk, io.num_scales);
   const int L = h.num_experts / R;
   BulkWarp bulk(ring_smem(), threadIdx.x / 32, threadIdx.x % 32);
+  const int own_rows = h.send_counts[st.rank * C + c];
   if (sender) {
-    const Groups g = Groups::make(R);
+    // The first half of the channel's own rows (no ring), then groups take the other ranks' rings, so with two ranks
+    // every warp fills the one peer's ring.
+    copy_own_rows(st, io, h, C, c, L, 0, sender_own_rows(own_rows), &bulk);
+    if (R == 1) {
+      trace_mark(st, kTraceEnd);
+      return;
+    }
+    const Groups g = Groups::make(R - 1);
     if (!g.active()) return;
-    for (int d = g.group; d < R; d += g.groups) {
+    for (int j = g.group; j < R - 1; j += g.groups) {
+      const int d = (st.rank + 1 + j) % R;
       const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
-      if (d == st.rank) {  // own tokens, first half: no ring
-        const int n = sender_own_rows(h.send_counts[d * C + c]);
-        const int64_t row0 = h.recv_offset[d * C + c];
-        for (int i = g.warp_in_group; i < n; i += g.warps_per_group)
-          copy_own_token(io, h, list[i], row0 + i, d, L, g.lane, &bulk);
-        trace_mark(st, kTraceOwnEnd);
-        continue;
-      }
       auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane, &bulk); };
       if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
                        &s_abort[g.group], &bulk, write))
@@ -52,17 +64,9 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     trace_mark(st, kTraceEnd);
     return;
   }
-  // Receiver: first the second half of the channel's own rows (every warp), then groups take the other ranks' rings,
-  // so with two ranks every warp reads the one peer's ring.
-  {
-    const int32_t* list = h.send_list + st.rank * h.num_tokens + c * h.tokens_per_channel;
-    const int n = h.send_counts[st.rank * C + c];
-    const int64_t row0 = h.recv_offset[st.rank * C + c];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int i = sender_own_rows(n) + warp; i < n; i += kRingWarps)
-      copy_own_token(io, h, list[i], row0 + i, st.rank, L, lane, &bulk);
-    trace_mark(st, kTraceOwnEnd);
-  }
+  // Receiver: the second half of the channel's own rows, then groups take the other ranks' rings, so with two ranks
+  // every warp reads the one peer's ring.
+  copy_own_rows(st, io, h, C, c, L, sender_own_rows(own_rows), own_rows, &bulk);
   if (R == 1) {
     trace_mark(st, kTraceEnd);
     return;

@@ -180,20 +180,28 @@ __device__ __forceinline__ void reduce_token(const ReturnedRow* rows, int num_ra
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
       for (int j = 0; j < kPer; ++j) acc[u][j] = Acc(0);
-    for (int d = 0; d < num_ranks; ++d) {
-      if (rows[d].row == nullptr) continue;
-      const float sc = rows[d].scale;
-      int4 v[kUnroll];
+    // Two ranks' rows at a time: both loads are in flight before either is summed (ranks still add in order).
+    for (int d0 = 0; d0 < num_ranks; d0 += 2) {
+      int4 v[2][kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = make_int4(0, 0, 0, 0);
+      for (int p = 0; p < 2; ++p) {
+        const int d = d0 + p;
+        const uint8_t* row = d < num_ranks ? rows[d].row : nullptr;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i0 + u * 32 < n) v[u] = ld_cg16(rows[d].row + (i0 + u * 32) * 16);
+        for (int u = 0; u < kUnroll; ++u)
+          v[p][u] = (row != nullptr && i0 + u * 32 < n) ? ld_cg16(row + (i0 + u * 32) * 16) : make_int4(0, 0, 0, 0);
+      }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const T* e = reinterpret_cast<const T*>(&v[u]);
+      for (int p = 0; p < 2; ++p) {
+        const int d = d0 + p;
+        if (d >= num_ranks || rows[d].row == nullptr) continue;
+        const float sc = rows[d].scale;
 #pragma unroll
-        for (int j = 0; j < kPer; ++j) acc[u][j] += Acc(sc) * to_f(e[j]);
+        for (int u = 0; u < kUnroll; ++u) {
+          const T* e = reinterpret_cast<const T*>(&v[p][u]);
+#pragma unroll
+          for (int j = 0; j < kPer; ++j) acc[u][j] += Acc(sc) * to_f(e[j]);
+        }
       }
     }
 #pragma unroll

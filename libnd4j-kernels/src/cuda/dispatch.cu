@@ -16,8 +16,8 @@ namespace {
 // sender, senders were busy 277 us and receivers waited 55 us of 289 for them.
 __device__ __forceinline__ int sender_own_rows(int n) { return (n + 1) / 2; }
 
-// Own rows [from, to) of channel c, copied by every warp of the block (the sender first, before its rings, so the
-// rings get all of its warps).
+// Own rows [from, to) of channel c, copied by every warp of the block (the sender after its rings, the receiver
+// before them), so the rings get all of a block's warps.
 __device__ __forceinline__ void copy_own_rows(const Step& st, const DispatchIo& io, const Routing& h, int C, int c,
                                               int L, int from, int to, BulkWarp* bulk) {
   const int32_t* list = h.send_list + st.rank * h.num_tokens + c * h.tokens_per_channel;
@@ -44,23 +44,20 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   BulkWarp bulk(ring_smem(), threadIdx.x / 32, threadIdx.x % 32);
   const int own_rows = h.send_counts[st.rank * C + c];
   if (sender) {
-    // The first half of the channel's own rows (no ring), then groups take the other ranks' rings, so with two ranks
-    // every warp fills the one peer's ring.
+    // Groups fill the other ranks' rings first (with two ranks every warp fills the one peer's), so receivers, busy
+    // with their half of the own rows meanwhile, find rows waiting; then every warp copies the first half (no ring).
+    if (R > 1) {
+      const Groups g = Groups::make(R - 1);
+      for (int j = g.group; g.active() && j < R - 1; j += g.groups) {
+        const int d = (st.rank + 1 + j) % R;
+        const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
+        auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane, &bulk); };
+        if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
+                         &s_abort[g.group], &bulk, write))
+          return;
+      }
+    }
     copy_own_rows(st, io, h, C, c, L, 0, sender_own_rows(own_rows), &bulk);
-    if (R == 1) {
-      trace_mark(st, kTraceEnd);
-      return;
-    }
-    const Groups g = Groups::make(R - 1);
-    if (!g.active()) return;
-    for (int j = g.group; j < R - 1; j += g.groups) {
-      const int d = (st.rank + 1 + j) % R;
-      const int32_t* list = h.send_list + d * h.num_tokens + c * h.tokens_per_channel;
-      auto write = [&](int i, uint8_t* slot) { write_dispatch_slot(slot, lay, io, h, list[i], d, L, g.lane, &bulk); };
-      if (!send_stream(st, rg, g, c, d, h.send_counts[d * C + c], 1, deadline, &s_word[g.group],
-                       &s_abort[g.group], &bulk, write))
-        return;
-    }
     trace_mark(st, kTraceEnd);
     return;
   }

@@ -249,7 +249,10 @@ public final class EpConfig {
       return this;
     }
 
-    /** Print, after each copy-engine step, where its time went (stderr; default off). */
+    /**
+     * Print, after each copy-engine step and each SM ring step of a call that waits, where its time went (stderr;
+     * default off).
+     */
     public Builder cudaTrace(boolean on) {
       this.cudaTrace = on;
       return this;

@@ -1,7 +1,11 @@
 // test_gpu_roundtrip.cpp — both CUDA backends against the reference, ranks as threads of one process (peer access):
 // every dtype, empty and uneven ranks, tiny rings (chunking, wrap-around), weighted combine, returned weights, cached
-// mode with another precision, the benchmark's shape, many steps on one group, and a bad input on one rank.
+// mode with another precision, the benchmark's shape, many steps on one group, a bad input on one rank, and the rings'
+// trace (config.cuda_trace).
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -15,8 +19,9 @@ ref::Shape shape(int32_t R, int32_t E, int32_t K, int64_t H, int32_t dtype) {
   return s;
 }
 
-void all_dtypes(int32_t R, int32_t ring, int32_t chunk, int32_t num_sms) {
-  for (int32_t backend : gpu::backends())
+void all_dtypes(int32_t R, int32_t ring, int32_t chunk, int32_t num_sms,
+                const std::vector<int32_t>& backends = gpu::backends()) {
+  for (int32_t backend : backends)
     for (int32_t dtype : {DEEPEP4J_FLOAT32, DEEPEP4J_BFLOAT16, DEEPEP4J_FLOAT16, DEEPEP4J_FP8_E4M3}) {
       if (backend == DEEPEP4J_BACKEND_ALLTOALL && R > gpu::device_count()) {
         // NCCL refuses two ranks on one GPU; the library says so before NCCL is asked.
@@ -60,6 +65,51 @@ void all_dtypes(int32_t R, int32_t ring, int32_t chunk, int32_t num_sms) {
 TEST(two_ranks_every_dtype) { all_dtypes(2, 32, 8, 4); }
 TEST(two_ranks_tiny_rings) { all_dtypes(2, 2, 1, 6); }
 TEST(four_ranks_every_dtype) { all_dtypes(4, 8, 4, 4); }
+// A rank's own rows skip the rings (dispatch: sender and receiver blocks copy half each; combine: read from y): one rank
+// has nothing else, three ranks an odd split.
+TEST(one_and_three_ranks_every_dtype) {
+  all_dtypes(1, 32, 8, 4, {DEEPEP4J_BACKEND_DEEPEP});
+  all_dtypes(3, 8, 4, 6, {DEEPEP4J_BACKEND_DEEPEP});
+}
+
+// config.cuda_trace on the rings: after each ring step of a call that waits, every rank prints one line naming the
+// call, the rank and both roles' blocks (num_sms 4: 2 senders, 2 receivers), and the step is still right.
+TEST(ring_trace_lines) {
+  ref::Shape s = shape(2, 8, 3, 256, DEEPEP4J_BFLOAT16);
+  deepep4j_config c = gpu::cuda_config(s, DEEPEP4J_BACKEND_DEEPEP, 32, 8, 4);
+  c.cuda_transfer = DEEPEP4J_CUDA_TRANSFER_SM;
+  c.stream_ordered = 0;
+  c.cuda_trace = 1;
+  std::fflush(stderr);
+  FILE* captured = std::tmpfile();
+  REQUIRE(captured != nullptr);
+  const int saved = dup(2);
+  dup2(fileno(captured), 2);
+  {
+    gpu::Group g(2, c);
+    ep::StepOptions o;
+    o.weighted_combine = true;
+    gpu::run_and_verify(g, s, {100, 60}, o, 5, "traced ring step");
+  }
+  std::fflush(stderr);
+  dup2(saved, 2);
+  close(saved);
+  std::string text;
+  std::rewind(captured);
+  for (int ch; (ch = std::fgetc(captured)) != EOF;) text.push_back(char(ch));
+  std::fclose(captured);
+  auto count = [&](const std::string& what) {
+    int n = 0;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+  };
+  for (const char* call : {"deepep4j_dispatch", "deepep4j_combine"})
+    for (int r = 0; r < 2; ++r)
+      CHECK_MSG(count(t::fmt("deepep4j trace: %s rank %d rings: kernel ", call, r)) == 1,
+                "one trace line for %s on rank %d; stderr was:\n%s", call, r, text.c_str());
+  CHECK_MSG(count("2 senders busy") == 4 && count("2 receivers busy") == 4, "both roles' blocks in every line:\n%s",
+            text.c_str());
+}
 
 // DeepEP's benchmark shape at 512 tokens: hidden 7168, top-8 of 256 experts, bf16, 24 SMs, deep rings.
 TEST(benchmark_shape_bf16) {

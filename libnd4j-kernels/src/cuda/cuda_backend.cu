@@ -98,7 +98,6 @@ int CudaBackend::init() {
   DEEPEP4J_CUDA_TRY(load_control_kernels(&kernels));
   DEEPEP4J_CUDA_TRY(load_step_kernels(&kernels));
   DEEPEP4J_CUDA_TRY(cover_stack(kernels));
-  DEEPEP4J_CUDA_TRY(prefer_max_shared(kernels));
   return ok();
 }
 

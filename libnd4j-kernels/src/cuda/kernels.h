@@ -212,10 +212,6 @@ struct KernelSet {
 // Raises the current device's cudaLimitStackSize to k.stack_bytes when it is lower (it is never lowered, so buffers
 // of several ranks or configurations on one device each keep what they need).
 cudaError_t cover_stack(const KernelSet& k);
-// Asks the largest shared-memory carveout for every kernel in k: a buffer's kernels follow one another on the same SMs,
-// the ring dispatch needs the largest (its bulk staging), and an SM whose next kernel asks for another split of L1 and
-// shared memory first waits for its running blocks to finish.
-cudaError_t prefer_max_shared(const KernelSet& k);
 
 cudaError_t load_control_kernels(KernelSet* k);                    // control.cu: layout, plan, barrier, notify
 cudaError_t load_ring_dispatch_kernels(KernelSet* k);              // dispatch.cu

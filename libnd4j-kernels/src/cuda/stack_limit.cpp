@@ -1,5 +1,4 @@
-// stack_limit.cpp — loading kernels at create, raising the device's stack limit to their largest need, and one
-// shared-memory carveout for a buffer's kernels (kernels.h).
+// stack_limit.cpp — loading kernels at create and raising the device's stack limit to their largest need (kernels.h).
 #include <algorithm>
 #include <mutex>
 
@@ -15,14 +14,6 @@ cudaError_t KernelSet::add(std::initializer_list<const void*> kernels) {
     stack_bytes = std::max(stack_bytes, a.localSizeBytes);
     entries.push_back(f);
   }
-  return cudaSuccess;
-}
-
-cudaError_t prefer_max_shared(const KernelSet& k) {
-  for (const void* f : k.entries)
-    if (cudaError_t e = cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                             cudaSharedmemCarveoutMaxShared))
-      return e;
   return cudaSuccess;
 }
 

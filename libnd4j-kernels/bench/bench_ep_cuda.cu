@@ -366,45 +366,20 @@ Result run_shape(const Opts& o, const RankStreams& rs, Group& g, int64_t tokens,
       da.recv_x = rx, da.recv_x_scales = static_cast<float*>(rxs), da.recv_topk_weights = static_cast<float*>(rw);
       deepep4j_combine_args ca{};
       ca.y = y, ca.recv_topk_weights = static_cast<float*>(rw), ca.out = out;
-      cudaEvent_t e0, e1;
-      cuda_must(cudaEventCreate(&e0), "event");
-      cuda_must(cudaEventCreate(&e1), "event");
-      cudaStream_t s = rs[r];
+      const cudaStream_t s = rs[r];
+      Timer tm(bar, s);
+      tm.flush = flush;
       for (int it = 0; it < total; ++it) {
-        for (int phase = 0; phase < 2; ++phase) {
-          cuda_must(cudaMemsetAsync(flush, it & 0xff, flush_bytes, s), "flush L2");
-          cuda_must(cudaStreamSynchronize(s), "sync");
-          bar.wait();
-          cuda_must(cudaEventRecord(e0, s), "record");
-          if (phase == 0)
-            must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r);
-          else
-            must(deepep4j_combine(b, h, cdtype, &ca, s), "combine", r);
-          cuda_must(cudaEventRecord(e1, s), "record");
-          cuda_must(cudaEventSynchronize(e1), "sync");
-          float ms = 0;
-          cuda_must(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
-          (phase == 0 ? t_disp : t_comb)[size_t(r)][size_t(it)] = ms;
-        }
+        t_disp[size_t(r)][size_t(it)] = tm.ms([&] { must(deepep4j_dispatch(b, h, -1, &da, s), "dispatch", r); });
+        t_comb[size_t(r)][size_t(it)] = tm.ms([&] { must(deepep4j_combine(b, h, cdtype, &ca, s), "combine", r); });
       }
       deepep4j_handle_destroy(h);
       for (void* p : {d_idx, d_w, d_x, d_xs, flush, rx, rxs, rw, y, out}) cudaFree(p);
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
     });
   for (auto& t : th) t.join();
   Result res;
-  double sd = 0, sc = 0;
-  for (int it = o.warmup; it < total; ++it) {
-    float md = 0, mc = 0;
-    for (int r = 0; r < R; ++r) {
-      md = std::max(md, t_disp[size_t(r)][size_t(it)]);
-      mc = std::max(mc, t_comb[size_t(r)][size_t(it)]);
-    }
-    sd += md, sc += mc;
-  }
-  res.dispatch_us = sd / o.iters * 1000.0;
-  res.combine_us = sc / o.iters * 1000.0;
+  res.dispatch_us = slowest_mean_us(t_disp, o.warmup);
+  res.combine_us = slowest_mean_us(t_comb, o.warmup);
   double rows = 0;
   for (int64_t m : recv_rows) rows += double(m);
   rows /= R;  // mean rows per rank
